@@ -1,0 +1,4 @@
+//! `cpulocal`: info, bench.
+fn main() {
+    println!("{}", cpulocal::mechanism());
+}

@@ -1,0 +1,33 @@
+//! Architectures without restartable sequences in cpulocal: the fallback serves every
+//! operation, so these items exist only to keep one interface and are never reached.
+#![deny(unsafe_code)]
+
+use super::Outcome;
+use crate::abi::Rseq;
+
+/// No sequences here: [`crate::mechanism`] reports the fallback.
+pub(crate) const HAS_RSEQ: bool = false;
+
+/// Unused without sequences.
+pub(crate) fn thread_pointer() -> *mut u8 {
+    core::ptr::null_mut()
+}
+
+macro_rules! unreachable_primitive {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*) => {$(
+        /// Never called: without sequences no thread holds a registered area.
+        #[allow(clippy::too_many_arguments, clippy::missing_safety_doc)]
+        pub(crate) unsafe fn $name(_rseq: *mut Rseq, $($arg: $ty),*) -> $out {
+            $(let _ = $arg;)*
+            Outcome::Aborted
+        }
+    )*};
+}
+
+unreachable_primitive! {
+    add(v: *mut usize, count: usize, cpu: u32) -> Outcome;
+    compare_store(v: *mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome;
+    pop(v: *mut usize, expect_not: usize, offset: isize, cpu: u32) -> Outcome<usize>;
+    compare_try_store_release(v: *mut usize, expect: usize, v2: *mut usize, newv2: usize, newv: usize, cpu: u32) -> Outcome;
+    compare_memcpy_store_release(v: *mut usize, expect: usize, dst: *mut u8, src: *const u8, len: usize, newv: usize, cpu: u32) -> Outcome;
+}

@@ -1,0 +1,338 @@
+//! x86_64 restartable sequences (AT&T syntax).
+//!
+//! Register use: `{rseq}` holds the thread's `struct rseq`, `{cpu}` the CPU the caller
+//! read from `cpu_id_start`; `{tmp}` is scratch. The signature is the 4-byte immediate
+//! of `ud1 0x53053053(%rip), %edi` (`0f b9 3d` + imm32), so a stray jump into it traps
+//! instead of running data. Every store on x86_64 is a release store (TSO), so the
+//! `*_release` commits are plain `mov`s.
+
+use core::arch::asm;
+
+use super::Outcome;
+use crate::abi::{Rseq, RSEQ_SIG};
+
+/// x86_64 has sequences.
+pub(crate) const HAS_RSEQ: bool = true;
+
+/// Opens a critical section `[4, 5)` with abort label `6`: emits its descriptor, arms
+/// `rseq->rseq_cs`, and checks that the thread is still on `{cpu}`.
+///
+/// Operands used: `{rseq}`, `{cpu}`, `{tmp}`.
+macro_rules! rseq_start {
+    () => {
+        concat!(
+            ".pushsection __rseq_cs, \"aw\"\n",
+            ".balign 32\n",
+            "3:\n",
+            ".long 0x0, 0x0\n",
+            ".quad 4f, (5f - 4f), 6f\n",
+            ".popsection\n",
+            // For debuggers and tools that enumerate sequences (as librseq does).
+            ".pushsection __rseq_cs_ptr_array, \"aw\"\n",
+            ".quad 3b\n",
+            ".popsection\n",
+            "leaq 3b(%rip), {tmp}\n",
+            "movq {tmp}, 8({rseq})\n",
+            "4:\n",
+            "cmpl {cpu:e}, 4({rseq})\n",
+            "jnz 6f\n",
+            rseq_test_delay!(),
+        )
+    };
+}
+
+/// Test builds only: spins `CPULOCAL_TEST_DELAY_LOOPS` times inside the section, right
+/// after the CPU check, so that preemption, migration and signals land inside it and
+/// the abort path really runs (see [`crate::test_hooks`]). Uses `{tmp}`.
+#[cfg(any(test, feature = "__test-hooks"))]
+macro_rules! rseq_test_delay {
+    () => {
+        concat!(
+            "movq CPULOCAL_TEST_DELAY_LOOPS(%rip), {tmp}\n",
+            "7:\n",
+            "testq {tmp}, {tmp}\n",
+            "jz 8f\n",
+            "pause\n",
+            "decq {tmp}\n",
+            "jmp 7b\n",
+            "8:\n",
+        )
+    };
+}
+
+/// Normal builds: no delay.
+#[cfg(not(any(test, feature = "__test-hooks")))]
+macro_rules! rseq_test_delay {
+    () => {
+        ""
+    };
+}
+
+/// Closes the section opened by [`rseq_start!`]: label `5` right after the commit, and
+/// in `__rseq_failure` the signature followed by the abort label `6`, which jumps to
+/// the Rust label `{abort}`.
+///
+/// Operands used: `{sig}`, `{abort}`.
+macro_rules! rseq_end {
+    () => {
+        concat!(
+            "5:\n",
+            ".pushsection __rseq_failure, \"ax\"\n",
+            ".byte 0x0f, 0xb9, 0x3d\n",
+            ".long {sig}\n",
+            "6:\n",
+            "jmp {abort}\n",
+            ".popsection\n",
+        )
+    };
+}
+
+/// The thread pointer: `%fs:0` holds the TCB's own address on x86_64 Linux.
+#[inline(always)]
+pub(crate) fn thread_pointer() -> *mut u8 {
+    let tp: *mut u8;
+    // SAFETY: the x86_64 TLS ABI stores the thread control block's address in its first
+    // word, reachable through %fs in every thread; reading it has no side effect.
+    unsafe {
+        asm!("movq %fs:0, {tp}", tp = out(reg) tp,
+             options(att_syntax, nostack, preserves_flags, readonly, pure))
+    };
+    tp
+}
+
+/// `*v += count` on `cpu`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// *v += count                       commit (one read-modify-write instruction, no lock)
+/// ```
+///
+/// # Safety
+///
+/// 1. `rseq` is the calling thread's registered area.
+/// 2. `v` is valid for reads and writes of a `usize`, aligned, and every other write to
+///    it is made by a sequence that runs on `cpu` (or under a lock that excludes them).
+#[inline(always)]
+pub(crate) unsafe fn add(rseq: *mut Rseq, v: *mut usize, count: usize, cpu: u32) -> Outcome {
+    // SAFETY: (1) the descriptor, signature and labels follow the layout of
+    // `arch/mod.rs`; (2) the only store is the commit, to `v`, which the caller vouches
+    // for; (3) the kernel restarts the section rather than letting it finish on
+    // another CPU, so the add is atomic with respect to every sequence on `cpu`.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "addq {count}, ({v})",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            count = in(reg) count,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            abort = label { return Outcome::Aborted; },
+            options(att_syntax, nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// `if *v == expect { *v = newv }` on `cpu`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *v != expect: compare failed
+/// *v = newv                         commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`add`].
+#[inline(always)]
+pub(crate) unsafe fn compare_store(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    expect: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `add`; the compare jumps out of the section before any store.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "cmpq {expect}, ({v})",
+            "jnz {fail}",
+            "movq {newv}, ({v})",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            expect = in(reg) expect,
+            newv = in(reg) newv,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(att_syntax, nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// List pop: `head = *v; if head != expect_not { *v = *(head + offset); return head }`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// head = *v
+/// if head == expect_not: compare failed
+/// next = *(head + offset)           load at offset
+/// *v = next                         commit
+/// ```
+///
+/// The pop is free of ABA on `cpu`: no other sequence on `cpu` can run between the
+/// load of `head` and the commit without restarting this one.
+///
+/// # Safety
+///
+/// As for [`add`], and: every value other than `expect_not` that `*v` can hold is an
+/// address at which `offset` bytes further a `usize` is readable.
+#[inline(always)]
+pub(crate) unsafe fn pop(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    expect_not: usize,
+    offset: isize,
+    cpu: u32,
+) -> Outcome<usize> {
+    let mut head: usize = 0;
+    // SAFETY: as in `add`; the stores before the commit go to the local `head` only,
+    // which no other thread can see.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "movq ({v}), {tmp}",
+            "cmpq {tmp}, {expect_not}",
+            "jz {fail}",
+            "movq {tmp}, ({head})",
+            "movq ({tmp}, {offset}), {tmp}",
+            "movq {tmp}, ({v})",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            expect_not = in(reg) expect_not,
+            offset = in(reg) offset,
+            head = in(reg) &mut head,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(att_syntax, nostack),
+        );
+    }
+    Outcome::Committed(head)
+}
+
+/// Two-store commit: `if *v == expect { *v2 = newv2; *v = newv (release) }`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *v != expect: compare failed
+/// *v2 = newv2                       try-store: tentative, may be left behind by an abort
+/// *v = newv                         commit, release (orders the try-store before it)
+/// ```
+///
+/// # Safety
+///
+/// As for [`add`], and `v2` is valid for a `usize` write that nobody reads as final
+/// until they have seen the commit of `v`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn compare_try_store_release(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    expect: usize,
+    v2: *mut usize,
+    newv2: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `add`; the try-store is invisible as a result until the commit
+    // publishes it (the caller's contract), and TSO keeps it before the commit.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "cmpq {expect}, ({v})",
+            "jnz {fail}",
+            "movq {newv2}, ({v2})",
+            "movq {newv}, ({v})",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            expect = in(reg) expect,
+            v2 = in(reg) v2,
+            newv2 = in(reg) newv2,
+            newv = in(reg) newv,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(att_syntax, nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// Buffer push: `if *v == expect { memcpy(dst, src, len); *v = newv (release) }`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *v != expect: compare failed
+/// memcpy(dst, src, len)             rep movsb: tentative, restartable mid-copy
+/// *v = newv                         commit, release
+/// ```
+///
+/// # Safety
+///
+/// As for [`add`], and: `src` is readable and `dst` writable for `len` bytes, they do
+/// not overlap, and nobody reads `dst` as final before seeing the commit of `v`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn compare_memcpy_store_release(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    expect: usize,
+    dst: *mut u8,
+    src: *const u8,
+    len: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `add`; `rep movsb` writes only `dst..dst+len` (the caller's
+    // contract) and, if interrupted, leaves the instruction pointer inside the
+    // section, so the kernel aborts it and the commit never runs.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "cmpq {expect}, ({v})",
+            "jnz {fail}",
+            "rep movsb",
+            "movq {newv}, ({v})",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            expect = in(reg) expect,
+            newv = in(reg) newv,
+            inout("rdi") dst => _,
+            inout("rsi") src => _,
+            inout("rcx") len => _,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(att_syntax, nostack),
+        );
+    }
+    Outcome::Committed(())
+}

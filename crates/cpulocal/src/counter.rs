@@ -1,0 +1,159 @@
+//! `Counter`: a sum that many threads bump, one restartable add per update.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::arch::{self, Outcome};
+use crate::cache_padded::CachePadded;
+use crate::{cpu, sys, thread};
+
+/// How many aborted sequences in a row an update tolerates before it takes the slow
+/// path. Preemption or a signal inside a three-instruction sequence is rare, so hitting
+/// this means something that aborts every attempt: a debugger single-stepping, or a
+/// thread that cannot use rseq in a process that does.
+const MAX_ABORTS: u32 = 8;
+
+/// One CPU's part of the sum.
+#[derive(Default)]
+struct Slot {
+    /// Written only by restartable adds running on this slot's CPU.
+    local: AtomicUsize,
+    /// Written with `lock xadd` by every update that did not go through a sequence
+    /// (the fallback, the slow path), from any CPU. Kept apart from `local` because an
+    /// atomic add racing a sequence's plain store would be lost.
+    remote: AtomicU64,
+}
+
+/// A counter that many threads add to, at the cost of a thread-local increment.
+///
+/// Each possible CPU has its own cache-padded slot. [`add`](Counter::add) adds to the
+/// slot of the CPU the thread runs on with one restartable sequence: a plain `add`
+/// to memory, with no `lock` prefix and no cache line shared between CPUs.
+/// [`sum`](Counter::sum) adds the slots up.
+///
+/// Without rseq (see [`crate::mechanism`]) each update is a `lock xadd` on the slot of
+/// the CPU `sched_getcpu()` names: still per-CPU, so rarely contended, and exact.
+///
+/// `Counter` is `Send` and `Sync`: every slot is written only by atomics or by sequences
+/// that the kernel makes atomic per CPU, and read with atomic loads.
+///
+/// ```
+/// use std::sync::Arc;
+/// let hits = Arc::new(cpulocal::Counter::new());
+/// let threads: Vec<_> = (0..4)
+///     .map(|_| {
+///         let hits = Arc::clone(&hits);
+///         std::thread::spawn(move || {
+///             for _ in 0..1000 {
+///                 hits.add(1);
+///             }
+///         })
+///     })
+///     .collect();
+/// for t in threads {
+///     t.join().unwrap();
+/// }
+/// assert_eq!(hits.sum(), 4000);
+/// ```
+pub struct Counter {
+    slots: Box<[CachePadded<Slot>]>,
+}
+
+impl Counter {
+    /// A counter at zero, with one slot per possible CPU (128 bytes each).
+    pub fn new() -> Self {
+        Counter {
+            slots: (0..sys::possible_cpus())
+                .map(|_| CachePadded::new(Slot::default()))
+                .collect(),
+        }
+    }
+
+    /// Adds `n` (wrapping at 2^64).
+    ///
+    /// Lock-free; wait-free on the fast path. Safe to call from a signal handler on a
+    /// thread that has already used cpulocal.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        if let Some(rseq) = thread::current() {
+            let mut aborts = 0;
+            while aborts < MAX_ABORTS {
+                // SAFETY: `rseq` is the calling thread's live area.
+                let cpu = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
+                let Some(slot) = self.slots.get(cpu as usize) else {
+                    break; // a CPU beyond `possible` (cannot happen): take the slow path
+                };
+                // SAFETY: (1) `rseq` is this thread's area; (2) `slot.local` is written only
+                // by this sequence, always with the CPU whose slot it is, so the kernel
+                // serialises all its writers; readers use atomic loads.
+                match unsafe { arch::add(rseq.as_ptr(), slot.local.as_ptr(), n as usize, cpu) } {
+                    Outcome::Committed(()) => return,
+                    _ => aborts += 1,
+                }
+            }
+        }
+        self.add_slow(n);
+    }
+
+    /// The update without a sequence: an atomic add to the current CPU's `remote`.
+    #[cold]
+    #[inline(never)]
+    fn add_slow(&self, n: u64) {
+        let cpu = cpu::current_cpu() as usize;
+        let slot = &self.slots[cpu % self.slots.len()];
+        // Relaxed: a counter orders nothing; `sum` is exact once writers are joined.
+        slot.remote.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The sum of every update that happened before this call (wrapping at 2^64).
+    ///
+    /// Exact once the writers have stopped (e.g. joined); while they run, a value the
+    /// counter held at some point during the call only if updates are all additions of
+    /// non-negative amounts, read in CPU order.
+    pub fn sum(&self) -> u64 {
+        self.slots.iter().fold(0u64, |acc, s| {
+            // Relaxed: the join (or other synchronisation) with the writers orders them.
+            acc.wrapping_add(s.local.load(Ordering::Relaxed) as u64)
+                .wrapping_add(s.remote.load(Ordering::Relaxed))
+        })
+    }
+
+    /// Sets the counter back to zero. Takes `&mut self`, so no update can race it.
+    ///
+    /// ```
+    /// let mut c = cpulocal::Counter::new();
+    /// c.add(3);
+    /// c.reset();
+    /// assert_eq!(c.sum(), 0);
+    /// ```
+    pub fn reset(&mut self) {
+        for s in self.slots.iter_mut() {
+            *s.local.get_mut() = 0;
+            *s.remote.get_mut() = 0;
+        }
+    }
+
+    /// The sum of the updates that went through the slow path (fallback, or repeated
+    /// aborts): a diagnostic for tests and `cpulocal stress`.
+    pub fn slow_path_sum(&self) -> u64 {
+        self.slots
+            .iter()
+            .fold(0u64, |acc, s| acc.wrapping_add(s.remote.load(Ordering::Relaxed)))
+    }
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter::new()
+    }
+}
+
+impl fmt::Debug for Counter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Counter")
+            .field("sum", &self.sum())
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}

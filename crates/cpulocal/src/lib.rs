@@ -1,0 +1,77 @@
+//! Per-CPU data for Rust on Linux, at the speed of a thread-local variable.
+//!
+//! ```
+//! use std::sync::Arc;
+//!
+//! // Which CPU am I on? One load from the thread's `struct rseq`.
+//! let cpu = cpulocal::current_cpu();
+//! assert!((cpu as usize) < cpulocal::possible_cpus());
+//!
+//! // A counter many threads bump without `lock`-prefixed instructions.
+//! let requests = Arc::new(cpulocal::Counter::new());
+//! let workers: Vec<_> = (0..4)
+//!     .map(|_| {
+//!         let requests = Arc::clone(&requests);
+//!         std::thread::spawn(move || (0..10_000).for_each(|_| requests.add(1)))
+//!     })
+//!     .collect();
+//! workers.into_iter().for_each(|w| w.join().unwrap());
+//! assert_eq!(requests.sum(), 40_000);
+//!
+//! // Works everywhere: with rseq, or through the fallback where it is missing.
+//! println!("{}", cpulocal::mechanism());
+//! ```
+//!
+//! # How
+//!
+//! Every thread shares a `struct rseq` with the kernel ([`abi::Rseq`]): glibc's (≥ 2.35)
+//! when glibc registered one, else one cpulocal registers. The kernel keeps the CPU
+//! number in it current, and restarts a *critical section* — a short asm sequence
+//! described by a descriptor — when the thread is preempted, migrated or signalled
+//! inside it. Per-CPU data is then updated with plain loads and stores ([`ops`]).
+//!
+//! Where rseq is missing (valgrind, gVisor, qemu-user, seccomp, kernels before 4.18)
+//! every operation still works, through atomics; [`mechanism`] says which is active
+//! and why.
+//!
+//! # Layers
+//!
+//! [`abi`] and [`sys`] (kernel layouts, raw syscalls) → [`thread`] (registration) →
+//! `arch` (the asm sequences) → [`ops`] (primitives with a fallback) → structures
+//! ([`Counter`]).
+#![deny(unsafe_op_in_unsafe_fn)]
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("cpulocal needs Linux: restartable sequences are a Linux system call");
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("cpulocal supports 64-bit targets only");
+
+pub mod abi;
+mod arch;
+mod cache_padded;
+mod counter;
+mod cpu;
+mod fallback;
+pub mod ops;
+pub mod sys;
+pub mod thread;
+
+#[cfg(any(test, feature = "__test-hooks"))]
+pub mod test_hooks;
+
+pub use cache_padded::CachePadded;
+pub use counter::Counter;
+pub use cpu::{current_cpu, current_mm_cid, current_node, possible_cpus};
+pub use thread::{mechanism, FallbackReason, Mechanism, Registrar};
+
+/// Registers the calling thread now instead of on its first use of cpulocal, e.g.
+/// before installing a signal handler that uses cpulocal. Returns whether the thread
+/// uses rseq (false: the fallback serves it).
+///
+/// ```
+/// let uses_rseq = cpulocal::register_current_thread();
+/// assert_eq!(uses_rseq, matches!(cpulocal::mechanism(), cpulocal::Mechanism::Rseq { .. }));
+/// ```
+pub fn register_current_thread() -> bool {
+    thread::is_registered()
+}

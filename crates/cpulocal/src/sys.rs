@@ -1,0 +1,229 @@
+//! Raw system calls and process facts, with typed errors.
+//!
+//! Everything here is a thin, documented wrapper over `libc`; callers above this layer
+//! never see a raw return code or `errno`.
+
+use core::fmt;
+use std::sync::OnceLock;
+
+use crate::abi;
+
+/// An error number returned by the kernel.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    /// The calling thread's `errno`.
+    #[inline]
+    pub fn last() -> Self {
+        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
+    /// The symbolic name (`"ENOSYS"`), or `"E?"` for numbers cpulocal does not expect.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            libc::ENOSYS => "ENOSYS",
+            libc::EPERM => "EPERM",
+            libc::EINVAL => "EINVAL",
+            libc::EBUSY => "EBUSY",
+            libc::EFAULT => "EFAULT",
+            libc::EACCES => "EACCES",
+            libc::ENOMEM => "ENOMEM",
+            libc::EAGAIN => "EAGAIN",
+            _ => "E?",
+        }
+    }
+}
+
+impl fmt::Debug for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name(), self.0)
+    }
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.name(), std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+impl std::error::Error for Errno {}
+
+/// `rseq(2)`: register (`flags == 0`) or unregister ([`abi::RSEQ_FLAG_UNREGISTER`]) `area`.
+///
+/// # Safety
+///
+/// On registration `area` must point to `len` writable bytes that stay valid, and are
+/// not reused for anything else, until the same area is unregistered or the thread
+/// exits: the kernel writes into them on every return to user space.
+pub unsafe fn rseq(area: *mut abi::Rseq, len: u32, flags: i32, sig: u32) -> Result<(), Errno> {
+    // SAFETY: the caller guarantees the lifetime of `area`; the syscall only reads its
+    // integer arguments and writes `len` bytes at `area`.
+    let r = unsafe { libc::syscall(libc::SYS_rseq, area, len, flags, sig) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// `membarrier(2)`. Returns the kernel's non-negative result.
+pub fn membarrier(cmd: i32, flags: u32, cpu: i32) -> Result<i64, Errno> {
+    // SAFETY: membarrier takes integers only and touches no user memory.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, cmd, flags, cpu) };
+    if r >= 0 {
+        Ok(r)
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// The `getcpu` system call itself (not the vDSO): `(cpu, node)`.
+pub fn getcpu_syscall() -> Result<(u32, u32), Errno> {
+    let mut cpu: u32 = 0;
+    let mut node: u32 = 0;
+    // SAFETY: both pointers are to live locals; the third argument (tcache) is unused
+    // by the kernel and may be null.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_getcpu,
+            &mut cpu as *mut u32,
+            &mut node as *mut u32,
+            core::ptr::null_mut::<libc::c_void>(),
+        )
+    };
+    if r == 0 {
+        Ok((cpu, node))
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// glibc's `sched_getcpu()` (the vDSO, or the syscall where there is no vDSO).
+#[inline]
+pub fn sched_getcpu() -> Result<u32, Errno> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let r = unsafe { libc::sched_getcpu() };
+    if r >= 0 {
+        Ok(r as u32)
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// `getauxval(key)`, 0 when the kernel did not supply the key.
+pub fn getauxval(key: u64) -> u64 {
+    // SAFETY: getauxval has no preconditions; unknown keys return 0.
+    unsafe { libc::getauxval(key as libc::c_ulong) as u64 }
+}
+
+/// Address of a symbol of the running process, looked up at run time so the crate
+/// links where the symbol does not exist (musl, glibc before 2.35, static builds).
+pub fn lookup_symbol(name: &core::ffi::CStr) -> Option<core::ptr::NonNull<u8>> {
+    // SAFETY: `name` is NUL-terminated; RTLD_DEFAULT searches the global scope and
+    // returns null when the symbol is absent.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+    core::ptr::NonNull::new(p.cast())
+}
+
+/// Parses a kernel CPU list such as `0-3,8,10-11` into the number of the highest CPU
+/// plus one. `None` for text that is not such a list.
+pub fn cpu_list_span(list: &str) -> Option<usize> {
+    let mut max: Option<usize> = None;
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        let hi = match part.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (lo.parse::<usize>().ok()?, hi.parse::<usize>().ok()?);
+                if lo > hi {
+                    return None;
+                }
+                hi
+            }
+            None => part.parse::<usize>().ok()?,
+        };
+        max = Some(max.map_or(hi, |m| m.max(hi)));
+    }
+    max.map(|m| m + 1)
+}
+
+/// Counts the CPUs in a kernel CPU list such as `0-3,8`.
+pub fn cpu_list_count(list: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        n += match part.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (lo.parse::<usize>().ok()?, hi.parse::<usize>().ok()?);
+                hi.checked_sub(lo)? + 1
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    Some(n)
+}
+
+/// The number of CPU ids the kernel may ever report (`/sys/.../cpu/possible`, the
+/// highest id plus one): the length of every per-CPU array. Read once per process.
+pub fn possible_cpus() -> usize {
+    static POSSIBLE: OnceLock<usize> = OnceLock::new();
+    *POSSIBLE.get_or_init(|| {
+        std::fs::read_to_string("/sys/devices/system/cpu/possible")
+            .ok()
+            .and_then(|s| cpu_list_span(&s))
+            .unwrap_or_else(|| {
+                // SAFETY: sysconf has no preconditions.
+                let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+                n.max(1) as usize
+            })
+            .max(1)
+    })
+}
+
+/// The number of CPUs online now (`/sys/.../cpu/online`).
+pub fn online_cpus() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| cpu_list_count(&s))
+        .unwrap_or_else(|| {
+            // SAFETY: sysconf has no preconditions.
+            let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+            n.max(1) as usize
+        })
+}
+
+/// The kernel release (`uname -r`).
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain old data; all-zero is a valid value.
+    let mut u: libc::utsname = unsafe { core::mem::zeroed() };
+    // SAFETY: `u` is a live, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return String::from("unknown");
+    }
+    // SAFETY: uname NUL-terminates `release`.
+    let c = unsafe { core::ffi::CStr::from_ptr(u.release.as_ptr()) };
+    c.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_like_the_kernel_writes_them() {
+        assert_eq!(cpu_list_span("0-1\n"), Some(2));
+        assert_eq!(cpu_list_span("0"), Some(1));
+        assert_eq!(cpu_list_span("0-3,8,10-11"), Some(12));
+        assert_eq!(cpu_list_count("0-3,8,10-11"), Some(7));
+        assert_eq!(cpu_list_span("3-1"), None);
+        assert_eq!(cpu_list_span("x"), None);
+        assert_eq!(cpu_list_span(""), None);
+    }
+
+    #[test]
+    fn possible_cpus_cover_online_cpus() {
+        assert!(possible_cpus() >= online_cpus());
+        assert!(possible_cpus() >= 1);
+    }
+}

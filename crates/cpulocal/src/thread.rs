@@ -1,0 +1,393 @@
+//! Registration of the calling thread's `struct rseq`, and the process-wide choice of
+//! mechanism.
+//!
+//! # The state of a thread
+//!
+//! Each thread keeps one word in a const-initialised thread-local, [`AREA`]:
+//!
+//! | value | meaning |
+//! |---|---|
+//! | `0` ([`UNKNOWN`]) | the thread has not used cpulocal yet |
+//! | `1` ([`UNAVAILABLE`]) | this thread cannot use rseq: the fallback (or the slow path) serves it |
+//! | any other | address of the thread's registered `struct rseq` |
+//!
+//! The fast path ([`current`]) is one thread-local load and one compare that is always
+//! predicted the same way after the first call; everything else is out of line.
+//!
+//! # Whose area
+//!
+//! The kernel accepts one registration per thread. glibc ≥ 2.35 registers one for every
+//! thread it creates and exports `__rseq_offset` (from the thread pointer) and
+//! `__rseq_size`; when `__rseq_size > 0` cpulocal uses that area and never registers.
+//! Otherwise (glibc told not to with `GLIBC_TUNABLES=glibc.pthread.rseq=0`, musl, a
+//! static build, an old glibc) cpulocal registers an area of its own in its own TLS,
+//! lazily, on the first use in each thread, and unregisters it from a pthread-key
+//! destructor. Those run after every C++ and Rust `thread_local!` destructor (glibc's
+//! `start_thread` calls `__call_tls_dtors` first), so the area stays registered for
+//! destructors that still use cpulocal, and is unregistered before the thread's TLS is
+//! freed.
+//!
+//! The symbols are looked up with `dlsym` rather than linked, so the crate links and
+//! runs where they do not exist.
+//!
+//! # The mechanism
+//!
+//! The first thread to use cpulocal decides for the process ([`mechanism`]): glibc's
+//! area, our own, or the fallback when rseq is missing or refused (ENOSYS under
+//! valgrind, gVisor or qemu-user; EPERM from seccomp; EINVAL). A later thread that
+//! still cannot register (a seccomp filter installed on it alone, or a destructor that
+//! runs after the unregistration) is marked [`UNAVAILABLE`]; the primitives report
+//! `Aborted` to it and the structures serve it through their slow paths, which are
+//! correct next to threads that do use rseq.
+
+use core::cell::{Cell, UnsafeCell};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use crate::abi::{self, Rseq};
+use crate::arch;
+use crate::sys::{self, Errno};
+
+/// [`AREA`] of a thread that has not used cpulocal yet.
+const UNKNOWN: usize = 0;
+/// [`AREA`] of a thread that cannot use rseq.
+const UNAVAILABLE: usize = 1;
+
+/// Room reserved for our own registration: enough for every field the kernel defines
+/// today plus later growth. A feature size beyond it falls back to the 32-byte legacy
+/// registration, which every kernel accepts.
+const OWN_AREA_SIZE: usize = 128;
+/// Alignment of our own area (`AT_RSEQ_ALIGN` is 32 before Linux 7.0, 64 from 7.0).
+const OWN_AREA_ALIGN: u32 = 64;
+
+#[repr(C, align(64))]
+struct OwnArea(UnsafeCell<[u8; OWN_AREA_SIZE]>);
+
+const _: () = assert!(core::mem::align_of::<OwnArea>() == OWN_AREA_ALIGN as usize);
+
+thread_local! {
+    /// The state of the calling thread; see the module documentation.
+    static AREA: Cell<usize> = const { Cell::new(UNKNOWN) };
+    /// The area we register when glibc did not. Zeroed: `cpu_id_start` reads 0 until
+    /// the kernel fills it, and `rseq_cs` is null.
+    static OWN_AREA: OwnArea = const { OwnArea(UnsafeCell::new([0; OWN_AREA_SIZE])) };
+}
+
+/// Who registered the areas this process uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registrar {
+    /// glibc registered every thread; cpulocal reads its area at `__rseq_offset`.
+    Glibc,
+    /// cpulocal registers an area of its own in each thread that uses it.
+    Own,
+}
+
+/// Why the process runs the fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FallbackReason {
+    /// The `rseq` system call failed with this error (ENOSYS: no rseq, as under
+    /// valgrind, gVisor, qemu-user or before Linux 4.18; EPERM: refused by seccomp).
+    Refused(Errno),
+    /// `CPULOCAL_DISABLE_RSEQ` is set in the environment.
+    Disabled,
+    /// cpulocal has no restartable sequences for this architecture.
+    UnsupportedArch,
+}
+
+/// The mechanism every cpulocal operation uses in this process.
+///
+/// ```
+/// match cpulocal::mechanism() {
+///     cpulocal::Mechanism::Rseq { registrar, usable_size } => {
+///         assert!(usable_size >= 20);
+///         println!("rseq, area registered by {registrar:?}");
+///     }
+///     cpulocal::Mechanism::Fallback(why) => println!("fallback: {why}"),
+/// }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    /// Restartable sequences: per-CPU updates with plain loads and stores.
+    Rseq {
+        /// Whose registration the threads use.
+        registrar: Registrar,
+        /// How many bytes of `struct rseq` the kernel keeps current: fields that end
+        /// beyond it (`node_id` at 24, `mm_cid` at 28) are substituted.
+        usable_size: u32,
+    },
+    /// Atomics: every operation keeps its meaning, at the price of `lock`-prefixed
+    /// instructions (see [`crate::ops`] for which).
+    Fallback(FallbackReason),
+}
+
+impl core::fmt::Display for FallbackReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FallbackReason::Refused(e) => write!(f, "the rseq system call failed with {e:?}"),
+            FallbackReason::Disabled => f.write_str("CPULOCAL_DISABLE_RSEQ is set"),
+            FallbackReason::UnsupportedArch => {
+                f.write_str("no restartable sequences for this architecture")
+            }
+        }
+    }
+}
+
+impl core::fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Mechanism::Rseq {
+                registrar: Registrar::Glibc,
+                usable_size,
+            } => write!(f, "rseq (glibc's registration, {usable_size} bytes kept current)"),
+            Mechanism::Rseq {
+                registrar: Registrar::Own,
+                usable_size,
+            } => write!(f, "rseq (cpulocal's own registration, {usable_size} bytes kept current)"),
+            Mechanism::Fallback(why) => write!(f, "fallback (atomics): {why}"),
+        }
+    }
+}
+
+/// What glibc exports about its registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GlibcRseq {
+    /// `__rseq_offset`: the area's offset from the thread pointer.
+    pub offset: isize,
+    /// `__rseq_size`: 0 when glibc did not register (2.35–2.40 report 20 or 32 for 32).
+    pub size: u32,
+    /// `__rseq_flags`.
+    pub flags: u32,
+}
+
+/// Reads glibc's `__rseq_*` symbols, `None` where the C library does not export them.
+pub fn glibc_rseq() -> Option<GlibcRseq> {
+    static GLIBC: OnceLock<Option<GlibcRseq>> = OnceLock::new();
+    *GLIBC.get_or_init(|| {
+        let offset = sys::lookup_symbol(c"__rseq_offset")?;
+        let size = sys::lookup_symbol(c"__rseq_size")?;
+        let flags = sys::lookup_symbol(c"__rseq_flags");
+        // SAFETY: glibc defines these as `const ptrdiff_t __rseq_offset` and
+        // `const unsigned int __rseq_size, __rseq_flags`, set before any user code runs
+        // and never written again.
+        unsafe {
+            Some(GlibcRseq {
+                offset: offset.cast::<isize>().as_ptr().read(),
+                size: size.cast::<u32>().as_ptr().read(),
+                flags: flags.map_or(0, |f| f.cast::<u32>().as_ptr().read()),
+            })
+        }
+    })
+}
+
+/// `AT_RSEQ_FEATURE_SIZE`, or the original 20 bytes on kernels that predate the key.
+pub fn feature_size() -> u32 {
+    match sys::getauxval(abi::AT_RSEQ_FEATURE_SIZE) {
+        0 => abi::ORIG_RSEQ_FEATURE_SIZE,
+        n => n as u32,
+    }
+}
+
+/// `AT_RSEQ_ALIGN`, or 32 on kernels that predate the key.
+pub fn required_align() -> u32 {
+    match sys::getauxval(abi::AT_RSEQ_ALIGN) {
+        0 => abi::ORIG_RSEQ_SIZE,
+        n => n as u32,
+    }
+}
+
+/// The length of our own registration: `max(32, feature size)` when that fits our area,
+/// else the legacy 32 bytes.
+fn own_registration_len() -> u32 {
+    let len = abi::ORIG_RSEQ_SIZE.max(feature_size());
+    if len as usize <= OWN_AREA_SIZE && required_align() <= OWN_AREA_ALIGN {
+        len
+    } else {
+        abi::ORIG_RSEQ_SIZE
+    }
+}
+
+/// How many bytes of the area the kernel keeps current.
+fn usable_size(registrar: Registrar) -> u32 {
+    let registered = match registrar {
+        // glibc 2.35–2.40 register 32 bytes but report 20 or 32.
+        Registrar::Glibc => match glibc_rseq().map_or(0, |g| g.size) {
+            20 | 32 => abi::ORIG_RSEQ_SIZE,
+            n => n,
+        },
+        Registrar::Own => own_registration_len(),
+    };
+    registered.min(feature_size())
+}
+
+/// The process-wide decision; made by the first thread that uses cpulocal.
+static MECHANISM: OnceLock<Mechanism> = OnceLock::new();
+
+/// `usable_size` of the decided mechanism (0 for the fallback), for the field readers'
+/// fast paths. Written once, before any thread can see a registered area: the
+/// `OnceLock` that publishes the mechanism orders it.
+static USABLE_SIZE: AtomicU32 = AtomicU32::new(0);
+
+/// How many bytes of the calling thread's area the kernel keeps current (0 before the
+/// mechanism is decided and in the fallback).
+#[inline]
+pub(crate) fn usable_size_now() -> u32 {
+    // Relaxed: pairs with nothing; a thread that holds a registered area has passed
+    // through `MECHANISM.get_or_init`, which synchronises with the store.
+    USABLE_SIZE.load(Ordering::Relaxed)
+}
+
+/// The mechanism cpulocal uses in this process, deciding it (and registering the
+/// calling thread) if no thread has yet.
+pub fn mechanism() -> Mechanism {
+    current();
+    *MECHANISM.get().expect("current() decides the mechanism")
+}
+
+/// The calling thread's registered area, or `None` when this thread cannot use rseq.
+///
+/// One thread-local load and one compare on the fast path.
+#[inline(always)]
+pub(crate) fn current() -> Option<NonNull<Rseq>> {
+    let state = AREA.get();
+    if state > UNAVAILABLE {
+        // SAFETY: values above UNAVAILABLE are only ever stored from a non-null
+        // area address (see `register_current`).
+        Some(unsafe { NonNull::new_unchecked(state as *mut Rseq) })
+    } else {
+        current_slow(state)
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn current_slow(state: usize) -> Option<NonNull<Rseq>> {
+    if state == UNAVAILABLE {
+        return None;
+    }
+    let area = register_current();
+    AREA.set(area.map_or(UNAVAILABLE, |a| a.as_ptr() as usize));
+    area
+}
+
+/// Finds or makes the calling thread's registration, deciding the process mechanism
+/// on first use.
+fn register_current() -> Option<NonNull<Rseq>> {
+    let mut first = None;
+    let mechanism = *MECHANISM.get_or_init(|| {
+        let (m, area) = decide();
+        if let Mechanism::Rseq { usable_size, .. } = m {
+            USABLE_SIZE.store(usable_size, Ordering::Relaxed);
+        }
+        first = Some(area);
+        m
+    });
+    if let Some(area) = first {
+        return area;
+    }
+    match mechanism {
+        Mechanism::Fallback(_) => None,
+        Mechanism::Rseq {
+            registrar: Registrar::Glibc,
+            ..
+        } => glibc_area(),
+        Mechanism::Rseq {
+            registrar: Registrar::Own,
+            ..
+        } => register_own().ok(),
+    }
+}
+
+fn decide() -> (Mechanism, Option<NonNull<Rseq>>) {
+    if !arch::HAS_RSEQ {
+        return (Mechanism::Fallback(FallbackReason::UnsupportedArch), None);
+    }
+    if std::env::var_os("CPULOCAL_DISABLE_RSEQ").is_some_and(|v| !v.is_empty() && v != "0") {
+        return (Mechanism::Fallback(FallbackReason::Disabled), None);
+    }
+    if glibc_rseq().is_some_and(|g| g.size > 0) {
+        let registrar = Registrar::Glibc;
+        let m = Mechanism::Rseq {
+            registrar,
+            usable_size: usable_size(registrar),
+        };
+        return (m, glibc_area());
+    }
+    match register_own() {
+        Ok(area) => {
+            let registrar = Registrar::Own;
+            let m = Mechanism::Rseq {
+                registrar,
+                usable_size: usable_size(registrar),
+            };
+            (m, Some(area))
+        }
+        Err(e) => (Mechanism::Fallback(FallbackReason::Refused(e)), None),
+    }
+}
+
+/// glibc's area for the calling thread, if glibc's registration of this thread worked.
+fn glibc_area() -> Option<NonNull<Rseq>> {
+    let offset = glibc_rseq()?.offset;
+    let area = arch::thread_pointer().wrapping_offset(offset).cast::<Rseq>();
+    let area = NonNull::new(area)?;
+    // SAFETY: glibc placed this thread's `struct rseq` at `__rseq_offset` from the
+    // thread pointer; it lives as long as the thread. The kernel writes `cpu_id`, so
+    // it is read atomically.
+    let cpu_id = unsafe { crate::cpu::load_u32(&raw const (*area.as_ptr()).cpu_id) };
+    match cpu_id {
+        abi::RSEQ_CPU_ID_UNINITIALIZED | abi::RSEQ_CPU_ID_REGISTRATION_FAILED => None,
+        _ => Some(area),
+    }
+}
+
+/// Registers the calling thread's own area and arranges its unregistration at thread
+/// exit.
+fn register_own() -> Result<NonNull<Rseq>, Errno> {
+    let area = OWN_AREA.with(|a| a.0.get().cast::<Rseq>());
+    let len = own_registration_len();
+    // SAFETY: `area` is this thread's OWN_AREA: OWN_AREA_SIZE (≥ len) bytes, aligned to
+    // 64 (≥ the required alignment, checked in `own_registration_len`), used for
+    // nothing else, alive until the thread exits; the pthread-key destructor below
+    // unregisters it before glibc frees the thread's TLS.
+    unsafe { sys::rseq(area, len, 0, abi::RSEQ_SIG)? };
+    arm_unregistration(area);
+    // SAFETY: the area was just checked to be non-null by the kernel accepting it.
+    Ok(unsafe { NonNull::new_unchecked(area) })
+}
+
+/// A pthread key whose destructor unregisters the thread's own area.
+fn arm_unregistration(area: *mut Rseq) {
+    static KEY: OnceLock<Option<libc::pthread_key_t>> = OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a live out-parameter; the destructor is a plain extern fn.
+        let r = unsafe { libc::pthread_key_create(&mut key, Some(unregister_own)) };
+        (r == 0).then_some(key)
+    });
+    if let Some(key) = *key {
+        // SAFETY: `key` was created above; the value is only passed back to
+        // `unregister_own`.
+        unsafe { libc::pthread_setspecific(key, area.cast()) };
+    }
+}
+
+unsafe extern "C" fn unregister_own(area: *mut libc::c_void) {
+    let area = area.cast::<Rseq>();
+    AREA.set(UNAVAILABLE);
+    // SAFETY: `area` is the area this thread registered with exactly this length and
+    // signature (the length cannot change within a process).
+    let _ = unsafe {
+        sys::rseq(
+            area,
+            own_registration_len(),
+            abi::RSEQ_FLAG_UNREGISTER,
+            abi::RSEQ_SIG,
+        )
+    };
+}
+
+/// For tests and `cpulocal info`: whether the calling thread is registered.
+pub fn is_registered() -> bool {
+    current().is_some()
+}
