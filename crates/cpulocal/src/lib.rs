@@ -59,6 +59,9 @@ pub mod thread;
 #[cfg(any(test, feature = "__test-hooks"))]
 pub mod test_hooks;
 
+#[cfg(test)]
+mod tests;
+
 pub use cache_padded::CachePadded;
 pub use counter::Counter;
 pub use cpu::{current_cpu, current_mm_cid, current_node, possible_cpus};

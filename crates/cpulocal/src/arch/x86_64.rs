@@ -336,3 +336,41 @@ pub(crate) unsafe fn compare_memcpy_store_release(
     }
     Outcome::Committed(())
 }
+
+/// Test builds only: a deliberately *broken* add — load, delay, add, store, with no
+/// critical section armed, so a preemption or signal between the load and the store
+/// loses updates. Exists so the stress tests can show they catch a broken sequence.
+///
+/// # Safety
+///
+/// As for [`add`].
+#[cfg(any(test, feature = "__test-hooks"))]
+#[inline(always)]
+pub(crate) unsafe fn add_without_restart(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    count: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: writes only `v`, as `add` does; it is the atomicity that is missing, on
+    // purpose, and the callers are tests that count the losses.
+    unsafe {
+        asm!(
+            "cmpl {cpu:e}, 4({rseq})",
+            "jnz {abort}",
+            "movq ({v}), {val}",
+            rseq_test_delay!(),
+            "addq {count}, {val}",
+            "movq {val}, ({v})",
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            count = in(reg) count,
+            val = out(reg) _,
+            tmp = out(reg) _,
+            abort = label { return Outcome::Aborted; },
+            options(att_syntax, nostack),
+        );
+    }
+    Outcome::Committed(())
+}

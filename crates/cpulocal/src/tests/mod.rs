@@ -1,0 +1,1 @@
+//! The library's own tests that need test builds (the delay hook, the broken sequence).
