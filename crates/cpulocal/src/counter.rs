@@ -2,8 +2,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use core::fmt;
+use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use crate::abi::Rseq;
 use crate::arch::{self, Outcome};
 use crate::cache_padded::CachePadded;
 use crate::{cpu, sys, thread};
@@ -76,20 +78,39 @@ impl Counter {
     /// thread that has already used cpulocal.
     #[inline]
     pub fn add(&self, n: u64) {
+        // One attempt inline; retries and the slow path stay out of line so that every
+        // call site carries only the sequence itself.
         if let Some(rseq) = thread::current() {
-            let mut aborts = 0;
-            while aborts < MAX_ABORTS {
-                // SAFETY: `rseq` is the calling thread's live area.
-                let cpu = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
-                let Some(slot) = self.slots.get(cpu as usize) else {
-                    break; // a CPU beyond `possible` (cannot happen): take the slow path
-                };
-                // SAFETY: (1) `rseq` is this thread's area; (2) `slot.local` is written only
-                // by this sequence, always with the CPU whose slot it is, so the kernel
-                // serialises all its writers; readers use atomic loads.
-                match unsafe { arch::add(rseq.as_ptr(), slot.local.as_ptr(), n as usize, cpu) } {
-                    Outcome::Committed(()) => return,
-                    _ => aborts += 1,
+            if self.try_add(rseq, n) {
+                return;
+            }
+        }
+        self.add_retry(n);
+    }
+
+    /// One restartable add to the current CPU's slot; false when it did not commit.
+    #[inline(always)]
+    fn try_add(&self, rseq: NonNull<Rseq>, n: u64) -> bool {
+        // SAFETY: `rseq` is the calling thread's live area.
+        let cpu = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
+        let Some(slot) = self.slots.get(cpu as usize) else {
+            return false; // a CPU beyond `possible` (cannot happen): the slow path takes it
+        };
+        // SAFETY: (1) `rseq` is this thread's area; (2) `slot.local` is written only by
+        // this sequence, always with the CPU whose slot it is, so the kernel serialises
+        // all its writers; readers use atomic loads.
+        let outcome = unsafe { arch::add(rseq.as_ptr(), slot.local.as_ptr(), n as usize, cpu) };
+        outcome == Outcome::Committed(())
+    }
+
+    /// After an abort: retry a few times, then take the slow path.
+    #[cold]
+    #[inline(never)]
+    fn add_retry(&self, n: u64) {
+        if let Some(rseq) = thread::current() {
+            for _ in 1..MAX_ABORTS {
+                if self.try_add(rseq, n) {
+                    return;
                 }
             }
         }
@@ -97,8 +118,6 @@ impl Counter {
     }
 
     /// The update without a sequence: an atomic add to the current CPU's `remote`.
-    #[cold]
-    #[inline(never)]
     fn add_slow(&self, n: u64) {
         let cpu = cpu::current_cpu() as usize;
         let slot = &self.slots[cpu % self.slots.len()];
