@@ -125,11 +125,11 @@ impl Counter {
         slot.remote.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The sum of every update that happened before this call (wrapping at 2^64).
+    /// The sum of the updates (wrapping at 2^64).
     ///
-    /// Exact once the writers have stopped (e.g. joined); while they run, a value the
-    /// counter held at some point during the call only if updates are all additions of
-    /// non-negative amounts, read in CPU order.
+    /// Exact once the writers have stopped and are synchronised with (e.g. joined).
+    /// While they run it is a sum of per-slot snapshots taken one after the other, not
+    /// one instant's value.
     pub fn sum(&self) -> u64 {
         self.slots.iter().fold(0u64, |acc, s| {
             // Relaxed: the join (or other synchronisation) with the writers orders them.
@@ -138,19 +138,43 @@ impl Counter {
         })
     }
 
-    /// Sets the counter back to zero. Takes `&mut self`, so no update can race it.
+    /// Returns the sum and sets the counter back to zero, exactly, even while other
+    /// threads add: every update is counted either in the value returned or in later
+    /// sums, never in both and never in neither.
+    ///
+    /// How: a slot's value is `local + remote`. `take` reads `local` (written only by
+    /// sequences on the slot's CPU, so it cannot be changed from here) and atomically
+    /// swaps `remote` for `-local`: the slot then holds exactly the updates made since
+    /// the read, and the old `remote` plus the read `local` is what was taken.
     ///
     /// ```
-    /// let mut c = cpulocal::Counter::new();
+    /// let c = cpulocal::Counter::new();
+    /// c.add(3);
+    /// assert_eq!(c.take(), 3);
+    /// c.add(4);
+    /// assert_eq!(c.sum(), 4);
+    /// ```
+    pub fn take(&self) -> u64 {
+        self.slots.iter().fold(0u64, |acc, s| {
+            // Relaxed for both: exactness needs no ordering, because the value read is the
+            // very value cancelled, whenever the read happens.
+            let local = s.local.load(Ordering::Relaxed) as u64;
+            let remote = s.remote.swap(local.wrapping_neg(), Ordering::Relaxed);
+            acc.wrapping_add(local).wrapping_add(remote)
+        })
+    }
+
+    /// Sets the counter back to zero: [`take`](Counter::take) without the value, and as
+    /// exact.
+    ///
+    /// ```
+    /// let c = cpulocal::Counter::new();
     /// c.add(3);
     /// c.reset();
     /// assert_eq!(c.sum(), 0);
     /// ```
-    pub fn reset(&mut self) {
-        for s in self.slots.iter_mut() {
-            *s.local.get_mut() = 0;
-            *s.remote.get_mut() = 0;
-        }
+    pub fn reset(&self) {
+        self.take();
     }
 
     /// The sum of the updates that went through the slow path (fallback, or repeated
