@@ -8,13 +8,9 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::abi::Rseq;
 use crate::arch::{self, Outcome};
 use crate::cache_padded::CachePadded;
+use crate::remote::MAX_ABORTS;
 use crate::{cpu, sys, thread};
 
-/// How many aborted sequences in a row an update tolerates before it takes the slow
-/// path. Preemption or a signal inside a three-instruction sequence is rare, so hitting
-/// this means something that aborts every attempt: a debugger single-stepping, or a
-/// thread that cannot use rseq in a process that does.
-const MAX_ABORTS: u32 = 8;
 
 /// One CPU's part of the sum.
 #[derive(Default)]

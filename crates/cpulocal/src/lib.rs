@@ -53,6 +53,9 @@ mod counter;
 mod cpu;
 mod fallback;
 pub mod ops;
+mod percpu;
+pub mod remote;
+mod stack;
 pub mod sys;
 pub mod thread;
 
@@ -64,6 +67,9 @@ mod tests;
 
 pub use cache_padded::CachePadded;
 pub use counter::Counter;
+pub use percpu::{Index, PerCpu, PerCpuGuard};
+pub use remote::{scheme as remote_scheme, InvalidCpu};
+pub use stack::{Node, NodeList, Stack};
 pub use cpu::{current_cpu, current_mm_cid, current_node, possible_cpus};
 pub use thread::{mechanism, FallbackReason, Mechanism, Registrar};
 

@@ -43,6 +43,9 @@ mod none;
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub(crate) use none::*;
 
+#[cfg(test)]
+mod tests;
+
 /// The result of one restartable primitive.
 ///
 /// Structures retry on [`Outcome::Aborted`] after re-reading the CPU number; their

@@ -29,5 +29,7 @@ unreachable_primitive! {
     compare_store(v: *mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome;
     pop(v: *mut usize, expect_not: usize, offset: isize, cpu: u32) -> Outcome<usize>;
     compare_try_store_release(v: *mut usize, expect: usize, v2: *mut usize, newv2: usize, newv: usize, cpu: u32) -> Outcome;
+    compare_store_guarded(guard: *const usize, v: *mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome;
+    pop_guarded(guard: *const usize, v: *mut usize, expect_not: usize, offset: isize, cpu: u32) -> Outcome<usize>;
     compare_memcpy_store_release(v: *mut usize, expect: usize, dst: *mut u8, src: *const u8, len: usize, newv: usize, cpu: u32) -> Outcome;
 }

@@ -337,6 +337,111 @@ pub(crate) unsafe fn compare_memcpy_store_release(
     Outcome::Committed(())
 }
 
+/// Guarded compare-and-store: `if *guard == 0 && *v == expect { *v = newv }`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *guard != 0: abort             the CPU's lock is held (by a remote owner)
+/// if *v != expect: compare failed
+/// *v = newv                         commit
+/// ```
+///
+/// The guard is the CPU's lock word: a remote owner sets it, then fences with
+/// `membarrier(PRIVATE_EXPEDITED_RSEQ)`, so every sequence that read it as free either
+/// committed before the fence or restarts and sees it taken.
+///
+/// # Safety
+///
+/// As for [`add`], and `guard` is valid for reads of a `usize`.
+#[inline(always)]
+pub(crate) unsafe fn compare_store_guarded(
+    rseq: *mut Rseq,
+    guard: *const usize,
+    v: *mut usize,
+    expect: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `compare_store`; the guard is only read.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "cmpq $0, ({guard})",
+            "jnz 6f",
+            "cmpq {expect}, ({v})",
+            "jnz {fail}",
+            "movq {newv}, ({v})",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            guard = in(reg) guard,
+            v = in(reg) v,
+            expect = in(reg) expect,
+            newv = in(reg) newv,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(att_syntax, nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// Guarded list pop: [`pop`], aborting while `*guard != 0`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *guard != 0: abort             the CPU's lock is held (by a remote owner)
+/// head = *v
+/// if head == expect_not: compare failed
+/// next = *(head + offset)
+/// *v = next                         commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`pop`], and `guard` is valid for reads of a `usize`.
+#[inline(always)]
+pub(crate) unsafe fn pop_guarded(
+    rseq: *mut Rseq,
+    guard: *const usize,
+    v: *mut usize,
+    expect_not: usize,
+    offset: isize,
+    cpu: u32,
+) -> Outcome<usize> {
+    let mut head: usize = 0;
+    // SAFETY: as in `pop`; the guard is only read.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "cmpq $0, ({guard})",
+            "jnz 6f",
+            "movq ({v}), {tmp}",
+            "cmpq {tmp}, {expect_not}",
+            "jz {fail}",
+            "movq {tmp}, ({head})",
+            "movq ({tmp}, {offset}), {tmp}",
+            "movq {tmp}, ({v})",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            guard = in(reg) guard,
+            v = in(reg) v,
+            expect_not = in(reg) expect_not,
+            offset = in(reg) offset,
+            head = in(reg) &mut head,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(att_syntax, nostack),
+        );
+    }
+    Outcome::Committed(head)
+}
+
 /// Test builds only: a deliberately *broken* add — load, delay, add, store, with no
 /// critical section armed, so a preemption or signal between the load and the store
 /// loses updates. Exists so the stress tests can show they catch a broken sequence.
@@ -345,6 +450,10 @@ pub(crate) unsafe fn compare_memcpy_store_release(
 ///
 /// As for [`add`].
 #[cfg(any(test, feature = "__test-hooks"))]
+#[cfg_attr(
+    not(test),
+    allow(dead_code, reason = "only the unit tests call it so far")
+)]
 #[inline(always)]
 pub(crate) unsafe fn add_without_restart(
     rseq: *mut Rseq,

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# aarch64 checks for cpulocal, run from an x86_64 host: type-check and lint the aarch64
+# sequences, then run the library's unit tests under qemu-user.
+#
+# Under qemu-user the rseq syscall is ENOSYS, so the process runs the fallback; the
+# `arch::` tests still execute every aarch64 sequence, on a fake `struct rseq` that no
+# kernel watches. Installs what it needs when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGET=aarch64-unknown-linux-gnu
+SYSROOT=/usr/aarch64-linux-gnu
+
+echo "== aarch64: toolchain"
+if ! rustup target list --installed | grep -qx "$TARGET"; then
+    rustup target add "$TARGET"
+fi
+if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
+    $sudo apt-get update
+    $sudo apt-get install -y qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+fi
+
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L $SYSROOT"
+
+echo "== aarch64: cargo check (production build, and with the test hooks)"
+cargo check -p cpulocal --target "$TARGET"
+cargo check -p cpulocal --target "$TARGET" --all-features
+
+echo "== aarch64: cargo clippy"
+cargo clippy -p cpulocal --target "$TARGET" --all-targets --all-features -- -D warnings
+
+echo "== aarch64: the sequences (arch::) under qemu-user, debug and optimised"
+timeout 300 cargo test -p cpulocal --target "$TARGET" --lib -- arch::
+timeout 300 cargo test -p cpulocal --target "$TARGET" --lib --release -- arch::
+
+echo "== aarch64: the whole library suite under qemu-user (the fallback serves the process)"
+timeout 300 cargo test -p cpulocal --target "$TARGET" --lib

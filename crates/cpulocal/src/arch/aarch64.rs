@@ -1,0 +1,520 @@
+//! aarch64 restartable sequences.
+//!
+//! Register use: `{rseq}` holds the thread's `struct rseq`, `{cpu}` the CPU the caller
+//! read from `cpu_id_start`; `{tmp}` is scratch. The signature is the instruction
+//! `brk #0x45e0` (`0xd428bc00`), emitted with `.inst` so a stray jump into it traps
+//! instead of running data. Plain `str`s may be reordered, so the `*_release` commits
+//! are `stlr`: every earlier load and store of the thread is ordered before them.
+//!
+//! Two differences from the x86_64 layout, both about branch range:
+//!
+//! - The in-line CPU check branches straight to the Rust label `{abort}` rather than to
+//!   label `6`: a conditional branch reaches ±1 MiB only, and `__rseq_failure` may be
+//!   linked farther than that from the code, while `{abort}` is in the same function.
+//!   Both lead to [`Outcome::Aborted`]; label `6` is still the kernel's `abort_ip`.
+//! - Label `6` leaves `__rseq_failure` with an unconditional `b` (±128 MiB, and linkers
+//!   insert a veneer beyond that).
+//!
+//! Big-endian aarch64 runs the fallback only ([`HAS_RSEQ`] is false there): its code is
+//! little-endian while its data is not, so the signature the kernel reads as data would
+//! differ from [`RSEQ_SIG`].
+
+use core::arch::asm;
+
+use super::Outcome;
+use crate::abi::{Rseq, RSEQ_SIG};
+
+/// Little-endian aarch64 has sequences; big-endian runs the fallback (see the module
+/// documentation).
+pub(crate) const HAS_RSEQ: bool = cfg!(target_endian = "little");
+
+/// Opens a critical section `[4, 5)` with abort label `6`: emits its descriptor, arms
+/// `rseq->rseq_cs`, and checks that the thread is still on `{cpu}`.
+///
+/// Operands used: `{rseq}`, `{cpu}`, `{tmp}`, `{abort}`.
+macro_rules! rseq_start {
+    () => {
+        concat!(
+            ".pushsection __rseq_cs, \"aw\"\n",
+            ".balign 32\n",
+            "3:\n",
+            ".long 0x0, 0x0\n",
+            ".quad 4f, (5f - 4f), 6f\n",
+            ".popsection\n",
+            // For debuggers and tools that enumerate sequences (as librseq does).
+            ".pushsection __rseq_cs_ptr_array, \"aw\"\n",
+            ".quad 3b\n",
+            ".popsection\n",
+            "adrp {tmp}, 3b\n",
+            "add {tmp}, {tmp}, :lo12:3b\n",
+            "str {tmp}, [{rseq}, #8]\n",
+            "4:\n",
+            "ldr {tmp:w}, [{rseq}, #4]\n",
+            "cmp {tmp:w}, {cpu:w}\n",
+            // Not `b.ne 6f`: see the module documentation (branch range).
+            "b.ne {abort}\n",
+            rseq_test_delay!(),
+        )
+    };
+}
+
+/// Test builds only: spins `CPULOCAL_TEST_DELAY_LOOPS` times inside the section, right
+/// after the CPU check, so that preemption, migration and signals land inside it and
+/// the abort path really runs (see [`crate::test_hooks`]). Uses `{tmp}`.
+#[cfg(any(test, feature = "__test-hooks"))]
+macro_rules! rseq_test_delay {
+    () => {
+        concat!(
+            "adrp {tmp}, CPULOCAL_TEST_DELAY_LOOPS\n",
+            "ldr {tmp}, [{tmp}, :lo12:CPULOCAL_TEST_DELAY_LOOPS]\n",
+            "7:\n",
+            "cbz {tmp}, 8f\n",
+            "yield\n",
+            "sub {tmp}, {tmp}, #1\n",
+            "b 7b\n",
+            "8:\n",
+        )
+    };
+}
+
+/// Normal builds: no delay.
+#[cfg(not(any(test, feature = "__test-hooks")))]
+macro_rules! rseq_test_delay {
+    () => {
+        ""
+    };
+}
+
+/// Closes the section opened by [`rseq_start!`]: label `5` right after the commit, and
+/// in `__rseq_failure` the signature followed by the abort label `6`, which jumps to
+/// the Rust label `{abort}`.
+///
+/// Operands used: `{sig}`, `{abort}`.
+macro_rules! rseq_end {
+    () => {
+        concat!(
+            "5:\n",
+            ".pushsection __rseq_failure, \"ax\"\n",
+            ".inst {sig}\n",
+            "6:\n",
+            "b {abort}\n",
+            ".popsection\n",
+        )
+    };
+}
+
+/// The thread pointer: `tpidr_el0`, which points at the TCB on aarch64 Linux.
+#[inline(always)]
+pub(crate) fn thread_pointer() -> *mut u8 {
+    let tp: *mut u8;
+    // SAFETY: reading tpidr_el0 is allowed at EL0, touches no memory and has no side
+    // effect; the kernel keeps it per thread.
+    unsafe {
+        asm!("mrs {tp}, tpidr_el0", tp = out(reg) tp,
+             options(nomem, nostack, preserves_flags, pure))
+    };
+    tp
+}
+
+/// `*v += count` on `cpu`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// tmp = *v
+/// tmp += count
+/// *v = tmp                          commit
+/// ```
+///
+/// # Safety
+///
+/// 1. `rseq` is the calling thread's registered area.
+/// 2. `v` is valid for reads and writes of a `usize`, aligned, and every other write to
+///    it is made by a sequence that runs on `cpu` (or under a lock that excludes them).
+#[inline(always)]
+pub(crate) unsafe fn add(rseq: *mut Rseq, v: *mut usize, count: usize, cpu: u32) -> Outcome {
+    // SAFETY: (1) the descriptor, signature and labels follow the layout of
+    // `arch/mod.rs`; (2) the only store is the commit, to `v`, which the caller vouches
+    // for; (3) the kernel restarts the section rather than letting it finish on
+    // another CPU, so the load-add-store is atomic with respect to every sequence on
+    // `cpu`.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldr {tmp}, [{v}]",
+            "add {tmp}, {tmp}, {count}",
+            "str {tmp}, [{v}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            count = in(reg) count,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            abort = label { return Outcome::Aborted; },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// `if *v == expect { *v = newv }` on `cpu`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *v != expect: compare failed
+/// *v = newv                         commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`add`].
+#[inline(always)]
+pub(crate) unsafe fn compare_store(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    expect: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `add`; the compare branches out of the section before any store.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldr {tmp}, [{v}]",
+            "cmp {tmp}, {expect}",
+            "b.ne {fail}",
+            "str {newv}, [{v}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            expect = in(reg) expect,
+            newv = in(reg) newv,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// List pop: `head = *v; if head != expect_not { *v = *(head + offset); return head }`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// head = *v
+/// if head == expect_not: compare failed
+/// next = *(head + offset)           load at offset
+/// *v = next                         commit
+/// ```
+///
+/// The pop is free of ABA on `cpu`: no other sequence on `cpu` can run between the
+/// load of `head` and the commit without restarting this one.
+///
+/// # Safety
+///
+/// As for [`add`], and: every value other than `expect_not` that `*v` can hold is an
+/// address at which `offset` bytes further a `usize` is readable.
+#[inline(always)]
+pub(crate) unsafe fn pop(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    expect_not: usize,
+    offset: isize,
+    cpu: u32,
+) -> Outcome<usize> {
+    let mut head: usize = 0;
+    // SAFETY: as in `add`; the stores before the commit go to the local `head` only,
+    // which no other thread can see.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldr {tmp}, [{v}]",
+            "cmp {tmp}, {expect_not}",
+            "b.eq {fail}",
+            "str {tmp}, [{head}]",
+            "ldr {tmp}, [{tmp}, {offset}]",
+            "str {tmp}, [{v}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            expect_not = in(reg) expect_not,
+            offset = in(reg) offset,
+            head = in(reg) &mut head,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(head)
+}
+
+/// Two-store commit: `if *v == expect { *v2 = newv2; *v = newv (release) }`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *v != expect: compare failed
+/// *v2 = newv2                       try-store: tentative, may be left behind by an abort
+/// *v = newv                         commit, stlr (orders the try-store before it)
+/// ```
+///
+/// # Safety
+///
+/// As for [`add`], and `v2` is valid for a `usize` write that nobody reads as final
+/// until they have seen the commit of `v`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn compare_try_store_release(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    expect: usize,
+    v2: *mut usize,
+    newv2: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `add`; the try-store is invisible as a result until the commit
+    // publishes it (the caller's contract), and the `stlr` commit is ordered after it,
+    // pairing with the reader's acquire load of `v`.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldr {tmp}, [{v}]",
+            "cmp {tmp}, {expect}",
+            "b.ne {fail}",
+            "str {newv2}, [{v2}]",
+            "stlr {newv}, [{v}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            expect = in(reg) expect,
+            v2 = in(reg) v2,
+            newv2 = in(reg) newv2,
+            newv = in(reg) newv,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// Buffer push: `if *v == expect { memcpy(dst, src, len); *v = newv (release) }`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *v != expect: compare failed
+/// while len != 0:                   byte loop: tentative, restartable mid-copy
+///     *dst++ = *src++; len -= 1
+/// *v = newv                         commit, stlr
+/// ```
+///
+/// # Safety
+///
+/// As for [`add`], and: `src` is readable and `dst` writable for `len` bytes, they do
+/// not overlap, and nobody reads `dst` as final before seeing the commit of `v`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn compare_memcpy_store_release(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    expect: usize,
+    dst: *mut u8,
+    src: *const u8,
+    len: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `add`; the loop writes only `dst..dst+len` (the caller's contract)
+    // and lies inside the section, so an interruption mid-copy aborts it and the commit
+    // never runs; the `stlr` commit orders the copied bytes before it, pairing with the
+    // reader's acquire load of `v`.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldr {tmp}, [{v}]",
+            "cmp {tmp}, {expect}",
+            "b.ne {fail}",
+            "cbz {len}, 10f",
+            "9:",
+            "ldrb {tmp:w}, [{src}], #1",
+            "strb {tmp:w}, [{dst}], #1",
+            "subs {len}, {len}, #1",
+            "b.ne 9b",
+            "10:",
+            "stlr {newv}, [{v}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            expect = in(reg) expect,
+            newv = in(reg) newv,
+            dst = inout(reg) dst => _,
+            src = inout(reg) src => _,
+            len = inout(reg) len => _,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// Guarded compare-and-store: `if *guard == 0 && *v == expect { *v = newv }`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *guard != 0: abort             ldar: the CPU's lock is held (by a remote owner)
+/// if *v != expect: compare failed
+/// *v = newv                         commit
+/// ```
+///
+/// The guard is read with `ldar` so that the loads after it cannot be satisfied before
+/// it: a remote owner's writes to the list, released with its unlock, are seen whenever
+/// its unlock is.
+///
+/// # Safety
+///
+/// As for [`add`], and `guard` is valid for reads of a `usize`.
+#[inline(always)]
+pub(crate) unsafe fn compare_store_guarded(
+    rseq: *mut Rseq,
+    guard: *const usize,
+    v: *mut usize,
+    expect: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `compare_store`; the guard is only read.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldar {tmp}, [{guard}]",
+            "cbnz {tmp}, {abort}",
+            "ldr {tmp}, [{v}]",
+            "cmp {tmp}, {expect}",
+            "b.ne {fail}",
+            "str {newv}, [{v}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            guard = in(reg) guard,
+            v = in(reg) v,
+            expect = in(reg) expect,
+            newv = in(reg) newv,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// Guarded list pop: [`pop`], aborting while `*guard != 0`.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *guard != 0: abort             ldar: the CPU's lock is held (by a remote owner)
+/// head = *v
+/// if head == expect_not: compare failed
+/// next = *(head + offset)
+/// *v = next                         commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`pop`], and `guard` is valid for reads of a `usize`.
+#[inline(always)]
+pub(crate) unsafe fn pop_guarded(
+    rseq: *mut Rseq,
+    guard: *const usize,
+    v: *mut usize,
+    expect_not: usize,
+    offset: isize,
+    cpu: u32,
+) -> Outcome<usize> {
+    let mut head: usize = 0;
+    // SAFETY: as in `pop`; the guard is only read.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldar {tmp}, [{guard}]",
+            "cbnz {tmp}, {abort}",
+            "ldr {tmp}, [{v}]",
+            "cmp {tmp}, {expect_not}",
+            "b.eq {fail}",
+            "str {tmp}, [{head}]",
+            "ldr {tmp}, [{tmp}, {offset}]",
+            "str {tmp}, [{v}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            guard = in(reg) guard,
+            v = in(reg) v,
+            expect_not = in(reg) expect_not,
+            offset = in(reg) offset,
+            head = in(reg) &mut head,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            abort = label { return Outcome::Aborted; },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(head)
+}
+
+/// Test builds only: a deliberately *broken* add — load, delay, add, store, with no
+/// critical section armed, so a preemption or signal between the load and the store
+/// loses updates. Exists so the stress tests can show they catch a broken sequence.
+///
+/// # Safety
+///
+/// As for [`add`].
+#[cfg(any(test, feature = "__test-hooks"))]
+#[cfg_attr(
+    not(test),
+    allow(dead_code, reason = "only the unit tests call it so far")
+)]
+#[inline(always)]
+pub(crate) unsafe fn add_without_restart(
+    rseq: *mut Rseq,
+    v: *mut usize,
+    count: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: writes only `v`, as `add` does; it is the atomicity that is missing, on
+    // purpose, and the callers are tests that count the losses.
+    unsafe {
+        asm!(
+            "ldr {val:w}, [{rseq}, #4]",
+            "cmp {val:w}, {cpu:w}",
+            "b.ne {abort}",
+            "ldr {val}, [{v}]",
+            rseq_test_delay!(),
+            "add {val}, {val}, {count}",
+            "str {val}, [{v}]",
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            v = in(reg) v,
+            count = in(reg) count,
+            val = out(reg) _,
+            tmp = out(reg) _,
+            abort = label { return Outcome::Aborted; },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}

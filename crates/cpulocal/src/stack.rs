@@ -1,0 +1,406 @@
+//! `Stack<T>`: per-CPU intrusive LIFO lists, for object caches and freelists.
+
+use core::fmt;
+use core::marker::PhantomData;
+use core::mem::offset_of;
+use core::ops::{Deref, DerefMut};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::arch::{self, Outcome};
+use crate::cache_padded::CachePadded;
+use crate::remote::{self, CpuLock, InvalidCpu, Scheme, MAX_ABORTS};
+use crate::{cpu, sys, thread};
+
+/// An element of a [`Stack`]: a `T` with the link the stack threads through it.
+///
+/// Nodes are boxed once and then move between the caller and the stacks without
+/// allocating: an object cache keeps its objects in nodes.
+///
+/// ```
+/// let mut node = cpulocal::Node::new(String::from("buf"));
+/// node.push_str("fer");
+/// assert_eq!(node.as_str(), "buffer");
+/// assert_eq!(node.into_inner(), "buffer");
+/// ```
+#[repr(C)]
+pub struct Node<T> {
+    /// The next node's address while on a list (0: the end). Read by the pop sequence
+    /// at a fixed offset, so it stays first.
+    next: AtomicUsize,
+    value: T,
+}
+
+impl<T> Node<T> {
+    /// A boxed node holding `value`.
+    pub fn new(value: T) -> Box<Self> {
+        Box::new(Node {
+            next: AtomicUsize::new(0),
+            value,
+        })
+    }
+
+    /// The value, freeing the node.
+    pub fn into_inner(self: Box<Self>) -> T {
+        self.value
+    }
+}
+
+impl<T> Deref for Node<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> DerefMut for Node<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.value
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Node<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Node").field(&self.value).finish()
+    }
+}
+
+const NEXT_OFFSET: isize = offset_of!(Node<()>, next) as isize;
+const _: () = assert!(NEXT_OFFSET == 0);
+
+struct Slot {
+    /// The CPU's lock word: the guard every sequence on this list checks.
+    lock: CpuLock,
+    /// The first node's address, 0 when empty.
+    head: AtomicUsize,
+}
+
+/// Per-CPU LIFO lists of boxed [`Node`]s.
+///
+/// [`push`](Stack::push) and [`pop`](Stack::pop) work on the calling thread's CPU's list
+/// with one restartable sequence each: a compare-and-store for push, and a
+/// load-compare-load-store for pop, which is free of ABA on its CPU because anything
+/// else that runs on that CPU restarts it. [`steal`](Stack::steal) and
+/// [`pop_all_on`](Stack::pop_all_on) reach another CPU's list by taking that CPU's lock
+/// as a remote owner (see [`crate::remote`]); every sequence checks that lock and
+/// restarts while it is held.
+///
+/// A thread whose sequences keep aborting (a debugger single-stepping) completes its
+/// operation through the same remote acquisition of its own CPU's lock.
+///
+/// `Stack<T>` is `Send` and `Sync` when `T: Send`: a node belongs to one list or one
+/// owner at a time.
+///
+/// ```
+/// use cpulocal::{Node, Stack};
+/// let cache = Stack::new();
+/// cache.push(Node::new(1u32));
+/// cache.push(Node::new(2u32));
+/// // This CPU's list, unless the thread migrated in between: then another CPU has it.
+/// let mut got: Vec<u32> = Vec::new();
+/// for cpu in 0..cache.cpus() {
+///     while let Some(n) = cache.steal(cpu).unwrap() {
+///         got.push(n.into_inner());
+///     }
+/// }
+/// got.sort();
+/// assert_eq!(got, [1, 2]);
+/// ```
+pub struct Stack<T> {
+    slots: Box<[CachePadded<Slot>]>,
+    _owns: PhantomData<Box<Node<T>>>,
+}
+
+// SAFETY: a node is reachable from one list at a time and is handed out by value
+// (`Box`), so sharing the stack only moves `T`s between threads: `T: Send` suffices.
+unsafe impl<T: Send> Sync for Stack<T> {}
+// SAFETY: as above; the stack owns the nodes on its lists.
+unsafe impl<T: Send> Send for Stack<T> {}
+
+impl<T> Stack<T> {
+    /// Empty lists, one per possible CPU.
+    pub fn new() -> Self {
+        Stack {
+            slots: (0..sys::possible_cpus())
+                .map(|_| {
+                    CachePadded::new(Slot {
+                        lock: CpuLock::new(),
+                        head: AtomicUsize::new(0),
+                    })
+                })
+                .collect(),
+            _owns: PhantomData,
+        }
+    }
+
+    /// The number of lists (the possible CPUs).
+    pub fn cpus(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Pushes `node` onto the calling thread's CPU's list.
+    #[inline]
+    pub fn push(&self, node: Box<Node<T>>) {
+        let node = Box::into_raw(node);
+        if remote::scheme() == Scheme::Membarrier {
+            if let Some(rseq) = thread::current() {
+                let mut aborts = 0;
+                while aborts < MAX_ABORTS {
+                    // SAFETY: `rseq` is the calling thread's live area.
+                    let cpu =
+                        unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
+                    let Some(slot) = self.slots.get(cpu as usize) else {
+                        break;
+                    };
+                    // Relaxed: only this CPU's sequences change `head` (or a lock holder,
+                    // which the guard check excludes); the sequence compares it again.
+                    let head = slot.head.load(Ordering::Relaxed);
+                    // SAFETY: we own `node` until the commit publishes it.
+                    unsafe { (*node).next.store(head, Ordering::Relaxed) };
+                    // SAFETY: (1) `rseq` is this thread's area; (2) `head` is written only
+                    // by sequences expecting this slot's CPU, which check `lock`, and by
+                    // holders of `lock`, which fence those sequences (crate::remote).
+                    let outcome = unsafe {
+                        arch::compare_store_guarded(
+                            rseq.as_ptr(),
+                            slot.lock.guard(),
+                            slot.head.as_ptr(),
+                            head,
+                            node as usize,
+                            cpu,
+                        )
+                    };
+                    match outcome {
+                        Outcome::Committed(()) => return,
+                        Outcome::CompareFailed => {} // the head moved under us: retry
+                        Outcome::Aborted => {
+                            aborts += 1;
+                            if slot.lock.is_held() {
+                                remote::wait_while_held(&slot.lock);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.push_locked(node);
+    }
+
+    #[cold]
+    fn push_locked(&self, node: *mut Node<T>) {
+        let index = CpuLock::lock_current(self.slots.len(), |i| &self.slots[i].lock);
+        let slot = &self.slots[index];
+        // SAFETY: we own `node`; we hold the slot's lock, so the list is ours.
+        unsafe { link(slot, node) };
+        slot.lock.unlock();
+    }
+
+    /// Pops the most recently pushed node of the calling thread's CPU's list; `None`
+    /// when that list is empty (other CPUs' lists may not be: see
+    /// [`steal`](Stack::steal)).
+    #[inline]
+    pub fn pop(&self) -> Option<Box<Node<T>>> {
+        if remote::scheme() == Scheme::Membarrier {
+            if let Some(rseq) = thread::current() {
+                let mut aborts = 0;
+                while aborts < MAX_ABORTS {
+                    // SAFETY: `rseq` is the calling thread's live area.
+                    let cpu =
+                        unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
+                    let Some(slot) = self.slots.get(cpu as usize) else {
+                        break;
+                    };
+                    // SAFETY: (1) as in `push`; (2) every non-zero head is a node on this
+                    // list whose `next` is at NEXT_OFFSET and which nobody can free
+                    // before this sequence commits or restarts.
+                    let outcome = unsafe {
+                        arch::pop_guarded(
+                            rseq.as_ptr(),
+                            slot.lock.guard(),
+                            slot.head.as_ptr(),
+                            0,
+                            NEXT_OFFSET,
+                            cpu,
+                        )
+                    };
+                    match outcome {
+                        // SAFETY: the node left the list in the commit: it is ours, and
+                        // it came from `Box::into_raw` in `push`.
+                        Outcome::Committed(head) => {
+                            return Some(unsafe { Box::from_raw(head as *mut Node<T>) })
+                        }
+                        Outcome::CompareFailed => return None,
+                        Outcome::Aborted => {
+                            aborts += 1;
+                            if slot.lock.is_held() {
+                                remote::wait_while_held(&slot.lock);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.pop_locked()
+    }
+
+    #[cold]
+    fn pop_locked(&self) -> Option<Box<Node<T>>> {
+        let index = CpuLock::lock_current(self.slots.len(), |i| &self.slots[i].lock);
+        let slot = &self.slots[index];
+        // SAFETY: we hold the slot's lock.
+        let node = unsafe { unlink(slot) };
+        slot.lock.unlock();
+        node
+    }
+
+    /// Pops the most recently pushed node of CPU `cpu`'s list, from any thread.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidCpu`] when `cpu` is not below [`cpus`](Stack::cpus).
+    pub fn steal(&self, cpu: usize) -> Result<Option<Box<Node<T>>>, InvalidCpu> {
+        let slot = self.slot(cpu)?;
+        slot.lock.lock_remote(cpu as u32);
+        // SAFETY: we hold the slot's lock.
+        let node = unsafe { unlink(slot) };
+        slot.lock.unlock();
+        Ok(node)
+    }
+
+    /// Detaches the calling thread's CPU's whole list.
+    pub fn pop_all(&self) -> NodeList<T> {
+        let index = CpuLock::lock_current(self.slots.len(), |i| &self.slots[i].lock);
+        let slot = &self.slots[index];
+        // Relaxed: we hold the lock; it orders the list's nodes.
+        let head = slot.head.swap(0, Ordering::Relaxed);
+        slot.lock.unlock();
+        NodeList::from_head(head)
+    }
+
+    /// Detaches CPU `cpu`'s whole list, from any thread (e.g. to drain a CPU that left
+    /// the cpuset).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidCpu`] when `cpu` is not below [`cpus`](Stack::cpus).
+    pub fn pop_all_on(&self, cpu: usize) -> Result<NodeList<T>, InvalidCpu> {
+        let slot = self.slot(cpu)?;
+        slot.lock.lock_remote(cpu as u32);
+        // Relaxed: we hold the lock.
+        let head = slot.head.swap(0, Ordering::Relaxed);
+        slot.lock.unlock();
+        Ok(NodeList::from_head(head))
+    }
+
+    fn slot(&self, cpu: usize) -> Result<&Slot, InvalidCpu> {
+        self.slots.get(cpu).map(|s| &**s).ok_or(InvalidCpu {
+            cpu,
+            slots: self.slots.len(),
+        })
+    }
+}
+
+/// Pushes `node` on `slot`'s list.
+///
+/// # Safety
+///
+/// The caller owns `node` (from `Box::into_raw`) and holds `slot`'s lock.
+unsafe fn link<T>(slot: &Slot, node: *mut Node<T>) {
+    let head = slot.head.load(Ordering::Relaxed);
+    // SAFETY: the caller owns `node`.
+    unsafe { (*node).next.store(head, Ordering::Relaxed) };
+    // Relaxed: the lock's Release orders this for the next owner; a sequence on the
+    // slot's CPU runs only after the lock is free again (it checks it).
+    slot.head.store(node as usize, Ordering::Relaxed);
+}
+
+/// Pops the first node of `slot`'s list.
+///
+/// # Safety
+///
+/// The caller holds `slot`'s lock.
+unsafe fn unlink<T>(slot: &Slot) -> Option<Box<Node<T>>> {
+    let head = slot.head.load(Ordering::Relaxed);
+    let node = NonNull::new(head as *mut Node<T>)?;
+    // SAFETY: `node` is on the list we hold the lock of, so it is alive and ours to
+    // take; it came from `Box::into_raw`.
+    unsafe {
+        slot.head
+            .store(node.as_ref().next.load(Ordering::Relaxed), Ordering::Relaxed);
+        Some(Box::from_raw(node.as_ptr()))
+    }
+}
+
+impl<T> Default for Stack<T> {
+    fn default() -> Self {
+        Stack::new()
+    }
+}
+
+impl<T> Drop for Stack<T> {
+    fn drop(&mut self) {
+        for slot in self.slots.iter_mut() {
+            drop(NodeList::<T>::from_head(core::mem::take(slot.head.get_mut())));
+        }
+    }
+}
+
+impl<T> fmt::Debug for Stack<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stack")
+            .field("cpus", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A detached list of nodes, most recently pushed first; an iterator that hands each
+/// node back. Frees the nodes it still holds when dropped.
+pub struct NodeList<T> {
+    head: *mut Node<T>,
+}
+
+// SAFETY: the list owns its nodes exclusively; moving it moves `T`s.
+unsafe impl<T: Send> Send for NodeList<T> {}
+
+impl<T> NodeList<T> {
+    fn from_head(head: usize) -> Self {
+        NodeList {
+            head: head as *mut Node<T>,
+        }
+    }
+
+    /// Whether no node is left.
+    pub fn is_empty(&self) -> bool {
+        self.head.is_null()
+    }
+}
+
+impl<T> Iterator for NodeList<T> {
+    type Item = Box<Node<T>>;
+
+    fn next(&mut self) -> Option<Box<Node<T>>> {
+        if self.head.is_null() {
+            return None;
+        }
+        // SAFETY: the list owns its nodes, each from `Box::into_raw`, linked by `next`.
+        let node = unsafe { Box::from_raw(self.head) };
+        self.head = node.next.load(Ordering::Relaxed) as *mut Node<T>;
+        Some(node)
+    }
+}
+
+impl<T> Drop for NodeList<T> {
+    fn drop(&mut self) {
+        for node in self.by_ref() {
+            drop(node);
+        }
+    }
+}
+
+impl<T> fmt::Debug for NodeList<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeList")
+            .field("empty", &self.head.is_null())
+            .finish()
+    }
+}
