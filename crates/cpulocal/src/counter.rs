@@ -11,7 +11,6 @@ use crate::cache_padded::CachePadded;
 use crate::remote::MAX_ABORTS;
 use crate::{cpu, sys, thread};
 
-
 /// One CPU's part of the sum.
 #[derive(Default)]
 struct Slot {
@@ -21,6 +20,9 @@ struct Slot {
     /// (the fallback, the slow path), from any CPU. Kept apart from `local` because an
     /// atomic add racing a sequence's plain store would be lost.
     remote: AtomicU64,
+    /// The slow-path updates since creation or the last `take`, for `slow_path_sum`
+    /// only: `remote` also holds what `take` cancelled, so it cannot serve.
+    slow: AtomicU64,
 }
 
 /// A counter that many threads add to, at the cost of a thread-local increment.
@@ -119,6 +121,8 @@ impl Counter {
         let slot = &self.slots[cpu % self.slots.len()];
         // Relaxed: a counter orders nothing; `sum` is exact once writers are joined.
         slot.remote.fetch_add(n, Ordering::Relaxed);
+        // Relaxed: a diagnostic, exact once writers are joined.
+        slot.slow.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The sum of the updates (wrapping at 2^64).
@@ -156,6 +160,7 @@ impl Counter {
             // very value cancelled, whenever the read happens.
             let local = s.local.load(Ordering::Relaxed) as u64;
             let remote = s.remote.swap(local.wrapping_neg(), Ordering::Relaxed);
+            s.slow.store(0, Ordering::Relaxed);
             acc.wrapping_add(local).wrapping_add(remote)
         })
     }
@@ -174,11 +179,12 @@ impl Counter {
     }
 
     /// The sum of the updates that went through the slow path (fallback, or repeated
-    /// aborts): a diagnostic for tests and `cpulocal stress`.
+    /// aborts) since creation or the last [`take`](Counter::take) / [`reset`](Counter::reset):
+    /// a diagnostic for tests and `cpulocal stress`.
     pub fn slow_path_sum(&self) -> u64 {
-        self.slots
-            .iter()
-            .fold(0u64, |acc, s| acc.wrapping_add(s.remote.load(Ordering::Relaxed)))
+        self.slots.iter().fold(0u64, |acc, s| {
+            acc.wrapping_add(s.slow.load(Ordering::Relaxed))
+        })
     }
 }
 

@@ -55,6 +55,7 @@ mod fallback;
 pub mod ops;
 mod percpu;
 pub mod remote;
+pub mod ring;
 mod stack;
 pub mod sys;
 pub mod thread;
@@ -67,10 +68,10 @@ mod tests;
 
 pub use cache_padded::CachePadded;
 pub use counter::Counter;
+pub use cpu::{current_cpu, current_mm_cid, current_node, possible_cpus};
 pub use percpu::{Index, PerCpu, PerCpuGuard};
 pub use remote::{scheme as remote_scheme, InvalidCpu};
 pub use stack::{Node, NodeList, Stack};
-pub use cpu::{current_cpu, current_mm_cid, current_node, possible_cpus};
 pub use thread::{mechanism, FallbackReason, Mechanism, Registrar};
 
 /// Registers the calling thread now instead of on its first use of cpulocal, e.g.

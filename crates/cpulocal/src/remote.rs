@@ -110,8 +110,7 @@ fn decide() -> Scheme {
     if !matches!(thread::mechanism(), thread::Mechanism::Rseq { .. }) {
         return Scheme::Locked(LockedReason::NoRseq);
     }
-    if std::env::var_os("CPULOCAL_DISABLE_MEMBARRIER").is_some_and(|v| !v.is_empty() && v != "0")
-    {
+    if std::env::var_os("CPULOCAL_DISABLE_MEMBARRIER").is_some_and(|v| !v.is_empty() && v != "0") {
         return Scheme::Locked(LockedReason::Disabled);
     }
     match membarrier_rseq_available() {
@@ -226,7 +225,9 @@ impl CpuLock {
             // before our exchange either committed already or never will. If the
             // per-CPU fence fails (it cannot for a possible CPU), the process-wide one
             // is at least as strong.
-            if sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, mb::CMD_FLAG_CPU, cpu as i32).is_err() {
+            if sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, mb::CMD_FLAG_CPU, cpu as i32)
+                .is_err()
+            {
                 let _ = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0);
             }
             // Acquire: a local owner that overwrote our token released with a Release
@@ -268,9 +269,8 @@ impl CpuLock {
                 let mut aborts = 0;
                 while aborts < MAX_ABORTS {
                     // SAFETY: `rseq` is the calling thread's live area.
-                    let cpu = unsafe {
-                        crate::cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start)
-                    };
+                    let cpu =
+                        unsafe { crate::cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
                     if cpu as usize >= slots {
                         break;
                     }

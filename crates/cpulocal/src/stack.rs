@@ -41,6 +41,10 @@ impl<T> Node<T> {
     }
 
     /// The value, freeing the node.
+    #[allow(
+        clippy::boxed_local,
+        reason = "nodes live in boxes; this frees the box"
+    )]
     pub fn into_inner(self: Box<Self>) -> T {
         self.value
     }
@@ -147,8 +151,7 @@ impl<T> Stack<T> {
                 let mut aborts = 0;
                 while aborts < MAX_ABORTS {
                     // SAFETY: `rseq` is the calling thread's live area.
-                    let cpu =
-                        unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
+                    let cpu = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
                     let Some(slot) = self.slots.get(cpu as usize) else {
                         break;
                     };
@@ -205,8 +208,7 @@ impl<T> Stack<T> {
                 let mut aborts = 0;
                 while aborts < MAX_ABORTS {
                     // SAFETY: `rseq` is the calling thread's live area.
-                    let cpu =
-                        unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
+                    let cpu = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
                     let Some(slot) = self.slots.get(cpu as usize) else {
                         break;
                     };
@@ -224,10 +226,10 @@ impl<T> Stack<T> {
                         )
                     };
                     match outcome {
-                        // SAFETY: the node left the list in the commit: it is ours, and
-                        // it came from `Box::into_raw` in `push`.
                         Outcome::Committed(head) => {
-                            return Some(unsafe { Box::from_raw(head as *mut Node<T>) })
+                            // SAFETY: the node left the list in the commit: it is ours,
+                            // and it came from `Box::into_raw` in `push`.
+                            return Some(unsafe { Box::from_raw(head as *mut Node<T>) });
                         }
                         Outcome::CompareFailed => return None,
                         Outcome::Aborted => {
@@ -325,8 +327,10 @@ unsafe fn unlink<T>(slot: &Slot) -> Option<Box<Node<T>>> {
     // SAFETY: `node` is on the list we hold the lock of, so it is alive and ours to
     // take; it came from `Box::into_raw`.
     unsafe {
-        slot.head
-            .store(node.as_ref().next.load(Ordering::Relaxed), Ordering::Relaxed);
+        slot.head.store(
+            node.as_ref().next.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         Some(Box::from_raw(node.as_ptr()))
     }
 }
@@ -340,7 +344,9 @@ impl<T> Default for Stack<T> {
 impl<T> Drop for Stack<T> {
     fn drop(&mut self) {
         for slot in self.slots.iter_mut() {
-            drop(NodeList::<T>::from_head(core::mem::take(slot.head.get_mut())));
+            drop(NodeList::<T>::from_head(core::mem::take(
+                slot.head.get_mut(),
+            )));
         }
     }
 }
