@@ -166,7 +166,7 @@ impl<T> Stack<T> {
                     let outcome = unsafe {
                         arch::compare_store_guarded(
                             rseq.as_ptr(),
-                            slot.lock.guard(),
+                            guard_of(slot),
                             slot.head.as_ptr(),
                             head,
                             node as usize,
@@ -218,7 +218,7 @@ impl<T> Stack<T> {
                     let outcome = unsafe {
                         arch::pop_guarded(
                             rseq.as_ptr(),
-                            slot.lock.guard(),
+                            guard_of(slot),
                             slot.head.as_ptr(),
                             0,
                             NEXT_OFFSET,
@@ -300,6 +300,19 @@ impl<T> Stack<T> {
             slots: self.slots.len(),
         })
     }
+}
+
+/// The word the fast paths of `slot` check: its lock word. Test builds can break the
+/// check on purpose ([`crate::test_hooks::break_stack_guard`]) by pointing the
+/// sequences at a word that is always 0, so they ignore remote owners.
+#[inline(always)]
+fn guard_of(slot: &Slot) -> *const usize {
+    #[cfg(any(test, feature = "__test-hooks"))]
+    if crate::test_hooks::stack_guard_broken() {
+        static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
+        return NEVER_HELD.as_ptr();
+    }
+    slot.lock.guard()
 }
 
 /// Pushes `node` on `slot`'s list.

@@ -2,8 +2,7 @@
 //! the `__test-hooks` feature. Never enable them in production: they slow every
 //! sequence down.
 
-
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// How many `pause` iterations every restartable sequence spins right after its CPU
 /// check, inside the critical section. Widening the window makes preemption, migration
@@ -29,4 +28,39 @@ pub fn set_delay_loops(loops: usize) {
 /// The current spin count inside every sequence.
 pub fn delay_loops() -> usize {
     CPULOCAL_TEST_DELAY_LOOPS.load(Ordering::Relaxed)
+}
+
+/// Sequences the kernel restarted (their abort handler ran), since the process started.
+static KERNEL_ABORTS: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn note_kernel_abort() {
+    // Relaxed: a statistic.
+    KERNEL_ABORTS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many sequences the kernel has restarted in this process (their abort handler
+/// ran because of a preemption, migration or signal inside them). Sequences that found
+/// the thread on another CPU before they started are not counted.
+///
+/// ```
+/// let before = cpulocal::test_hooks::kernel_aborts();
+/// assert!(cpulocal::test_hooks::kernel_aborts() >= before);
+/// ```
+pub fn kernel_aborts() -> u64 {
+    KERNEL_ABORTS.load(Ordering::Relaxed)
+}
+
+static STACK_GUARD_BROKEN: AtomicBool = AtomicBool::new(false);
+
+/// Breaks (`true`) or restores (`false`) the check of the CPU's lock word in
+/// [`Stack`](crate::Stack)'s push and pop sequences, so that tests can show that remote
+/// operations racing the fast paths then lose or duplicate nodes.
+pub fn break_stack_guard(broken: bool) {
+    // Relaxed: a test switch, set while no stack is in use.
+    STACK_GUARD_BROKEN.store(broken, Ordering::Relaxed);
+}
+
+#[inline(always)]
+pub(crate) fn stack_guard_broken() -> bool {
+    STACK_GUARD_BROKEN.load(Ordering::Relaxed)
 }

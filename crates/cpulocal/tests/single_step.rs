@@ -69,6 +69,7 @@ fn operations_complete_when_single_stepped_through_their_sequences() {
 }
 
 /// The traced child: runs the operations between the START stop and the END signal.
+#[allow(clippy::vec_box, reason = "a Stack takes its nodes boxed")]
 fn child(
     counter: Counter,
     stack: Stack<u32>,

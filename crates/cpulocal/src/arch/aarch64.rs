@@ -8,10 +8,10 @@
 //!
 //! Two differences from the x86_64 layout, both about branch range:
 //!
-//! - The in-line CPU check branches straight to the Rust label `{abort}` rather than to
-//!   label `6`: a conditional branch reaches ±1 MiB only, and `__rseq_failure` may be
-//!   linked farther than that from the code, while `{abort}` is in the same function.
-//!   Both lead to [`Outcome::Aborted`]; label `6` is still the kernel's `abort_ip`.
+//! - The in-line CPU and guard checks branch to the Rust label `{moved}` (as on x86_64),
+//!   never to label `6`: a conditional branch reaches ±1 MiB only, and `__rseq_failure`
+//!   may be linked farther than that from the code, while `{moved}` is in the same
+//!   function. Label `6` is the kernel's `abort_ip`.
 //! - Label `6` leaves `__rseq_failure` with an unconditional `b` (±128 MiB, and linkers
 //!   insert a veneer beyond that).
 //!
@@ -31,7 +31,7 @@ pub(crate) const HAS_RSEQ: bool = cfg!(target_endian = "little");
 /// Opens a critical section `[4, 5)` with abort label `6`: emits its descriptor, arms
 /// `rseq->rseq_cs`, and checks that the thread is still on `{cpu}`.
 ///
-/// Operands used: `{rseq}`, `{cpu}`, `{tmp}`, `{abort}`.
+/// Operands used: `{rseq}`, `{cpu}`, `{tmp}`, `{moved}` (the Rust label for "not on `{cpu}`").
 macro_rules! rseq_start {
     () => {
         concat!(
@@ -51,8 +51,8 @@ macro_rules! rseq_start {
             "4:\n",
             "ldr {tmp:w}, [{rseq}, #4]\n",
             "cmp {tmp:w}, {cpu:w}\n",
-            // Not `b.ne 6f`: see the module documentation (branch range).
-            "b.ne {abort}\n",
+            // `{moved}`, not `6f`: see the module documentation (branch range).
+            "b.ne {moved}\n",
             rseq_test_delay!(),
         )
     };
@@ -150,7 +150,11 @@ pub(crate) unsafe fn add(rseq: *mut Rseq, v: *mut usize, count: usize, cpu: u32)
             count = in(reg) count,
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(nostack),
         );
     }
@@ -193,7 +197,11 @@ pub(crate) unsafe fn compare_store(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(nostack),
         );
     }
@@ -247,7 +255,11 @@ pub(crate) unsafe fn pop(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(nostack),
         );
     }
@@ -300,7 +312,11 @@ pub(crate) unsafe fn compare_try_store_release(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(nostack),
         );
     }
@@ -363,7 +379,11 @@ pub(crate) unsafe fn compare_memcpy_store_release(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(nostack),
         );
     }
@@ -400,7 +420,7 @@ pub(crate) unsafe fn compare_store_guarded(
         asm!(
             rseq_start!(),
             "ldar {tmp}, [{guard}]",
-            "cbnz {tmp}, {abort}",
+            "cbnz {tmp}, {moved}",
             "ldr {tmp}, [{v}]",
             "cmp {tmp}, {expect}",
             "b.ne {fail}",
@@ -415,7 +435,11 @@ pub(crate) unsafe fn compare_store_guarded(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(nostack),
         );
     }
@@ -451,7 +475,7 @@ pub(crate) unsafe fn pop_guarded(
         asm!(
             rseq_start!(),
             "ldar {tmp}, [{guard}]",
-            "cbnz {tmp}, {abort}",
+            "cbnz {tmp}, {moved}",
             "ldr {tmp}, [{v}]",
             "cmp {tmp}, {expect_not}",
             "b.eq {fail}",
@@ -469,7 +493,11 @@ pub(crate) unsafe fn pop_guarded(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(nostack),
         );
     }
@@ -501,7 +529,7 @@ pub(crate) unsafe fn add_without_restart(
         asm!(
             "ldr {val:w}, [{rseq}, #4]",
             "cmp {val:w}, {cpu:w}",
-            "b.ne {abort}",
+            "b.ne {moved}",
             "ldr {val}, [{v}]",
             rseq_test_delay!(),
             "add {val}, {val}, {count}",
@@ -512,7 +540,7 @@ pub(crate) unsafe fn add_without_restart(
             count = in(reg) count,
             val = out(reg) _,
             tmp = out(reg) _,
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
             options(nostack),
         );
     }

@@ -14,13 +14,13 @@
 //!     .quad 4f, (5f - 4f), 6f             start_ip, post_commit_offset, abort_ip
 //!     .popsection
 //!     rseq->rseq_cs = &3b                 arm: from here the kernel watches [4, 5)
-//! 4:  if rseq->cpu_id != cpu goto 6       the thread must still be on `cpu`
+//! 4:  if rseq->cpu_id != cpu goto moved   the thread must still be on `cpu`
 //!     …loads, compares, tentative stores…
 //!     commit store                        the one store that publishes the update
 //! 5:                                      post-commit: the section is over
 //!     .pushsection __rseq_failure, "ax"
 //!     <signature>                         the 4 bytes before abort_ip (RSEQ_SIG)
-//! 6:  goto Aborted                        the kernel lands here on preemption,
+//! 6:  goto abort                          the kernel lands here on preemption,
 //!     .popsection                         migration or signal delivery inside [4, 5)
 //! ```
 //!
@@ -45,6 +45,16 @@ pub(crate) use none::*;
 
 #[cfg(test)]
 mod tests;
+
+/// Called on the kernel's abort path only (label `6`, reached when the kernel restarted
+/// a sequence): test builds count these so stress runs can show the abort path ran.
+/// Sequences that find themselves on the wrong CPU, or a guard held, leave through the
+/// `{moved}` label instead, which is not counted.
+#[inline(always)]
+pub(crate) fn note_kernel_abort() {
+    #[cfg(any(test, feature = "__test-hooks"))]
+    crate::test_hooks::note_kernel_abort();
+}
 
 /// The result of one restartable primitive.
 ///

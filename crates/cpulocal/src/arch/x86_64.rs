@@ -17,7 +17,7 @@ pub(crate) const HAS_RSEQ: bool = true;
 /// Opens a critical section `[4, 5)` with abort label `6`: emits its descriptor, arms
 /// `rseq->rseq_cs`, and checks that the thread is still on `{cpu}`.
 ///
-/// Operands used: `{rseq}`, `{cpu}`, `{tmp}`.
+/// Operands used: `{rseq}`, `{cpu}`, `{tmp}`, `{moved}` (the Rust label for "not on `{cpu}`").
 macro_rules! rseq_start {
     () => {
         concat!(
@@ -35,7 +35,7 @@ macro_rules! rseq_start {
             "movq {tmp}, 8({rseq})\n",
             "4:\n",
             "cmpl {cpu:e}, 4({rseq})\n",
-            "jnz 6f\n",
+            "jnz {moved}\n",
             rseq_test_delay!(),
         )
     };
@@ -129,7 +129,11 @@ pub(crate) unsafe fn add(rseq: *mut Rseq, v: *mut usize, count: usize, cpu: u32)
             count = in(reg) count,
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(att_syntax, nostack),
         );
     }
@@ -171,7 +175,11 @@ pub(crate) unsafe fn compare_store(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(att_syntax, nostack),
         );
     }
@@ -225,7 +233,11 @@ pub(crate) unsafe fn pop(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(att_syntax, nostack),
         );
     }
@@ -276,7 +288,11 @@ pub(crate) unsafe fn compare_try_store_release(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(att_syntax, nostack),
         );
     }
@@ -330,7 +346,11 @@ pub(crate) unsafe fn compare_memcpy_store_release(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(att_syntax, nostack),
         );
     }
@@ -367,7 +387,7 @@ pub(crate) unsafe fn compare_store_guarded(
         asm!(
             rseq_start!(),
             "cmpq $0, ({guard})",
-            "jnz 6f",
+            "jnz {moved}",
             "cmpq {expect}, ({v})",
             "jnz {fail}",
             "movq {newv}, ({v})",
@@ -381,7 +401,11 @@ pub(crate) unsafe fn compare_store_guarded(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(att_syntax, nostack),
         );
     }
@@ -417,7 +441,7 @@ pub(crate) unsafe fn pop_guarded(
         asm!(
             rseq_start!(),
             "cmpq $0, ({guard})",
-            "jnz 6f",
+            "jnz {moved}",
             "movq ({v}), {tmp}",
             "cmpq {tmp}, {expect_not}",
             "jz {fail}",
@@ -435,7 +459,11 @@ pub(crate) unsafe fn pop_guarded(
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(att_syntax, nostack),
         );
     }
@@ -466,7 +494,7 @@ pub(crate) unsafe fn add_without_restart(
     unsafe {
         asm!(
             "cmpl {cpu:e}, 4({rseq})",
-            "jnz {abort}",
+            "jnz {moved}",
             "movq ({v}), {val}",
             rseq_test_delay!(),
             "addq {count}, {val}",
@@ -477,7 +505,7 @@ pub(crate) unsafe fn add_without_restart(
             count = in(reg) count,
             val = out(reg) _,
             tmp = out(reg) _,
-            abort = label { return Outcome::Aborted; },
+            moved = label { return Outcome::Aborted; },
             options(att_syntax, nostack),
         );
     }
