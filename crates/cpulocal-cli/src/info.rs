@@ -48,6 +48,9 @@ pub struct Info {
     pub mechanism_kind: &'static str,
     /// Why this mechanism was chosen.
     pub mechanism_why: String,
+    /// How operations on a chosen CPU's data work here, as
+    /// `cpulocal::remote_scheme()` displays it.
+    pub remote_scheme: String,
 }
 
 /// glibc's `__rseq_*` symbols.
@@ -91,7 +94,8 @@ pub struct MembarrierInfo {
 
 impl Info {
     /// Gathers the facts. Registers the calling thread (through `cpulocal::mechanism()`)
-    /// if it was not yet; never registers anything with `membarrier`.
+    /// if it was not yet, and the process for membarrier-rseq (through
+    /// `cpulocal::remote_scheme()`), as any use of `on_cpu` would.
     pub fn gather() -> Info {
         let mechanism = cpulocal::mechanism();
         let glibc = glibc_info(thread::glibc_rseq());
@@ -151,6 +155,7 @@ impl Info {
             mechanism: mechanism.to_string(),
             mechanism_kind,
             mechanism_why,
+            remote_scheme: cpulocal::remote_scheme().to_string(),
         }
     }
 
@@ -305,7 +310,8 @@ impl fmt::Display for Info {
             yes_no(self.thread_registered)
         )?;
         writeln!(f, "mechanism            {}", self.mechanism)?;
-        write!(f, "why                  {}", self.mechanism_why)
+        writeln!(f, "why                  {}", self.mechanism_why)?;
+        write!(f, "remote (on_cpu)      {}", self.remote_scheme)
     }
 }
 

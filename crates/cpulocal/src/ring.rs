@@ -46,7 +46,8 @@ pub enum Mode {
     DiscardNewest,
     /// Drop the oldest complete sub-buffer that no consumer is reading, counting its
     /// records as overwritten; refuse (and count as discarded) only when that is not
-    /// possible (the oldest sub-buffer is being read or still has uncommitted records).
+    /// possible: the oldest sub-buffer is being read (or dropped by another producer),
+    /// or still has uncommitted records.
     OverwriteOldest,
 }
 
@@ -134,8 +135,9 @@ pub struct RingStats {
     pub discarded: u64,
     /// Committed records dropped unread by [`Mode::OverwriteOldest`].
     pub overwritten: u64,
-    /// Commits that landed on another CPU's ring (the thread migrated between reserve and
-    /// commit, or the restartable add kept aborting) and used the atomic counter.
+    /// Commits that used the atomic (remote) counter: the thread migrated between reserve
+    /// and commit, or the restartable add kept aborting, or the process runs the
+    /// [`Scheme::Locked`](crate::remote::Scheme::Locked) scheme, where every commit does.
     pub remote_commits: u64,
     /// Reservations dropped without a commit, turned into padding.
     pub abandoned: u64,
@@ -420,6 +422,10 @@ impl RingBuffer {
 
     /// In [`Mode::OverwriteOldest`], drops the oldest sub-buffer if it is complete and
     /// unclaimed. Returns whether the producer should try again.
+    ///
+    /// The drop claims the sub-buffer as a consumer would before counting its records:
+    /// once `consumed` moves past it, producers may overwrite it at once, so it must not
+    /// be read after that.
     #[cold]
     fn make_room(&self, ring: &Ring) -> bool {
         if self.config.mode != Mode::OverwriteOldest {
@@ -428,26 +434,28 @@ impl RingBuffer {
         // Acquire: see `has_room`.
         let consumed = ring.consumed.load(Ordering::Acquire);
         if consumed & CLAIMED != 0 || !self.is_complete(ring, consumed) {
+            // Being read (or dropped by another producer), or still being written.
             return false;
         }
-        // The sub-buffer is complete and nobody can write to it before `consumed` moves,
-        // so its records can be counted now.
-        let mut records = 0;
-        self.parse(ring, consumed, |_, _| records += 1);
-        // AcqRel: the Acquire sees a consumer's claim; the Release orders our reads of the
-        // sub-buffer before producers reuse it.
+        // Acquire: as in `consume`.
         if ring
             .consumed
             .compare_exchange(
                 consumed,
-                consumed + self.config.sub_buffer_size,
-                Ordering::AcqRel,
+                consumed | CLAIMED,
+                Ordering::Acquire,
                 Ordering::Relaxed,
             )
-            .is_ok()
+            .is_err()
         {
-            self.overwritten.add(records);
+            return true; // it moved: look again
         }
+        let mut records = 0;
+        self.parse(ring, consumed, |_, _| records += 1);
+        // Release: our reads of the sub-buffer are over before producers reuse it.
+        ring.consumed
+            .store(consumed + self.config.sub_buffer_size, Ordering::Release);
+        self.overwritten.add(records);
         true
     }
 
