@@ -101,7 +101,10 @@ pub(crate) unsafe fn add(v: *mut usize, count: usize) -> Outcome {
     };
     // SAFETY: the caller's contract.
     let w = unsafe { word(v) };
-    w.store(w.load(Ordering::Relaxed).wrapping_add(count), Ordering::Release);
+    w.store(
+        w.load(Ordering::Relaxed).wrapping_add(count),
+        Ordering::Release,
+    );
     Outcome::Committed(())
 }
 

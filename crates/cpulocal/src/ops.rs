@@ -153,8 +153,6 @@ pub unsafe fn compare_memcpy_store_release(
             arch::compare_memcpy_store_release(rseq.as_ptr(), v, expect, dst, src, len, newv, cpu)
         },
         // SAFETY: the caller's contract.
-        None => unsafe {
-            fallback::compare_memcpy_store_release(v, expect, dst, src, len, newv)
-        },
+        None => unsafe { fallback::compare_memcpy_store_release(v, expect, dst, src, len, newv) },
     }
 }

@@ -139,11 +139,17 @@ impl core::fmt::Display for Mechanism {
             Mechanism::Rseq {
                 registrar: Registrar::Glibc,
                 usable_size,
-            } => write!(f, "rseq (glibc's registration, {usable_size} bytes kept current)"),
+            } => write!(
+                f,
+                "rseq (glibc's registration, {usable_size} bytes kept current)"
+            ),
             Mechanism::Rseq {
                 registrar: Registrar::Own,
                 usable_size,
-            } => write!(f, "rseq (cpulocal's own registration, {usable_size} bytes kept current)"),
+            } => write!(
+                f,
+                "rseq (cpulocal's own registration, {usable_size} bytes kept current)"
+            ),
             Mechanism::Fallback(why) => write!(f, "fallback (atomics): {why}"),
         }
     }
@@ -329,7 +335,9 @@ fn decide() -> (Mechanism, Option<NonNull<Rseq>>) {
 /// glibc's area for the calling thread, if glibc's registration of this thread worked.
 fn glibc_area() -> Option<NonNull<Rseq>> {
     let offset = glibc_rseq()?.offset;
-    let area = arch::thread_pointer().wrapping_offset(offset).cast::<Rseq>();
+    let area = arch::thread_pointer()
+        .wrapping_offset(offset)
+        .cast::<Rseq>();
     let area = NonNull::new(area)?;
     // SAFETY: glibc placed this thread's `struct rseq` at `__rseq_offset` from the
     // thread pointer; it lives as long as the thread. The kernel writes `cpu_id`, so

@@ -37,17 +37,20 @@ fn area(cpu_id: u32) -> Rseq {
 // the kernel never reads; a sequence writes nothing in it but `rseq_cs`.
 
 fn add(area: &mut Rseq, v: &mut usize, count: usize, cpu: u32) -> Outcome {
+    let _delay = crate::tests::delay_shared();
     // SAFETY: (1) `area` is live and exclusively borrowed; unregistered, so no kernel
     // restart is needed for this single-threaded use; (2) `v` is exclusively borrowed.
     unsafe { arch::add(area, v, count, cpu) }
 }
 
 fn add_without_restart(area: &mut Rseq, v: &mut usize, count: usize, cpu: u32) -> Outcome {
+    let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add`.
     unsafe { arch::add_without_restart(area, v, count, cpu) }
 }
 
 fn compare_store(area: &mut Rseq, v: &mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome {
+    let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add`.
     unsafe { arch::compare_store(area, v, expect, newv, cpu) }
 }
@@ -61,6 +64,7 @@ fn compare_try_store_release(
     newv: usize,
     cpu: u32,
 ) -> Outcome {
+    let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add`; `v2` is exclusively borrowed too.
     unsafe { arch::compare_try_store_release(area, v, expect, v2, newv2, newv, cpu) }
 }
@@ -76,6 +80,7 @@ fn compare_memcpy_store_release(
     cpu: u32,
 ) -> Outcome {
     assert!(dst.len() >= src.len());
+    let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add`; `dst` is exclusively borrowed and at least as long as `src`,
     // so they cannot overlap and both ranges are valid for `src.len()` bytes.
     unsafe {
@@ -90,6 +95,19 @@ fn compare_memcpy_store_release(
             cpu,
         )
     }
+}
+
+fn compare_store_guarded(
+    area: &mut Rseq,
+    guard: &usize,
+    v: &mut usize,
+    expect: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    let _delay = crate::tests::delay_shared();
+    // SAFETY: as in `add`; `guard` is a live word, only read.
+    unsafe { arch::compare_store_guarded(area, guard, v, expect, newv, cpu) }
 }
 
 /// A list node with its link after a payload, so that `offset` is not 0.
@@ -113,8 +131,26 @@ unsafe fn pop_node(
     expect_not: usize,
     cpu: u32,
 ) -> Outcome<usize> {
+    let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add`, and the caller's contract makes `head + NEXT` readable.
     unsafe { arch::pop(area, head, expect_not, NEXT, cpu) }
+}
+
+/// [`pop_node`], checking `guard` first.
+///
+/// # Safety
+///
+/// As for [`pop_node`].
+unsafe fn pop_node_guarded(
+    area: &mut Rseq,
+    guard: &usize,
+    head: &mut usize,
+    expect_not: usize,
+    cpu: u32,
+) -> Outcome<usize> {
+    let _delay = crate::tests::delay_shared();
+    // SAFETY: as in `pop_node`; `guard` is a live word, only read.
+    unsafe { arch::pop_guarded(area, guard, head, expect_not, NEXT, cpu) }
 }
 
 /// Reads the descriptor the last sequence armed in `area` and checks it against the
@@ -266,6 +302,7 @@ fn pop_follows_a_negative_offset() {
         payload: 1,
     };
     let mut head = &raw const first.payload as usize;
+    let _delay = crate::tests::delay_shared();
     // SAFETY: `head` and `first.next` point `back` bytes past a live `usize`.
     let popped = unsafe { arch::pop(&mut a, &mut head, 0, back, CPU) };
     assert_eq!(
@@ -521,4 +558,64 @@ fn sequences_write_nothing_in_the_area_but_rseq_cs() {
     // every path; this test names the promise.
     let _ = run_every_primitive(CPU, CPU);
     let _ = run_every_primitive(CPU, OTHER_CPU);
+}
+
+#[test]
+fn guarded_compare_store_commits_only_while_the_guard_is_free() {
+    let mut a = area(CPU);
+    let mut v = 5;
+    assert_eq!(
+        compare_store_guarded(&mut a, &0, &mut v, 5, 6, CPU),
+        Outcome::Committed(())
+    );
+    assert_eq!(v, 6);
+    armed_descriptor(&a);
+    // A held guard (a remote owner's token) aborts before any store.
+    assert_eq!(
+        compare_store_guarded(&mut a, &0x1234, &mut v, 6, 7, CPU),
+        Outcome::Aborted
+    );
+    assert_eq!(v, 6);
+    assert_eq!(
+        compare_store_guarded(&mut a, &0, &mut v, 5, 7, CPU),
+        Outcome::CompareFailed
+    );
+    assert_eq!(v, 6);
+    assert_eq!(
+        compare_store_guarded(&mut a, &0, &mut v, 6, 7, OTHER_CPU),
+        Outcome::Aborted
+    );
+    assert_eq!(v, 6);
+}
+
+#[test]
+fn guarded_pop_commits_only_while_the_guard_is_free() {
+    let mut a = area(CPU);
+    let second = Node {
+        payload: 2,
+        next: 0,
+    };
+    let first = Node {
+        payload: 1,
+        next: &raw const second as usize,
+    };
+    let mut head = &raw const first as usize;
+    // SAFETY: `head` and every `next` are live nodes up to 0.
+    let held = unsafe { pop_node_guarded(&mut a, &1, &mut head, 0, CPU) };
+    assert_eq!(held, Outcome::Aborted);
+    assert_eq!(head, &raw const first as usize);
+    // SAFETY: as above.
+    let popped = unsafe { pop_node_guarded(&mut a, &0, &mut head, 0, CPU) };
+    assert_eq!(popped, Outcome::Committed(&raw const first as usize));
+    assert_eq!(head, &raw const second as usize);
+    armed_descriptor(&a);
+    // SAFETY: as above.
+    let moved = unsafe { pop_node_guarded(&mut a, &0, &mut head, 0, OTHER_CPU) };
+    assert_eq!(moved, Outcome::Aborted);
+    // SAFETY: as above.
+    let popped = unsafe { pop_node_guarded(&mut a, &0, &mut head, 0, CPU) };
+    assert_eq!(popped, Outcome::Committed(&raw const second as usize));
+    // SAFETY: the list is empty.
+    let empty = unsafe { pop_node_guarded(&mut a, &0, &mut head, 0, CPU) };
+    assert_eq!(empty, Outcome::CompareFailed);
 }
