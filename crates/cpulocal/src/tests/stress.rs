@@ -322,9 +322,12 @@ pub(crate) fn counter_storm(duration: Duration) {
         report.handler_adds <= report.signals_sent,
         "more handler runs than signals"
     );
+    // Valgrind runs one thread at a time, slowly: the workers' joins take longer there.
+    let slack = Duration::from_secs(if under_valgrind() { 120 } else { 10 });
     assert!(
-        report.elapsed < duration + Duration::from_secs(10),
-        "the harness is bounded"
+        report.elapsed < duration + slack,
+        "the harness is bounded: {:?}",
+        report.elapsed
     );
     assert_eq!(
         report.sum,
