@@ -264,24 +264,19 @@ impl CpuLock {
     /// in a row, or under [`Scheme::Locked`]. `lock_of(i)` is slot `i`'s lock, for `i`
     /// below `slots`. Returns the index of the slot whose lock is now held.
     pub(crate) fn lock_current<'a>(slots: usize, lock_of: impl Fn(usize) -> &'a CpuLock) -> usize {
-        if scheme() == Scheme::Membarrier {
-            if let Some(rseq) = thread::current() {
-                let mut aborts = 0;
-                while aborts < MAX_ABORTS {
-                    // SAFETY: `rseq` is the calling thread's live area.
-                    let cpu =
-                        unsafe { crate::cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
-                    if cpu as usize >= slots {
-                        break;
-                    }
-                    let lock = lock_of(cpu as usize);
-                    match lock.try_lock_local(rseq.as_ptr(), cpu) {
-                        Outcome::Committed(()) => return cpu as usize,
-                        Outcome::CompareFailed => wait_while_held(lock),
-                        Outcome::Aborted => aborts += 1,
-                    }
+        let local = on_current_cpu(slots, |rseq, cpu| {
+            let lock = lock_of(cpu as usize);
+            match lock.try_lock_local(rseq, cpu) {
+                Outcome::Committed(()) => Attempt::Done(cpu as usize),
+                Outcome::CompareFailed => {
+                    wait_while_held(lock);
+                    Attempt::Retry
                 }
+                Outcome::Aborted => Attempt::Aborted,
             }
+        });
+        if let Some(index) = local {
+            return index;
         }
         // The slow path: no successful sequence needed. Slot `i` belongs to CPU `i`, so
         // the fence goes to the CPU whose sequences use the slot we lock.
@@ -290,12 +285,66 @@ impl CpuLock {
         index
     }
 
+    /// The [`Attempt`] of a guarded sequence that aborted: if the abort came from this
+    /// lock being held, waits until it looks free first, so the retries are not spent
+    /// while a remote owner works.
+    #[inline]
+    pub(crate) fn aborted<R>(&self) -> Attempt<R> {
+        if self.is_held() {
+            wait_while_held(self);
+        }
+        Attempt::Aborted
+    }
+
     /// Releases the lock.
     #[inline]
     pub(crate) fn unlock(&self) {
         // Release: pairs with the Acquire of the next owner.
         self.word.store(0, Ordering::Release);
     }
+}
+
+/// What one attempt of a fast path did.
+pub(crate) enum Attempt<R> {
+    /// Finished, with this result.
+    Done(R),
+    /// Not finished, for a reason that goes away by itself (a compare failed because
+    /// the data moved): try again at once.
+    Retry,
+    /// The sequence aborted (or met a held lock word): counts towards [`MAX_ABORTS`].
+    Aborted,
+}
+
+/// Drives a per-CPU fast path: calls `attempt(rseq, cpu)` with the CPU the calling
+/// thread runs on (read from `cpu_id_start` before each attempt) until it is done.
+///
+/// Returns `None` when the fast path cannot finish and the caller must take its slow
+/// path (which needs no successful sequence): the scheme is [`Scheme::Locked`], the
+/// thread has no rseq, the CPU is beyond `slots`, or [`MAX_ABORTS`] attempts in a row
+/// aborted (a debugger single-stepping aborts every one).
+#[inline(always)]
+pub(crate) fn on_current_cpu<R>(
+    slots: usize,
+    mut attempt: impl FnMut(*mut crate::abi::Rseq, u32) -> Attempt<R>,
+) -> Option<R> {
+    if scheme() != Scheme::Membarrier {
+        return None;
+    }
+    let rseq = thread::current()?;
+    let mut aborts = 0;
+    while aborts < MAX_ABORTS {
+        // SAFETY: `rseq` is the calling thread's live area.
+        let cpu = unsafe { crate::cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
+        if cpu as usize >= slots {
+            return None;
+        }
+        match attempt(rseq.as_ptr(), cpu) {
+            Attempt::Done(r) => return Some(r),
+            Attempt::Retry => {}
+            Attempt::Aborted => aborts += 1,
+        }
+    }
+    None
 }
 
 /// Spins, then yields, until `lock` looks free.

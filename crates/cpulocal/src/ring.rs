@@ -35,7 +35,7 @@ use core::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arch::{self, Outcome};
 use crate::cache_padded::CachePadded;
-use crate::remote::{self, CpuLock, InvalidCpu, Scheme, MAX_ABORTS};
+use crate::remote::{self, Attempt, CpuLock, InvalidCpu, Scheme, MAX_ABORTS};
 use crate::{cpu, sys, thread, Counter};
 
 /// What a full ring does with a new record.
@@ -325,54 +325,44 @@ impl RingBuffer {
                 max: self.max_payload(),
             });
         }
-        if remote::scheme() == Scheme::Membarrier {
-            if let Some(rseq) = thread::current() {
-                let mut aborts = 0;
-                while aborts < MAX_ABORTS {
-                    // SAFETY: `rseq` is the calling thread's live area.
-                    let cpu = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
-                    let Some(ring) = self.rings.get(cpu as usize) else {
-                        break;
-                    };
-                    // Relaxed: the sequence compares it again.
-                    let old = ring.write.load(Ordering::Relaxed);
-                    let begin = self.placement(old, size);
-                    if !self.has_room(ring, begin) {
-                        if self.make_room(ring) {
-                            continue;
-                        }
-                        self.discarded.add(1);
-                        return Err(ReserveError::Full);
-                    }
-                    // SAFETY: (1) `rseq` is this thread's area; (2) `write` is written only
-                    // by sequences expecting this ring's CPU, which check `lock`, and by
-                    // holders of `lock`, which fence those sequences (crate::remote).
-                    let outcome = unsafe {
-                        arch::compare_store_guarded(
-                            rseq.as_ptr(),
-                            ring.lock.guard(),
-                            ring.write.as_ptr(),
-                            old,
-                            begin + size,
-                            cpu,
-                        )
-                    };
-                    match outcome {
-                        Outcome::Committed(()) => {
-                            return Ok(self.reserved(cpu as usize, old, begin, size, len))
-                        }
-                        Outcome::CompareFailed => {}
-                        Outcome::Aborted => {
-                            aborts += 1;
-                            if ring.lock.is_held() {
-                                remote::wait_while_held(&ring.lock);
-                            }
-                        }
-                    }
+        let reserved = remote::on_current_cpu(self.rings.len(), |rseq, cpu| {
+            let ring = &self.rings[cpu as usize];
+            // Relaxed: the sequence compares it again.
+            let old = ring.write.load(Ordering::Relaxed);
+            let begin = self.placement(old, size);
+            if !self.has_room(ring, begin) {
+                if self.make_room(ring) {
+                    return Attempt::Retry;
                 }
+                return Attempt::Done(Err(ReserveError::Full));
             }
+            // SAFETY: (1) `rseq` is this thread's area; (2) `write` is written only by
+            // sequences expecting this ring's CPU, which check `lock`, and by holders of
+            // `lock`, which fence those sequences (crate::remote).
+            let outcome = unsafe {
+                arch::compare_store_guarded(
+                    rseq,
+                    ring.lock.guard(),
+                    ring.write.as_ptr(),
+                    old,
+                    begin + size,
+                    cpu,
+                )
+            };
+            match outcome {
+                Outcome::Committed(()) => Attempt::Done(Ok((cpu as usize, old, begin))),
+                Outcome::CompareFailed => Attempt::Retry,
+                Outcome::Aborted => ring.lock.aborted(),
+            }
+        });
+        match reserved {
+            Some(Ok((cpu, old, begin))) => Ok(self.reserved(cpu, old, begin, size, len)),
+            Some(Err(full)) => {
+                self.discarded.add(1);
+                Err(full)
+            }
+            None => self.reserve_locked(size, len),
         }
-        self.reserve_locked(size, len)
     }
 
     /// The reserve without a sequence: under the CPU's lock.
@@ -437,17 +427,7 @@ impl RingBuffer {
             // Being read (or dropped by another producer), or still being written.
             return false;
         }
-        // Acquire: as in `consume`.
-        if ring
-            .consumed
-            .compare_exchange(
-                consumed,
-                consumed | CLAIMED,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            )
-            .is_err()
-        {
+        if !claim(ring, consumed) {
             return true; // it moved: look again
         }
         let mut records = 0;
@@ -611,18 +591,7 @@ impl RingBuffer {
             if consumed & CLAIMED != 0 || !self.is_complete(ring, consumed) {
                 return Ok(read);
             }
-            // Acquire: pairs with a producer's Release in `make_room`; the claim stops
-            // producers from overwriting the sub-buffer while we read it.
-            if ring
-                .consumed
-                .compare_exchange(
-                    consumed,
-                    consumed | CLAIMED,
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-            {
+            if !claim(ring, consumed) {
                 continue;
             }
             self.parse(ring, consumed, |timestamp, data| {
@@ -762,6 +731,21 @@ impl fmt::Debug for Reservation<'_> {
             .field("len", &self.len)
             .finish_non_exhaustive()
     }
+}
+
+/// Claims the unclaimed sub-buffer at `consumed` for reading: while claimed, no
+/// producer can reserve or overwrite it. False when `consumed` moved meanwhile.
+fn claim(ring: &Ring, consumed: usize) -> bool {
+    // Acquire: pairs with the Release of whoever moved `consumed` last (a consumer or an
+    // overwriting producer handing the space back).
+    ring.consumed
+        .compare_exchange(
+            consumed,
+            consumed | CLAIMED,
+            Ordering::Acquire,
+            Ordering::Relaxed,
+        )
+        .is_ok()
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds (the vDSO: no system call).

@@ -9,8 +9,8 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::arch::{self, Outcome};
 use crate::cache_padded::CachePadded;
-use crate::remote::{self, CpuLock, InvalidCpu, Scheme, MAX_ABORTS};
-use crate::{cpu, sys, thread};
+use crate::remote::{self, Attempt, CpuLock, InvalidCpu};
+use crate::sys;
 
 /// An element of a [`Stack`]: a `T` with the link the stack threads through it.
 ///
@@ -146,47 +146,35 @@ impl<T> Stack<T> {
     #[inline]
     pub fn push(&self, node: Box<Node<T>>) {
         let node = Box::into_raw(node);
-        if remote::scheme() == Scheme::Membarrier {
-            if let Some(rseq) = thread::current() {
-                let mut aborts = 0;
-                while aborts < MAX_ABORTS {
-                    // SAFETY: `rseq` is the calling thread's live area.
-                    let cpu = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
-                    let Some(slot) = self.slots.get(cpu as usize) else {
-                        break;
-                    };
-                    // Relaxed: only this CPU's sequences change `head` (or a lock holder,
-                    // which the guard check excludes); the sequence compares it again.
-                    let head = slot.head.load(Ordering::Relaxed);
-                    // SAFETY: we own `node` until the commit publishes it.
-                    unsafe { (*node).next.store(head, Ordering::Relaxed) };
-                    // SAFETY: (1) `rseq` is this thread's area; (2) `head` is written only
-                    // by sequences expecting this slot's CPU, which check `lock`, and by
-                    // holders of `lock`, which fence those sequences (crate::remote).
-                    let outcome = unsafe {
-                        arch::compare_store_guarded(
-                            rseq.as_ptr(),
-                            guard_of(slot),
-                            slot.head.as_ptr(),
-                            head,
-                            node as usize,
-                            cpu,
-                        )
-                    };
-                    match outcome {
-                        Outcome::Committed(()) => return,
-                        Outcome::CompareFailed => {} // the head moved under us: retry
-                        Outcome::Aborted => {
-                            aborts += 1;
-                            if slot.lock.is_held() {
-                                remote::wait_while_held(&slot.lock);
-                            }
-                        }
-                    }
-                }
+        let pushed = remote::on_current_cpu(self.slots.len(), |rseq, cpu| {
+            let slot = &self.slots[cpu as usize];
+            // Relaxed: only this CPU's sequences change `head` (or a lock holder, which
+            // the guard check excludes); the sequence compares it again.
+            let head = slot.head.load(Ordering::Relaxed);
+            // SAFETY: we own `node` until the commit publishes it.
+            unsafe { (*node).next.store(head, Ordering::Relaxed) };
+            // SAFETY: (1) `rseq` is this thread's area; (2) `head` is written only by
+            // sequences expecting this slot's CPU, which check `lock`, and by holders of
+            // `lock`, which fence those sequences (crate::remote).
+            let outcome = unsafe {
+                arch::compare_store_guarded(
+                    rseq,
+                    guard_of(slot),
+                    slot.head.as_ptr(),
+                    head,
+                    node as usize,
+                    cpu,
+                )
+            };
+            match outcome {
+                Outcome::Committed(()) => Attempt::Done(()),
+                Outcome::CompareFailed => Attempt::Retry, // the head moved under us
+                Outcome::Aborted => slot.lock.aborted(),
             }
+        });
+        if pushed.is_none() {
+            self.push_locked(node);
         }
-        self.push_locked(node);
     }
 
     #[cold]
@@ -203,46 +191,33 @@ impl<T> Stack<T> {
     /// [`steal`](Stack::steal)).
     #[inline]
     pub fn pop(&self) -> Option<Box<Node<T>>> {
-        if remote::scheme() == Scheme::Membarrier {
-            if let Some(rseq) = thread::current() {
-                let mut aborts = 0;
-                while aborts < MAX_ABORTS {
-                    // SAFETY: `rseq` is the calling thread's live area.
-                    let cpu = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
-                    let Some(slot) = self.slots.get(cpu as usize) else {
-                        break;
-                    };
-                    // SAFETY: (1) as in `push`; (2) every non-zero head is a node on this
-                    // list whose `next` is at NEXT_OFFSET and which nobody can free
-                    // before this sequence commits or restarts.
-                    let outcome = unsafe {
-                        arch::pop_guarded(
-                            rseq.as_ptr(),
-                            guard_of(slot),
-                            slot.head.as_ptr(),
-                            0,
-                            NEXT_OFFSET,
-                            cpu,
-                        )
-                    };
-                    match outcome {
-                        Outcome::Committed(head) => {
-                            // SAFETY: the node left the list in the commit: it is ours,
-                            // and it came from `Box::into_raw` in `push`.
-                            return Some(unsafe { Box::from_raw(head as *mut Node<T>) });
-                        }
-                        Outcome::CompareFailed => return None,
-                        Outcome::Aborted => {
-                            aborts += 1;
-                            if slot.lock.is_held() {
-                                remote::wait_while_held(&slot.lock);
-                            }
-                        }
-                    }
-                }
+        let popped = remote::on_current_cpu(self.slots.len(), |rseq, cpu| {
+            let slot = &self.slots[cpu as usize];
+            // SAFETY: (1) as in `push`; (2) every non-zero head is a node on this list
+            // whose `next` is at NEXT_OFFSET and which nobody can free before this
+            // sequence commits or restarts.
+            let outcome = unsafe {
+                arch::pop_guarded(
+                    rseq,
+                    guard_of(slot),
+                    slot.head.as_ptr(),
+                    0,
+                    NEXT_OFFSET,
+                    cpu,
+                )
+            };
+            match outcome {
+                Outcome::Committed(head) => Attempt::Done(head as *mut Node<T>),
+                Outcome::CompareFailed => Attempt::Done(core::ptr::null_mut()),
+                Outcome::Aborted => slot.lock.aborted(),
             }
+        });
+        match popped {
+            // SAFETY: the node left the list in the commit: it is ours, and it came from
+            // `Box::into_raw` in `push`.
+            Some(node) => NonNull::new(node).map(|n| unsafe { Box::from_raw(n.as_ptr()) }),
+            None => self.pop_locked(),
         }
-        self.pop_locked()
     }
 
     #[cold]
