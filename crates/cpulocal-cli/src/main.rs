@@ -1,13 +1,16 @@
-//! `cpulocal`: what this machine offers (`info`) and cpulocal measured against the
-//! alternatives (`bench`). Parses arguments and prints; the work is in the library.
+//! `cpulocal`: what this machine offers (`info`), cpulocal measured against the
+//! alternatives (`bench`), and torture runs with exact checks (`stress`). Parses
+//! arguments and prints; the work is in the library.
 #![deny(unsafe_code)]
 
-use std::io::Write;
-use std::time::Instant;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use cpulocal_cli::bench::{self, Group, RowResult, ThreadCounts};
 use cpulocal_cli::info::Info;
+use cpulocal_cli::stress::{self, Amount, Structure};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Per-CPU data on Linux through restartable sequences (rseq).
 #[derive(Debug, Parser)]
@@ -36,10 +39,126 @@ enum Command {
         /// Few, short runs: the whole bench in a few seconds (for CI).
         #[arg(long)]
         quick: bool,
-        /// Measure only this group: cpu-number or counter.
+        /// Measure only this group: cpu-number, counter, stack, lock, remote or ring.
         #[arg(long, value_name = "NAME")]
         group: Option<Group>,
     },
+    /// Torture a structure (preemption, signals, migrations, thread churn) and check it
+    /// exactly: exits 1 if anything was lost, duplicated or corrupted.
+    Stress(StressArgs),
+}
+
+/// The knobs of `cpulocal stress` (see `cpulocal_cli::stress` for what each does).
+#[derive(Debug, clap::Args)]
+struct StressArgs {
+    /// What to torture: counter, stack, lock (PerCpu::with_cpu), ring, remote (on_cpu,
+    /// steal, flush racing the fast paths) or mix.
+    #[arg(long, value_name = "NAME", default_value = "counter")]
+    structure: Structure,
+    /// Workers running at once [default: 4 per online CPU].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=stress::MAX_THREADS as u64))]
+    threads: Option<u64>,
+    /// Worker operations in total, over all threads [default: 10000000].
+    #[arg(long, value_name = "N", conflicts_with = "duration")]
+    ops: Option<u64>,
+    /// Run for this many seconds instead of a number of operations.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// sched_yield inside each operation's window every --yield-every operations.
+    #[arg(long = "yield")]
+    yield_: bool,
+    /// Operations of a worker between two yields.
+    #[arg(long, value_name = "K", default_value_t = 100, requires = "yield_")]
+    yield_every: u64,
+    /// Sleep this many microseconds inside an operation's window every --sleep-every
+    /// operations.
+    #[arg(long, value_name = "N")]
+    sleep_us: Option<u64>,
+    /// Operations of a worker between two sleeps.
+    #[arg(
+        long,
+        value_name = "K",
+        default_value_t = 10_000,
+        requires = "sleep_us"
+    )]
+    sleep_every: u64,
+    /// Send SIGUSR1 to the workers in turn; the handler adds to a checked Counter.
+    #[arg(long)]
+    signals: bool,
+    /// Microseconds between two signals.
+    #[arg(long, value_name = "US", default_value_t = 100, requires = "signals")]
+    signal_interval_us: u64,
+    /// Spin this many loops inside every restartable sequence (needs a build with
+    /// --features test-hooks).
+    #[arg(long, value_name = "LOOPS")]
+    delay: Option<usize>,
+    /// Move workers between CPUs with sched_setaffinity.
+    #[arg(long)]
+    affinity_churn: bool,
+    /// Microseconds between two moves.
+    #[arg(
+        long,
+        value_name = "US",
+        default_value_t = 1000,
+        requires = "affinity_churn"
+    )]
+    affinity_interval_us: u64,
+    /// Workers exit after --churn-ops operations and are replaced.
+    #[arg(long)]
+    thread_churn: bool,
+    /// Operations in a worker's life under --thread-churn.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20_000,
+        requires = "thread_churn"
+    )]
+    churn_ops: u64,
+    /// Torture a deliberately broken variant (counter: an add without restart; stack: the
+    /// guard against remote owners switched off); the run must then fail. Needs a build
+    /// with --features test-hooks.
+    #[arg(long)]
+    broken: bool,
+    /// Print one JSON object instead of text (and no progress bar).
+    #[arg(long)]
+    json: bool,
+}
+
+impl StressArgs {
+    fn config(&self) -> Result<stress::Config, String> {
+        let threads = self
+            .threads
+            .map_or_else(|| 4 * cpulocal::sys::online_cpus().max(1), |t| t as usize)
+            .min(stress::MAX_THREADS);
+        let amount = match self.duration {
+            Some(secs) if secs > 0.0 && Duration::try_from_secs_f64(secs).is_ok() => {
+                Amount::Duration(Duration::from_secs_f64(secs))
+            }
+            Some(secs) => {
+                return Err(format!(
+                    "--duration must be a positive, finite number of seconds, not {secs}"
+                ))
+            }
+            None => Amount::Ops(self.ops.unwrap_or(10_000_000)),
+        };
+        let mut config = stress::Config::new(self.structure, threads, amount);
+        config.yield_every = self.yield_.then_some(self.yield_every);
+        config.sleep = self.sleep_us.map(|us| stress::Sleep {
+            duration: Duration::from_micros(us),
+            every: self.sleep_every,
+        });
+        config.signal_interval = self
+            .signals
+            .then(|| Duration::from_micros(self.signal_interval_us));
+        config.delay_loops = self.delay;
+        config.affinity_interval = self
+            .affinity_churn
+            .then(|| Duration::from_micros(self.affinity_interval_us));
+        config.thread_churn = self.thread_churn.then_some(self.churn_ops);
+        config.broken = self.broken;
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 fn main() {
@@ -58,7 +177,64 @@ fn main() {
             quick,
             group,
         } => run_bench(bench::Config::new(threads.map(|t| t.0), quick, group), json),
+        Command::Stress(args) => run_stress(&args),
     }
+}
+
+fn run_stress(args: &StressArgs) {
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    if !args.json {
+        println!("{}", stress::header(&config));
+    }
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let (len, template) = match config.amount {
+            Amount::Ops(n) => (
+                n,
+                "{elapsed_precise} [{bar:30}] {human_pos}/{human_len} ops, ETA {eta}",
+            ),
+            Amount::Duration(d) => (d.as_millis() as u64, "{elapsed_precise} [{bar:30}] {msg}"),
+        };
+        let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    let result = stress::run(&config, |p| {
+        if let Some(bar) = &bar {
+            match p.amount {
+                Amount::Ops(_) => bar.set_position(p.operations),
+                Amount::Duration(_) => {
+                    bar.set_position(p.elapsed.as_millis() as u64);
+                    bar.set_message(format!("{} ops", p.operations));
+                }
+            }
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    std::process::exit(if report.passed { 0 } else { 1 });
 }
 
 fn run_bench(config: bench::Config, json: bool) {

@@ -86,6 +86,125 @@ fn quick_json_bench_prints_one_well_formed_row_per_line_for_both_groups() {
     assert!(err.contains("targets"), "{err}");
 }
 
+/// The rows `bench --quick --json --threads 1 --group <group>` prints, each checked for
+/// the fields every row has.
+fn quick_json_rows_of(group: &str) -> Vec<serde_json::Value> {
+    let o = cpulocal(&[
+        "bench",
+        "--quick",
+        "--json",
+        "--threads",
+        "1",
+        "--group",
+        group,
+    ]);
+    assert!(o.status.success(), "--group {group}: {}", stderr(&o));
+    let out = stdout(&o);
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!rows.is_empty(), "--group {group} printed no rows");
+    for row in &rows {
+        assert_eq!(row["group"], group, "{row}");
+        assert!(row["name"].is_string(), "{row}");
+        assert!(row["cpulocal"].is_boolean(), "{row}");
+        assert_eq!(row["threads"], 1, "{row}");
+        for field in ["ns_per_op", "min_ns_per_op", "ratio_to_cpulocal"] {
+            let v = row[field]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{field} in {row}"));
+            assert!(v.is_finite() && v > 0.0, "{field} in {row}");
+        }
+        assert!(row["runs"].as_u64().unwrap() >= 1, "{row}");
+        assert!(row["ops_per_thread"].as_u64().unwrap() >= 1, "{row}");
+    }
+    // Every group but the first two depends on how other CPUs' data is reached.
+    let err = stderr(&o);
+    if !["cpu-number", "counter"].contains(&group) {
+        assert!(err.contains("remote scheme: "), "{err}");
+    }
+    rows
+}
+
+/// The row of `rows` named `name`, which must be there.
+fn row<'a>(rows: &'a [serde_json::Value], name: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} row in {rows:?}"))
+}
+
+#[test]
+fn stack_group_compares_the_stack_with_mutexes_and_crossbeam_queues() {
+    let rows = quick_json_rows_of("stack");
+    let base = row(&rows, "Stack::push+pop");
+    assert_eq!(base["cpulocal"], true);
+    assert_eq!(base["ratio_to_cpulocal"], 1.0);
+    for name in [
+        "global_mutex_vec",
+        "percpu_mutex_vec",
+        "SegQueue",
+        "ArrayQueue",
+    ] {
+        assert_eq!(row(&rows, name)["cpulocal"], false, "{name}");
+    }
+    // Pops that found their CPU's list empty are counted, not hidden.
+    assert!(base["events"].is_u64(), "{base}");
+}
+
+#[test]
+fn lock_group_compares_with_cpu_with_global_and_per_cpu_mutexes() {
+    let rows = quick_json_rows_of("lock");
+    assert_eq!(row(&rows, "PerCpu::with_cpu")["ratio_to_cpulocal"], 1.0);
+    row(&rows, "global_mutex");
+    row(&rows, "percpu_mutex");
+    assert_eq!(rows.len(), 3);
+}
+
+#[test]
+fn remote_group_reports_on_cpu_and_steal_with_the_scheme() {
+    let rows = quick_json_rows_of("remote");
+    assert_eq!(row(&rows, "Stack::push+pop")["ratio_to_cpulocal"], 1.0);
+    for name in ["PerCpu::on_cpu", "Stack::steal"] {
+        let r = row(&rows, name);
+        let note = r["note"].as_str().unwrap_or_else(|| panic!("{r}"));
+        assert!(note.starts_with("scheme: "), "{r}");
+    }
+}
+
+#[test]
+fn ring_group_compares_each_record_size_with_its_own_ring_row() {
+    let rows = quick_json_rows_of("ring");
+    assert_eq!(rows.len(), 12);
+    for size in ["16B", "64B", "256B"] {
+        let base = row(&rows, &format!("RingBuffer {size}"));
+        assert_eq!(base["cpulocal"], true);
+        assert_eq!(base["ratio_to_cpulocal"], 1.0);
+        assert!(base["events"].is_u64(), "discards are reported: {base}");
+        for kind in ["mutex_deque", "channel", "tls_vec"] {
+            let r = row(&rows, &format!("{kind} {size}"));
+            let expected = base["ns_per_op"].as_f64().unwrap() / r["ns_per_op"].as_f64().unwrap();
+            let ratio = r["ratio_to_cpulocal"].as_f64().unwrap();
+            assert!((ratio * expected - 1.0).abs() < 1e-9, "{r} against {base}");
+        }
+    }
+    for r in &rows {
+        let per_s = r["records_per_s"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("records_per_s in {r}"));
+        let ns = r["ns_per_op"].as_f64().unwrap();
+        assert!((per_s * ns / 1e9 - 1.0).abs() < 1e-9, "{r}");
+    }
+}
+
+#[test]
+fn counter_group_has_the_thread_local_crate_row() {
+    let rows = quick_json_rows_of("counter");
+    assert_eq!(row(&rows, "ThreadLocal<Cell>")["cpulocal"], false);
+    // records_per_s belongs to the ring group only.
+    assert!(rows.iter().all(|r| r.get("records_per_s").is_none()));
+}
+
 #[test]
 fn text_bench_of_one_group_prints_a_table_with_the_header() {
     let o = cpulocal(&["bench", "--quick", "--group", "counter", "--threads", "2"]);

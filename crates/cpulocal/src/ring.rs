@@ -57,7 +57,8 @@ pub struct RingConfig {
     /// Bytes per sub-buffer: a power of two from 64 to 2^30. A record (header
     /// included) must fit in one.
     pub sub_buffer_size: usize,
-    /// Sub-buffers per CPU: at least 2.
+    /// Sub-buffers per CPU: a power of two, at least 2 (positions map to sub-buffers
+    /// with shifts and masks, never a division).
     pub sub_buffers: usize,
     /// What a full ring does.
     pub mode: Mode,
@@ -82,7 +83,8 @@ impl Default for RingConfig {
 pub enum ConfigError {
     /// `sub_buffer_size` is not a power of two from 64 to 2^30.
     SubBufferSize(usize),
-    /// `sub_buffers` is below 2.
+    /// `sub_buffers` is not a power of two of at least 2, or the ring would not fit in
+    /// the address space.
     SubBuffers(usize),
 }
 
@@ -93,7 +95,9 @@ impl fmt::Display for ConfigError {
                 f,
                 "sub-buffer size {n} is not a power of two from 64 to 2^30"
             ),
-            ConfigError::SubBuffers(n) => write!(f, "{n} sub-buffers: at least 2 are needed"),
+            ConfigError::SubBuffers(n) => {
+                write!(f, "{n} sub-buffers: a power of two of at least 2 is needed")
+            }
         }
     }
 }
@@ -210,6 +214,10 @@ pub struct RingBuffer {
     rings: Box<[CachePadded<Ring>]>,
     config: RingConfig,
     capacity: usize,
+    /// log2 of `sub_buffer_size`.
+    sub_shift: u32,
+    /// log2 of `capacity` (both sizes are powers of two).
+    cap_shift: u32,
     discarded: Counter,
     overwritten: Counter,
     remote_commits: Counter,
@@ -242,7 +250,7 @@ impl RingBuffer {
         if !sub.is_power_of_two() || !(64..=1 << 30).contains(&sub) {
             return Err(ConfigError::SubBufferSize(sub));
         }
-        if config.sub_buffers < 2 {
+        if config.sub_buffers < 2 || !config.sub_buffers.is_power_of_two() {
             return Err(ConfigError::SubBuffers(config.sub_buffers));
         }
         let capacity = sub
@@ -268,6 +276,8 @@ impl RingBuffer {
             rings,
             config,
             capacity,
+            sub_shift: sub.trailing_zeros(),
+            cap_shift: capacity.trailing_zeros(),
             discarded: Counter::new(),
             overwritten: Counter::new(),
             remote_commits: Counter::new(),
@@ -318,13 +328,14 @@ impl RingBuffer {
     /// discarded).
     #[inline]
     pub fn reserve(&self, len: usize) -> Result<Reservation<'_>, ReserveError> {
-        let size = self.header_len() + len.next_multiple_of(8);
         if len > self.max_payload() {
             return Err(ReserveError::TooLarge {
                 len,
                 max: self.max_payload(),
             });
         }
+        // Cannot overflow: `len` is at most a sub-buffer (2^30).
+        let size = self.header_len() + len.next_multiple_of(8);
         let reserved = remote::on_current_cpu(self.rings.len(), |rseq, cpu| {
             let ring = &self.rings[cpu as usize];
             // Relaxed: the sequence compares it again.
@@ -440,6 +451,7 @@ impl RingBuffer {
     }
 
     /// Writes the headers of a fresh reservation (and of the padding before it).
+    #[inline]
     fn reserved(
         &self,
         cpu: usize,
@@ -460,18 +472,25 @@ impl RingBuffer {
         unsafe { self.write_header(ring, begin, KIND_RECORD, len, timestamp) };
         Reservation {
             buffer: self,
-            cpu,
+            payload: self.at(ring, begin + self.header_len()),
             pos: begin,
-            size,
-            len,
-            committed: false,
+            // All three fit: a record is at most one sub-buffer (2^30 bytes).
+            cpu: cpu as u32,
+            size: size as u32,
+            len: len as u32,
         }
+    }
+
+    /// Which sub-buffer of its ring position `pos` falls in.
+    #[inline]
+    fn sub_index(&self, pos: usize) -> usize {
+        (pos >> self.sub_shift) & (self.config.sub_buffers - 1)
     }
 
     /// Address of position `pos` in `ring`.
     #[inline]
     fn at(&self, ring: &Ring, pos: usize) -> *mut u8 {
-        let offset = pos % self.capacity;
+        let offset = pos & (self.capacity - 1);
         // `data` is capacity/8 words and `offset` is below capacity.
         ring.data
             .as_ptr()
@@ -500,7 +519,7 @@ impl RingBuffer {
     #[inline]
     fn commit_bytes(&self, cpu: usize, pos: usize, bytes: usize, count_remote: bool) {
         let ring = &self.rings[cpu];
-        let sub = &ring.subs[(pos / self.config.sub_buffer_size) % self.config.sub_buffers];
+        let sub = &ring.subs[self.sub_index(pos)];
         // Release: the record's bytes are visible before the count that says they are
         // complete (the consumer loads the counts with Acquire).
         fence(Ordering::Release);
@@ -532,8 +551,8 @@ impl RingBuffer {
     /// Whether the sub-buffer starting at `pos` (a consumer position) is fully committed.
     fn is_complete(&self, ring: &Ring, pos: usize) -> bool {
         let pos = pos & !CLAIMED;
-        let sub = &ring.subs[(pos / self.config.sub_buffer_size) % self.config.sub_buffers];
-        let lap = (pos / self.capacity) as u64;
+        let sub = &ring.subs[self.sub_index(pos)];
+        let lap = (pos >> self.cap_shift) as u64;
         // Acquire: pairs with the producers' Release before their commits.
         let committed = (sub.commit_local.load(Ordering::Acquire) as u64)
             .wrapping_add(sub.commit_remote.load(Ordering::Acquire));
@@ -629,7 +648,7 @@ impl RingBuffer {
             // SAFETY: [old, old + pad) is now reserved by us.
             unsafe { self.write_header(ring, old, KIND_PADDING, pad - HEADER, None) };
             fence(Ordering::Release);
-            let s = &ring.subs[(old / sub) % self.config.sub_buffers];
+            let s = &ring.subs[self.sub_index(old)];
             // Release: the padding header before the count.
             s.commit_remote.fetch_add(pad as u64, Ordering::Release);
         } else {
@@ -676,51 +695,54 @@ impl fmt::Debug for RingBuffer {
 /// [`RingStats::abandoned`]).
 pub struct Reservation<'a> {
     buffer: &'a RingBuffer,
-    cpu: usize,
+    /// The payload's first byte (computed once, at the reserve).
+    payload: *mut u8,
     pos: usize,
-    size: usize,
-    len: usize,
-    committed: bool,
+    cpu: u32,
+    size: u32,
+    len: u32,
 }
+
+// SAFETY: a reservation owns its bytes exclusively until it commits or drops, from
+// whatever thread (a commit from another CPU takes the remote path).
+unsafe impl Send for Reservation<'_> {}
 
 impl Reservation<'_> {
     /// The CPU whose ring holds the record.
     pub fn cpu(&self) -> usize {
-        self.cpu
+        self.cpu as usize
     }
 
-    /// The payload's bytes, to fill in (zeroed only if the ring never used them before).
+    /// The payload's bytes, to fill in (their old contents are unspecified).
     #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
-        let ring = &self.buffer.rings[self.cpu];
-        let p = self.buffer.at(ring, self.pos + self.buffer.header_len());
         // SAFETY: the reservation owns these `len` bytes until it commits, and `&mut
         // self` makes this the only reference to them.
-        unsafe { core::slice::from_raw_parts_mut(p, self.len) }
+        unsafe { core::slice::from_raw_parts_mut(self.payload, self.len as usize) }
     }
 
     /// Publishes the record.
     #[inline]
-    pub fn commit(mut self) {
-        self.committed = true;
+    pub fn commit(self) {
         self.buffer
-            .commit_bytes(self.cpu, self.pos, self.size, true);
+            .commit_bytes(self.cpu as usize, self.pos, self.size as usize, true);
+        core::mem::forget(self);
     }
 }
 
 impl Drop for Reservation<'_> {
+    /// Not committed: the room becomes padding, so the consumer never stalls on it.
     fn drop(&mut self) {
-        if !self.committed {
-            let ring = &self.buffer.rings[self.cpu];
-            // SAFETY: the reservation still owns its bytes.
-            unsafe {
-                self.buffer
-                    .write_header(ring, self.pos, KIND_PADDING, self.size - HEADER, None)
-            };
-            self.buffer.abandoned.add(1);
+        let ring = &self.buffer.rings[self.cpu as usize];
+        let padding = self.size as usize - HEADER;
+        // SAFETY: the reservation still owns its bytes.
+        unsafe {
             self.buffer
-                .commit_bytes(self.cpu, self.pos, self.size, false);
-        }
+                .write_header(ring, self.pos, KIND_PADDING, padding, None)
+        };
+        self.buffer.abandoned.add(1);
+        self.buffer
+            .commit_bytes(self.cpu as usize, self.pos, self.size as usize, false);
     }
 }
 
