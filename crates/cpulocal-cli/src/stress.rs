@@ -31,9 +31,10 @@
 //! `test-hooks` only) the run tortures a deliberately broken variant and must report
 //! losses or duplicates:
 //!
-//! - `counter`: the adds go through a non-restartable add (load, delay, store on the
-//!   current CPU's slot) that this module builds from `current_cpu()` and atomics: a
-//!   preemption, migration or signal between its load and its store loses updates.
+//! - `counter`: [`cpulocal::test_hooks`]`::break_counter_sequence(true)` makes
+//!   `Counter::add` run cpulocal's own sequence with its critical section unarmed
+//!   (load, delay, store): a preemption, migration or signal between its load and its
+//!   store loses updates.
 //! - `stack`: [`cpulocal::test_hooks`]`::break_stack_guard(true)` makes the push and pop
 //!   sequences ignore a remote owner's lock, so steals racing them lose or duplicate
 //!   nodes. Duplicates are detected (a node held twice is never pushed back nor freed);
@@ -50,7 +51,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cpulocal::ring::{Mode, ReserveError, RingBuffer, RingConfig};
-use cpulocal::{sys, CachePadded, Counter, Node, NodeList, PerCpu, Stack};
+use cpulocal::{sys, Counter, Node, NodeList, PerCpu, Stack};
 use serde::Serialize;
 
 /// The signal of `--signals`.
@@ -661,13 +662,11 @@ mod hooks {
     pub(super) fn set_delay_loops(_: usize) {}
 
     #[cfg(feature = "test-hooks")]
-    pub(super) fn delay_loops() -> usize {
-        cpulocal::test_hooks::delay_loops()
+    pub(super) fn break_counter_sequence(broken: bool) {
+        cpulocal::test_hooks::break_counter_sequence(broken);
     }
     #[cfg(not(feature = "test-hooks"))]
-    pub(super) fn delay_loops() -> usize {
-        0
-    }
+    pub(super) fn break_counter_sequence(_: bool) {}
 
     #[cfg(feature = "test-hooks")]
     pub(super) fn break_stack_guard(broken: bool) {
@@ -683,71 +682,6 @@ mod hooks {
     #[cfg(not(feature = "test-hooks"))]
     pub(super) fn kernel_aborts() -> Option<u64> {
         None
-    }
-}
-
-/// The mutation of `--broken` for counters: a per-CPU add *without* restart (load,
-/// the delay of the test hooks, store), so a preemption, migration or signal between
-/// the load and the store loses updates. Racy on purpose, but free of undefined
-/// behaviour: every access is atomic.
-struct BrokenCounter {
-    slots: Box<[CachePadded<AtomicU64>]>,
-}
-
-impl BrokenCounter {
-    fn new() -> Self {
-        BrokenCounter {
-            slots: (0..cpulocal::possible_cpus())
-                .map(|_| CachePadded::new(AtomicU64::new(0)))
-                .collect(),
-        }
-    }
-
-    fn add(&self, n: u64) {
-        let slot = &self.slots[cpulocal::current_cpu() as usize % self.slots.len()];
-        // Relaxed: the lost updates are the point.
-        let v = slot.load(Ordering::Relaxed);
-        for _ in 0..hooks::delay_loops() {
-            core::hint::spin_loop();
-        }
-        slot.store(v.wrapping_add(n), Ordering::Relaxed);
-    }
-
-    fn sum(&self) -> u64 {
-        self.slots
-            .iter()
-            .map(|s| s.load(Ordering::Relaxed))
-            .fold(0, u64::wrapping_add)
-    }
-}
-
-/// The counter part: cpulocal's, or the broken one.
-enum Adder {
-    Real(Counter),
-    Broken(BrokenCounter),
-}
-
-impl Adder {
-    #[inline]
-    fn add(&self, n: u64) {
-        match self {
-            Adder::Real(c) => c.add(n),
-            Adder::Broken(c) => c.add(n),
-        }
-    }
-
-    fn sum(&self) -> u64 {
-        match self {
-            Adder::Real(c) => c.sum(),
-            Adder::Broken(c) => c.sum(),
-        }
-    }
-
-    fn slow_path(&self) -> Option<u64> {
-        match self {
-            Adder::Real(c) => Some(c.slow_path_sum()),
-            Adder::Broken(_) => None,
-        }
     }
 }
 
@@ -788,7 +722,7 @@ struct Shared {
     config: Config,
     kinds: &'static [Kind],
     remote_kinds: &'static [Kind],
-    counter: Option<Adder>,
+    counter: Option<Counter>,
     /// The handler's counter when there is no counter part.
     signal_counter: Counter,
     /// Runs of the signal handler.
@@ -1067,13 +1001,7 @@ impl Shared {
             config: config.clone(),
             kinds,
             remote_kinds: config.structure.remote_kinds(),
-            counter: has(Kind::Counter).then(|| {
-                if config.broken {
-                    Adder::Broken(BrokenCounter::new())
-                } else {
-                    Adder::Real(Counter::new())
-                }
-            }),
+            counter: has(Kind::Counter).then(Counter::new),
             signal_counter: Counter::new(),
             handled: AtomicU64::new(0),
             stack: has(Kind::Stack).then(Stack::new),
@@ -1573,6 +1501,7 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
     let delay = config.delay_loops.unwrap_or(0);
     hooks::set_delay_loops(delay);
     hooks::break_stack_guard(config.broken && shared.stack.is_some());
+    hooks::break_counter_sequence(config.broken && shared.counter.is_some());
     let aborts_before = hooks::kernel_aborts();
     let start = Instant::now();
     // Release: the hooks are set before any worker starts.
@@ -1643,6 +1572,7 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
         .map(|(after, before)| after - before);
     hooks::set_delay_loops(0);
     hooks::break_stack_guard(false);
+    hooks::break_counter_sequence(false);
     // Release: every writer is joined; the consumer's last pass sees all commits.
     shared.consumer_stop.store(true, Ordering::Release);
     let seen = consumer_thread.map(join);
@@ -1695,10 +1625,14 @@ fn check(
     let sum = |f: &dyn Fn(&Tally) -> u64| tallies.iter().map(f).sum::<u64>();
     // Relaxed: every thread that touched it is joined.
     let handled = shared.handled.load(Ordering::Relaxed);
-    let counter = shared
-        .counter
-        .as_ref()
-        .map(|c| CounterCheck::new(sum(&|t| t.counter_adds), handled, c.sum(), c.slow_path()));
+    let counter = shared.counter.as_ref().map(|c| {
+        CounterCheck::new(
+            sum(&|t| t.counter_adds),
+            handled,
+            c.sum(),
+            Some(c.slow_path_sum()),
+        )
+    });
     let signal_counter =
         (shared.counter.is_none() && config.signal_interval.is_some()).then(|| {
             CounterCheck::new(
@@ -1814,7 +1748,7 @@ fn check(
         slow_path: shared
             .counter
             .as_ref()
-            .and_then(Adder::slow_path)
+            .map(Counter::slow_path_sum)
             .or_else(|| signal_counter.as_ref().and_then(|c| c.slow_path)),
         signals_sent: facts.signals_sent,
         signals_handled: handled,

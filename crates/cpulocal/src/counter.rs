@@ -94,6 +94,14 @@ impl Counter {
         let Some(slot) = self.slots.get(cpu as usize) else {
             return false; // a CPU beyond `possible` (cannot happen): the slow path takes it
         };
+        #[cfg(any(test, feature = "__test-hooks"))]
+        if crate::test_hooks::counter_sequence_broken() {
+            // SAFETY: as below; the mutation loses updates, it touches no other memory.
+            let outcome = unsafe {
+                arch::add_without_restart(rseq.as_ptr(), slot.local.as_ptr(), n as usize, cpu)
+            };
+            return outcome == Outcome::Committed(());
+        }
         // SAFETY: (1) `rseq` is this thread's area; (2) `slot.local` is written only by
         // this sequence, always with the CPU whose slot it is, so the kernel serialises
         // all its writers; readers use atomic loads.

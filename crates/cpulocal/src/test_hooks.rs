@@ -64,3 +64,19 @@ pub fn break_stack_guard(broken: bool) {
 pub(crate) fn stack_guard_broken() -> bool {
     STACK_GUARD_BROKEN.load(Ordering::Relaxed)
 }
+
+static COUNTER_SEQUENCE_BROKEN: AtomicBool = AtomicBool::new(false);
+
+/// Breaks (`true`) or restores (`false`) [`Counter`](crate::Counter)'s add: while broken,
+/// it runs a load, the delay, and a store with no critical section armed, so a
+/// preemption, migration or signal between the load and the store loses updates. The
+/// mutation `cpulocal stress --broken` must catch.
+pub fn break_counter_sequence(broken: bool) {
+    // Relaxed: a test switch, set before the workers start.
+    COUNTER_SEQUENCE_BROKEN.store(broken, Ordering::Relaxed);
+}
+
+#[inline(always)]
+pub(crate) fn counter_sequence_broken() -> bool {
+    COUNTER_SEQUENCE_BROKEN.load(Ordering::Relaxed)
+}

@@ -478,10 +478,6 @@ pub(crate) unsafe fn pop_guarded(
 ///
 /// As for [`add`].
 #[cfg(any(test, feature = "__test-hooks"))]
-#[cfg_attr(
-    not(test),
-    allow(dead_code, reason = "only the unit tests call it so far")
-)]
 #[inline(always)]
 pub(crate) unsafe fn add_without_restart(
     rseq: *mut Rseq,
