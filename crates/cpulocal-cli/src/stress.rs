@@ -31,11 +31,11 @@
 //! `test-hooks` only) the run tortures a deliberately broken variant and must report
 //! losses or duplicates:
 //!
-//! - `counter`: [`cpulocal::test_hooks`]`::break_counter_sequence(true)` makes
+//! - `counter`: `cpulocal::test_hooks::break_counter_sequence(true)` makes
 //!   `Counter::add` run cpulocal's own sequence with its critical section unarmed
 //!   (load, delay, store): a preemption, migration or signal between its load and its
 //!   store loses updates.
-//! - `stack`: [`cpulocal::test_hooks`]`::break_stack_guard(true)` makes the push and pop
+//! - `stack`: `cpulocal::test_hooks::break_stack_guard(true)` makes the push and pop
 //!   sequences ignore a remote owner's lock, so steals racing them lose or duplicate
 //!   nodes. Duplicates are detected (a node held twice is never pushed back nor freed);
 //!   the broken run leaks what it cannot account for. Use a short `--delay` (0–10):

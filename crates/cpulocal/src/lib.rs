@@ -34,11 +34,41 @@
 //! every operation still works, through atomics; [`mechanism`] says which is active
 //! and why.
 //!
+//! # What there is
+//!
+//! | item | for |
+//! |---|---|
+//! | [`current_cpu`], [`current_node`], [`current_mm_cid`] | where the thread runs, in one load |
+//! | [`Counter`] | a sum many threads bump; exact [`Counter::take`] while they do |
+//! | [`PerCpu`] | any `T` per CPU (or per mm_cid) behind a per-CPU lock: [`PerCpu::with_cpu`], and [`PerCpu::on_cpu`] for a chosen CPU |
+//! | [`Stack`] | per-CPU intrusive freelists / object caches, with [`Stack::steal`] |
+//! | [`ring::RingBuffer`] | per-CPU trace buffers with a migration-safe commit |
+//! | [`ops`] | the raw restartable primitives, for experts |
+//! | [`mechanism`], [`remote_scheme`] | what this process runs on, and why |
+//!
 //! # Layers
 //!
 //! [`abi`] and [`sys`] (kernel layouts, raw syscalls) → [`thread`] (registration) →
-//! `arch` (the asm sequences) → [`ops`] (primitives with a fallback) → structures
-//! ([`Counter`]).
+//! `arch` (the asm sequences) → [`ops`] (primitives with a fallback) and [`remote`]
+//! (operating on a chosen CPU's data) → structures ([`Counter`], [`PerCpu`], [`Stack`],
+//! [`ring`]).
+//!
+//! # Signal handlers
+//!
+//! On a thread that has already used cpulocal (see [`register_current_thread`]),
+//! [`current_cpu`] and [`Counter::add`] are async-signal-safe: they are wait-free on
+//! every path. The other structures' fast paths are too, but their slow paths take a
+//! per-CPU lock: a handler that interrupts its own thread while that thread holds the
+//! lock of the same structure (inside `with_cpu`, a `steal`, a `flush`, or a slow path)
+//! would wait forever. Use them from a handler only when the interrupted code cannot be
+//! inside the same structure.
+//!
+//! # Debuggers
+//!
+//! A debugger single-stepping through a sequence aborts it at every step. Every
+//! operation gives up its sequence after a few aborts in a row and completes through a
+//! slow path that needs none (an atomic add, or the CPU's lock taken as a remote owner),
+//! so a single-stepped program makes progress (tested with `PTRACE_SINGLESTEP`).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 #[cfg(not(target_os = "linux"))]

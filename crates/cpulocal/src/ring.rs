@@ -141,7 +141,7 @@ pub struct RingStats {
     pub overwritten: u64,
     /// Commits that used the atomic (remote) counter: the thread migrated between reserve
     /// and commit, or the restartable add kept aborting, or the process runs the
-    /// [`Scheme::Locked`](crate::remote::Scheme::Locked) scheme, where every commit does.
+    /// [`Scheme::Locked`] scheme, where every commit does.
     pub remote_commits: u64,
     /// Reservations dropped without a commit, turned into padding.
     pub abandoned: u64,

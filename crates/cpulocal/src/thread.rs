@@ -3,15 +3,15 @@
 //!
 //! # The state of a thread
 //!
-//! Each thread keeps one word in a const-initialised thread-local, [`AREA`]:
+//! Each thread keeps one word in a const-initialised thread-local, `AREA`:
 //!
 //! | value | meaning |
 //! |---|---|
-//! | `0` ([`UNKNOWN`]) | the thread has not used cpulocal yet |
-//! | `1` ([`UNAVAILABLE`]) | this thread cannot use rseq: the fallback (or the slow path) serves it |
+//! | `0` (`UNKNOWN`) | the thread has not used cpulocal yet |
+//! | `1` (`UNAVAILABLE`) | this thread cannot use rseq: the fallback (or the slow path) serves it |
 //! | any other | address of the thread's registered `struct rseq` |
 //!
-//! The fast path ([`current`]) is one thread-local load and one compare that is always
+//! The fast path (`current`) is one thread-local load and one compare that is always
 //! predicted the same way after the first call; everything else is out of line.
 //!
 //! # Whose area
@@ -36,7 +36,7 @@
 //! area, our own, or the fallback when rseq is missing or refused (ENOSYS under
 //! valgrind, gVisor or qemu-user; EPERM from seccomp; EINVAL). A later thread that
 //! still cannot register (a seccomp filter installed on it alone, or a destructor that
-//! runs after the unregistration) is marked [`UNAVAILABLE`]; the primitives report
+//! runs after the unregistration) is marked `UNAVAILABLE`; the primitives report
 //! `Aborted` to it and the structures serve it through their slow paths, which are
 //! correct next to threads that do use rseq.
 
