@@ -115,3 +115,8 @@ pub use thread::{mechanism, FallbackReason, Mechanism, Registrar};
 pub fn register_current_thread() -> bool {
     thread::is_registered()
 }
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

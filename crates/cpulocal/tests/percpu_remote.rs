@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use cpulocal::remote::{LockedReason, Scheme};
-use cpulocal::{Counter, FallbackReason, Index, Mechanism, PerCpu};
+use cpulocal::remote::Scheme;
+use cpulocal::{Counter, Index, PerCpu};
 
 use common::{
-    in_child, install_handler, kernel_aborts, serial, uses_sequences, AffinityChurn, Delay,
-    ErrnoGuard, Rng, SignalStorm,
+    install_handler, kernel_aborts, serial, uses_sequences, AffinityChurn, Delay, ErrnoGuard, Rng,
+    SignalStorm,
 };
 
 /// The signal of the storms.
@@ -266,42 +266,21 @@ fn per_cpu_by_mm_cid_total_is_exact_with_remote_updates_and_readers() {
 #[test]
 fn per_cpu_is_exact_with_the_locked_scheme() {
     let _serial = serial();
-    in_child(
-        "per_cpu_is_exact_with_the_locked_scheme",
-        &[("CPULOCAL_DISABLE_MEMBARRIER", "1")],
-        || {
-            assert!(uses_sequences(), "rseq itself stays on");
-            assert_eq!(
-                cpulocal::remote_scheme(),
-                Scheme::Locked(LockedReason::Disabled)
-            );
-            assert_exact(&run(Index::Cpu, 8, Duration::from_millis(1500)));
-            assert_exact(&run(Index::MmCid, 8, Duration::from_millis(500)));
-            take_race(Duration::from_millis(500));
-        },
-    );
+    common::in_locked_scheme_child("per_cpu_is_exact_with_the_locked_scheme", || {
+        assert_exact(&run(Index::Cpu, 8, Duration::from_millis(1500)));
+        assert_exact(&run(Index::MmCid, 8, Duration::from_millis(500)));
+        take_race(Duration::from_millis(500));
+    });
 }
 
 #[test]
 fn per_cpu_is_exact_without_rseq() {
     let _serial = serial();
-    in_child(
-        "per_cpu_is_exact_without_rseq",
-        &[("CPULOCAL_DISABLE_RSEQ", "1")],
-        || {
-            assert_eq!(
-                cpulocal::mechanism(),
-                Mechanism::Fallback(FallbackReason::Disabled)
-            );
-            assert_eq!(
-                cpulocal::remote_scheme(),
-                Scheme::Locked(LockedReason::NoRseq)
-            );
-            assert_exact(&run(Index::Cpu, 8, Duration::from_millis(1500)));
-            assert_exact(&run(Index::MmCid, 8, Duration::from_millis(500)));
-            take_race(Duration::from_millis(500));
-        },
-    );
+    common::in_fallback_child("per_cpu_is_exact_without_rseq", || {
+        assert_exact(&run(Index::Cpu, 8, Duration::from_millis(1500)));
+        assert_exact(&run(Index::MmCid, 8, Duration::from_millis(500)));
+        take_race(Duration::from_millis(500));
+    });
 }
 
 #[test]

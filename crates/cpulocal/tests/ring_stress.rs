@@ -17,9 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use cpulocal::remote::{LockedReason, Scheme};
+use cpulocal::remote::Scheme;
 use cpulocal::ring::{Mode, Record, ReserveError, RingBuffer, RingConfig, RingStats};
-use cpulocal::{FallbackReason, Mechanism};
 
 use common::{
     allowed_cpus, in_child, install_handler, kernel_aborts, serial, set_affinity, ErrnoGuard,
@@ -492,40 +491,19 @@ fn every_record_is_read_once_overwritten_or_discarded() {
 #[test]
 fn ring_is_exact_with_the_locked_scheme() {
     let _serial = serial();
-    in_child(
-        "ring_is_exact_with_the_locked_scheme",
-        &[("CPULOCAL_DISABLE_MEMBARRIER", "1")],
-        || {
-            assert!(common::uses_sequences(), "rseq itself stays on");
-            assert_eq!(
-                cpulocal::remote_scheme(),
-                Scheme::Locked(LockedReason::Disabled)
-            );
-            assert_accounted(&run(Mode::DiscardNewest, PRODUCERS, PER_PRODUCER / 2));
-            assert_accounted(&run(Mode::OverwriteOldest, PRODUCERS, PER_PRODUCER / 2));
-        },
-    );
+    common::in_locked_scheme_child("ring_is_exact_with_the_locked_scheme", || {
+        assert_accounted(&run(Mode::DiscardNewest, PRODUCERS, PER_PRODUCER / 2));
+        assert_accounted(&run(Mode::OverwriteOldest, PRODUCERS, PER_PRODUCER / 2));
+    });
 }
 
 #[test]
 fn ring_is_exact_without_rseq() {
     let _serial = serial();
-    in_child(
-        "ring_is_exact_without_rseq",
-        &[("CPULOCAL_DISABLE_RSEQ", "1")],
-        || {
-            assert_eq!(
-                cpulocal::mechanism(),
-                Mechanism::Fallback(FallbackReason::Disabled)
-            );
-            assert_eq!(
-                cpulocal::remote_scheme(),
-                Scheme::Locked(LockedReason::NoRseq)
-            );
-            assert_accounted(&run(Mode::DiscardNewest, PRODUCERS, PER_PRODUCER / 2));
-            assert_accounted(&run(Mode::OverwriteOldest, PRODUCERS, PER_PRODUCER / 2));
-        },
-    );
+    common::in_fallback_child("ring_is_exact_without_rseq", || {
+        assert_accounted(&run(Mode::DiscardNewest, PRODUCERS, PER_PRODUCER / 2));
+        assert_accounted(&run(Mode::OverwriteOldest, PRODUCERS, PER_PRODUCER / 2));
+    });
 }
 
 /// Reads every record of every CPU (after a flush), as payloads.

@@ -24,12 +24,12 @@ use std::sync::atomic::{compiler_fence, AtomicBool, AtomicPtr, AtomicU64, Atomic
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use cpulocal::remote::{LockedReason, Scheme};
-use cpulocal::{FallbackReason, Mechanism, Node, NodeList, Stack};
+use cpulocal::remote::Scheme;
+use cpulocal::{Node, NodeList, Stack};
 
 use common::{
-    in_child, install_handler, kernel_aborts, serial, uses_sequences, AffinityChurn, Delay,
-    ErrnoGuard, Rng, SignalStorm,
+    install_handler, kernel_aborts, serial, uses_sequences, AffinityChurn, Delay, ErrnoGuard, Rng,
+    SignalStorm,
 };
 
 /// The signal of the storm.
@@ -574,38 +574,17 @@ fn every_node_is_popped_or_stolen_exactly_once_under_a_storm() {
 #[test]
 fn stack_is_exact_with_the_locked_scheme() {
     let _serial = serial();
-    in_child(
-        "stack_is_exact_with_the_locked_scheme",
-        &[("CPULOCAL_DISABLE_MEMBARRIER", "1")],
-        || {
-            assert!(uses_sequences(), "rseq itself stays on");
-            assert_eq!(
-                cpulocal::remote_scheme(),
-                Scheme::Locked(LockedReason::Disabled)
-            );
-            assert_exact(&run(Config::storm(Duration::from_millis(1500))));
-        },
-    );
+    common::in_locked_scheme_child("stack_is_exact_with_the_locked_scheme", || {
+        assert_exact(&run(Config::storm(Duration::from_millis(1500))));
+    });
 }
 
 #[test]
 fn stack_is_exact_without_rseq() {
     let _serial = serial();
-    in_child(
-        "stack_is_exact_without_rseq",
-        &[("CPULOCAL_DISABLE_RSEQ", "1")],
-        || {
-            assert_eq!(
-                cpulocal::mechanism(),
-                Mechanism::Fallback(FallbackReason::Disabled)
-            );
-            assert_eq!(
-                cpulocal::remote_scheme(),
-                Scheme::Locked(LockedReason::NoRseq)
-            );
-            assert_exact(&run(Config::storm(Duration::from_millis(1500))));
-        },
-    );
+    common::in_fallback_child("stack_is_exact_without_rseq", || {
+        assert_exact(&run(Config::storm(Duration::from_millis(1500))));
+    });
 }
 
 /// The harness can see the failure it hunts: with the push and pop sequences blind to
@@ -615,7 +594,7 @@ fn stack_is_exact_without_rseq() {
 #[test]
 fn a_stack_whose_sequences_ignore_the_cpu_lock_loses_or_duplicates_nodes() {
     let _serial = serial();
-    in_child(
+    common::in_child(
         "a_stack_whose_sequences_ignore_the_cpu_lock_loses_or_duplicates_nodes",
         &[],
         || {

@@ -51,6 +51,35 @@ pub(crate) fn is_child(name: &str) -> bool {
     }
 }
 
+/// [`in_child`] with `CPULOCAL_DISABLE_MEMBARRIER=1`: the child checks that rseq stays
+/// on while remote access uses the locked scheme, then runs `body`.
+pub(crate) fn in_locked_scheme_child(name: &str, body: impl FnOnce()) -> Option<String> {
+    in_child(name, &[("CPULOCAL_DISABLE_MEMBARRIER", "1")], || {
+        assert!(uses_sequences(), "rseq itself stays on");
+        assert_eq!(
+            cpulocal::remote_scheme(),
+            cpulocal::remote::Scheme::Locked(cpulocal::remote::LockedReason::Disabled)
+        );
+        body();
+    })
+}
+
+/// [`in_child`] with `CPULOCAL_DISABLE_RSEQ=1`: the child checks that the process runs
+/// the fallback and the locked scheme, then runs `body`.
+pub(crate) fn in_fallback_child(name: &str, body: impl FnOnce()) -> Option<String> {
+    in_child(name, &[("CPULOCAL_DISABLE_RSEQ", "1")], || {
+        assert_eq!(
+            cpulocal::mechanism(),
+            cpulocal::Mechanism::Fallback(cpulocal::FallbackReason::Disabled)
+        );
+        assert_eq!(
+            cpulocal::remote_scheme(),
+            cpulocal::remote::Scheme::Locked(cpulocal::remote::LockedReason::NoRseq)
+        );
+        body();
+    })
+}
+
 /// In the parent: re-executes this test binary to run only the test `name` (which
 /// must be the name libtest gives it: the function's name for a test at the root of
 /// an integration test file), with `env` added to an environment cleared of
