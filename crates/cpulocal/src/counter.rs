@@ -76,9 +76,9 @@ impl Counter {
     /// thread that has already used cpulocal.
     #[inline]
     pub fn add(&self, n: u64) {
-        // One attempt inline; retries and the slow path stay out of line so that every
-        // call site carries only the sequence itself.
-        if let Some(rseq) = thread::current() {
+        // One attempt inline; the first registration, retries and the slow path stay out
+        // of line (a tail call), so every call site carries only the sequence itself.
+        if let Some(rseq) = thread::current_if_registered() {
             if self.try_add(rseq, n) {
                 return;
             }
@@ -109,7 +109,8 @@ impl Counter {
         outcome == Outcome::Committed(())
     }
 
-    /// After an abort: retry a few times, then take the slow path.
+    /// After an abort (or before the thread's first registration): retry a few times,
+    /// then take the slow path.
     #[cold]
     #[inline(never)]
     fn add_retry(&self, n: u64) {

@@ -265,6 +265,16 @@ pub(crate) fn current() -> Option<NonNull<Rseq>> {
     }
 }
 
+/// The calling thread's registered area if it already has one; `None` otherwise,
+/// without registering. For fast paths whose out-of-line slow path calls [`current`]:
+/// they then need nothing saved across a call.
+#[inline(always)]
+pub(crate) fn current_if_registered() -> Option<NonNull<Rseq>> {
+    let state = AREA.get();
+    // SAFETY: as in `current`.
+    (state > UNAVAILABLE).then(|| unsafe { NonNull::new_unchecked(state as *mut Rseq) })
+}
+
 #[cold]
 #[inline(never)]
 fn current_slow(state: usize) -> Option<NonNull<Rseq>> {
