@@ -99,7 +99,7 @@ mod tests;
 pub use cache_padded::CachePadded;
 pub use counter::Counter;
 pub use cpu::{current_cpu, current_mm_cid, current_node, possible_cpus};
-pub use percpu::{Index, PerCpu, PerCpuGuard};
+pub use percpu::{Index, Lock, PerCpu, PerCpuGuard};
 pub use remote::{scheme as remote_scheme, InvalidCpu};
 pub use stack::{Node, NodeList, Stack};
 pub use thread::{mechanism, FallbackReason, Mechanism, Registrar};

@@ -26,6 +26,19 @@ pub enum Index {
     MmCid,
 }
 
+/// A bare per-CPU lock: a [`PerCpu`] with nothing in its slots. Guard your own per-CPU
+/// data with it when it cannot live inside a `PerCpu` (seed 004: "if you can construct a
+/// per-cpu lock, that can be used to construct arbitrary logic").
+///
+/// ```
+/// let lock = cpulocal::Lock::new(|_| ());
+/// let held = lock.lock();          // this CPU's lock: one restartable compare-and-store
+/// let cpu = held.cpu();
+/// drop(held);                      // released with a store
+/// drop(lock.lock_cpu(cpu).unwrap()); // any CPU's lock, from any thread
+/// ```
+pub type Lock = PerCpu<()>;
+
 struct Slot<T> {
     lock: CpuLock,
     value: UnsafeCell<T>,
