@@ -4,6 +4,7 @@
 use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use crate::abi::Rseq;
 use crate::arch::{self, Outcome};
@@ -58,6 +59,8 @@ struct Slot {
 /// ```
 pub struct Counter {
     slots: Box<[CachePadded<Slot>]>,
+    /// Serialises [`Counter::take`]; adds never touch it.
+    takers: Mutex<()>,
 }
 
 impl Counter {
@@ -67,6 +70,7 @@ impl Counter {
             slots: (0..sys::possible_cpus())
                 .map(|_| CachePadded::new(Slot::default()))
                 .collect(),
+            takers: Mutex::new(()),
         }
     }
 
@@ -141,15 +145,19 @@ impl Counter {
     /// one instant's value.
     pub fn sum(&self) -> u64 {
         self.slots.iter().fold(0u64, |acc, s| {
-            // Relaxed: the join (or other synchronisation) with the writers orders them.
+            // `remote` first, with Acquire (pairs with the Release swap in `take`): a sum
+            // that sees `-local` written by a take also sees a `local` at least as large
+            // as the one that take read, so a slot never reads as negative.
+            let remote = s.remote.load(Ordering::Acquire);
             acc.wrapping_add(s.local.load(Ordering::Relaxed) as u64)
-                .wrapping_add(s.remote.load(Ordering::Relaxed))
+                .wrapping_add(remote)
         })
     }
 
     /// Returns the sum and sets the counter back to zero, exactly, even while other
     /// threads add: every update is counted either in the value returned or in later
-    /// sums, never in both and never in neither.
+    /// sums, never in both and never in neither. Concurrent takes are serialised by a
+    /// mutex (so `take` is not for signal handlers); adds never wait for it.
     ///
     /// How: a slot's value is `local + remote`. `take` reads `local` (written only by
     /// sequences on the slot's CPU, so it cannot be changed from here) and atomically
@@ -164,11 +172,16 @@ impl Counter {
     /// assert_eq!(c.sum(), 4);
     /// ```
     pub fn take(&self) -> u64 {
+        // Takers are serialised: two interleaved takes of one slot could each cancel a
+        // different `local`, and return wrapped values. Takes are rare; adds never wait.
+        let _one_taker = self.takers.lock().unwrap_or_else(|p| p.into_inner());
         self.slots.iter().fold(0u64, |acc, s| {
-            // Relaxed for both: exactness needs no ordering, because the value read is the
-            // very value cancelled, whenever the read happens.
+            // Relaxed: the value read is the very value cancelled below, whenever the
+            // read happens, so exactness needs no ordering.
             let local = s.local.load(Ordering::Relaxed) as u64;
-            let remote = s.remote.swap(local.wrapping_neg(), Ordering::Relaxed);
+            // Release: pairs with the Acquire in `sum` (see there).
+            let remote = s.remote.swap(local.wrapping_neg(), Ordering::Release);
+            // A diagnostic: an `add_slow` racing this may be counted before or after.
             s.slow.store(0, Ordering::Relaxed);
             acc.wrapping_add(local).wrapping_add(remote)
         })
