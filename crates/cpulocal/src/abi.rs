@@ -31,8 +31,9 @@ pub struct Rseq {
     pub node_id: u32,
     /// Concurrency id of the thread within its mm (valid when the feature size reaches 28).
     pub mm_cid: u32,
-    /// Not part of the ABI: pads the struct to the 32 bytes of the original registration.
-    pub padding: u32,
+    /// Kernel-owned from Linux 7.0 (time-slice extension control); padding before.
+    /// Never written by cpulocal.
+    pub slice_ctrl: u32,
 }
 
 /// A critical-section descriptor (`struct rseq_cs`). Static, 32-byte aligned, in its own

@@ -19,21 +19,31 @@
 //! reports [`Outcome::Aborted`] without being interrupted.
 //!
 //! ```
-//! use core::sync::atomic::AtomicUsize;
+//! use core::sync::atomic::{AtomicUsize, Ordering};
 //! use cpulocal::ops::{self, Outcome};
 //!
-//! // One word per possible CPU, each written only through primitives.
+//! // One word per possible CPU, each written only through primitives, and one shared
+//! // word for the slow path (a debugger single-stepping aborts every attempt).
 //! let words: Vec<AtomicUsize> = (0..cpulocal::possible_cpus()).map(|_| AtomicUsize::new(0)).collect();
-//! loop {
+//! let slow = AtomicUsize::new(0);
+//! let mut committed = false;
+//! for _attempt in 0..8 {
 //!     let cpu = cpulocal::current_cpu();
 //!     // SAFETY: every write to `words[cpu]` is made by a primitive that expects `cpu`.
 //!     match unsafe { ops::add(words[cpu as usize].as_ptr(), 5, cpu) } {
-//!         Outcome::Committed(()) => break,
+//!         Outcome::Committed(()) => {
+//!             committed = true;
+//!             break;
+//!         }
 //!         Outcome::Aborted => continue,
 //!         Outcome::CompareFailed => unreachable!("add does not compare"),
 //!     }
 //! }
-//! let total: usize = words.iter().map(|w| w.load(core::sync::atomic::Ordering::Relaxed)).sum();
+//! if !committed {
+//!     slow.fetch_add(5, Ordering::Relaxed);
+//! }
+//! let total: usize = words.iter().map(|w| w.load(Ordering::Relaxed)).sum::<usize>()
+//!     + slow.load(Ordering::Relaxed);
 //! assert_eq!(total, 5);
 //! ```
 //!

@@ -222,14 +222,8 @@ impl CpuLock {
         loop {
             self.acquire_word(me);
             // Restart every sequence in flight on `cpu`: any that read the word as free
-            // before our exchange either committed already or never will. If the
-            // per-CPU fence fails (it cannot for a possible CPU), the process-wide one
-            // is at least as strong.
-            if sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, mb::CMD_FLAG_CPU, cpu as i32)
-                .is_err()
-            {
-                let _ = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0);
-            }
+            // before our exchange either committed already or never will.
+            fence_sequences_on(cpu);
             // Acquire: a local owner that overwrote our token released with a Release
             // store; we must see its writes before ours.
             if self.word.load(Ordering::Acquire) == me {
@@ -301,6 +295,26 @@ impl CpuLock {
     pub(crate) fn unlock(&self) {
         // Release: pairs with the Acquire of the next owner.
         self.word.store(0, Ordering::Release);
+    }
+}
+
+/// `membarrier(PRIVATE_EXPEDITED_RSEQ)` on `cpu` (or, should the per-CPU form fail, on
+/// every CPU, which is at least as strong).
+///
+/// # Panics
+///
+/// If the kernel refuses both after the process registered for them (a sandbox that
+/// filters the command later): without the fence no remote owner can exclude that CPU's
+/// sequences, and continuing would silently break mutual exclusion.
+fn fence_sequences_on(cpu: u32) {
+    let per_cpu = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, mb::CMD_FLAG_CPU, cpu as i32);
+    if let Err(first) = per_cpu {
+        if let Err(second) = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0) {
+            panic!(
+                "membarrier(PRIVATE_EXPEDITED_RSEQ) failed ({first:?} on CPU {cpu}, then {second:?}) \
+                 after registration: cannot exclude the CPU's restartable sequences"
+            );
+        }
     }
 }
 

@@ -152,7 +152,8 @@ pub struct RingStats {
 pub struct Record<'a> {
     /// The CPU whose ring held it (where it was reserved).
     pub cpu: usize,
-    /// `CLOCK_MONOTONIC` nanoseconds at the reserve, when the ring keeps timestamps.
+    /// `CLOCK_MONOTONIC` nanoseconds read just before the reserve, when the ring keeps
+    /// timestamps.
     pub timestamp: Option<u64>,
     /// The payload.
     pub data: &'a [u8],
@@ -347,6 +348,10 @@ impl RingBuffer {
                 }
                 return Attempt::Done(Err(ReserveError::Full));
             }
+            // Read just before the sequence (as LTTng reads its clock inside its reserve
+            // loop), so a ring's timestamps follow its reservation order unless the
+            // thread is preempted in the few instructions between.
+            let timestamp = self.config.timestamps.then(monotonic_ns);
             // SAFETY: (1) `rseq` is this thread's area; (2) `write` is written only by
             // sequences expecting this ring's CPU, which check `lock`, and by holders of
             // `lock`, which fence those sequences (crate::remote).
@@ -361,13 +366,15 @@ impl RingBuffer {
                 )
             };
             match outcome {
-                Outcome::Committed(()) => Attempt::Done(Ok((cpu as usize, old, begin))),
+                Outcome::Committed(()) => Attempt::Done(Ok((cpu as usize, old, begin, timestamp))),
                 Outcome::CompareFailed => Attempt::Retry,
                 Outcome::Aborted => ring.lock.aborted(),
             }
         });
         match reserved {
-            Some(Ok((cpu, old, begin))) => Ok(self.reserved(cpu, old, begin, size, len)),
+            Some(Ok((cpu, old, begin, timestamp))) => {
+                Ok(self.reserved(cpu, old, begin, size, len, timestamp))
+            }
             Some(Err(full)) => {
                 self.discarded.add(1);
                 Err(full)
@@ -386,9 +393,11 @@ impl RingBuffer {
             let old = ring.write.load(Ordering::Relaxed);
             let begin = self.placement(old, size);
             if self.has_room(ring, begin) {
+                // Under the lock: in order with every other reservation of this ring.
+                let timestamp = self.config.timestamps.then(monotonic_ns);
                 ring.write.store(begin + size, Ordering::Relaxed);
                 ring.lock.unlock();
-                return Ok(self.reserved(cpu, old, begin, size, len));
+                return Ok(self.reserved(cpu, old, begin, size, len, timestamp));
             }
             ring.lock.unlock();
             if !self.make_room(ring) {
@@ -459,6 +468,7 @@ impl RingBuffer {
         begin: usize,
         size: usize,
         len: usize,
+        timestamp: Option<u64>,
     ) -> Reservation<'_> {
         let ring = &self.rings[cpu];
         if begin > old {
@@ -467,7 +477,6 @@ impl RingBuffer {
             unsafe { self.write_header(ring, old, KIND_PADDING, begin - old - HEADER, None) };
             self.commit_bytes(cpu, old, begin - old, false);
         }
-        let timestamp = self.config.timestamps.then(monotonic_ns);
         // SAFETY: [begin, begin + size) was reserved by us.
         unsafe { self.write_header(ring, begin, KIND_RECORD, len, timestamp) };
         Reservation {
@@ -692,7 +701,9 @@ impl fmt::Debug for RingBuffer {
 /// payload, then [`commit`](Reservation::commit) — from any CPU: a thread that migrated
 /// since the reserve commits to the reserving CPU's ring through its remote counter.
 /// Dropped without a commit, the room is committed as padding (counted in
-/// [`RingStats::abandoned`]).
+/// [`RingStats::abandoned`]). Leaked instead (`mem::forget`), it is never committed:
+/// its sub-buffer never completes, and the consumer of that CPU's ring stops there for
+/// good. Do not leak reservations.
 pub struct Reservation<'a> {
     buffer: &'a RingBuffer,
     /// The payload's first byte (computed once, at the reserve).

@@ -19,17 +19,27 @@
 //! The kernel accepts one registration per thread. glibc ≥ 2.35 registers one for every
 //! thread it creates and exports `__rseq_offset` (from the thread pointer) and
 //! `__rseq_size`; when `__rseq_size > 0` cpulocal uses that area and never registers.
-//! Otherwise (glibc told not to with `GLIBC_TUNABLES=glibc.pthread.rseq=0`, musl, a
-//! static build, an old glibc) cpulocal registers an area of its own in its own TLS,
-//! lazily, on the first use in each thread, and unregisters it from a pthread-key
-//! destructor. Those run after every C++ and Rust `thread_local!` destructor (glibc's
-//! `start_thread` calls `__call_tls_dtors` first), so the area stays registered for
-//! destructors that still use cpulocal, and is unregistered before the thread's TLS is
-//! freed.
+//! Otherwise (glibc told not to with `GLIBC_TUNABLES=glibc.pthread.rseq=0`, musl, an
+//! old glibc) cpulocal registers an area of its own in its own TLS, lazily, on the first
+//! use in each thread, and unregisters it from a pthread-key destructor. With glibc,
+//! those run after every C++ and Rust `thread_local!` destructor (`start_thread` calls
+//! `__call_tls_dtors` first), so the area stays registered for destructors that still
+//! use cpulocal, and is unregistered before the thread's TLS is freed. (On musl, Rust's
+//! destructors are pthread-key destructors too, in no fixed order with ours; one that
+//! runs later finds the thread unregistered and is served by the slow paths.)
 //!
 //! The symbols are looked up with `dlsym` rather than linked, so the crate links and
 //! runs where they do not exist.
 //!
+//! # Limits
+//!
+//! - A statically linked glibc ≥ 2.35 registers every thread, but `dlsym` cannot find
+//!   its symbols: cpulocal's own registration then fails with EINVAL and the process runs
+//!   the fallback (correct, not fast). Set `GLIBC_TUNABLES=glibc.pthread.rseq=0` there.
+//! - Unloading cpulocal with `dlclose` is not supported: a thread's `rseq_cs` may still
+//!   point at a descriptor in the unloaded code (the kernel clears it lazily), and the
+//!   pthread-key destructor would be unmapped.
+
 //! # The mechanism
 //!
 //! The first thread to use cpulocal decides for the process ([`mechanism`]): glibc's
@@ -360,34 +370,40 @@ fn glibc_area() -> Option<NonNull<Rseq>> {
 }
 
 /// Registers the calling thread's own area and arranges its unregistration at thread
-/// exit.
+/// exit. Nothing is registered unless the unregistration can be armed: an area left
+/// registered when the thread's TLS is freed would let the kernel write into freed
+/// memory.
 fn register_own() -> Result<NonNull<Rseq>, Errno> {
+    let key = unregistration_key()?;
     let area = OWN_AREA.with(|a| a.0.get().cast::<Rseq>());
     let len = own_registration_len();
     // SAFETY: `area` is this thread's OWN_AREA: OWN_AREA_SIZE (≥ len) bytes, aligned to
     // 64 (≥ the required alignment, checked in `own_registration_len`), used for
-    // nothing else, alive until the thread exits; the pthread-key destructor below
+    // nothing else, alive until the thread exits; the pthread-key destructor armed below
     // unregisters it before glibc frees the thread's TLS.
     unsafe { sys::rseq(area, len, 0, abi::RSEQ_SIG)? };
-    arm_unregistration(area);
-    // SAFETY: the area was just checked to be non-null by the kernel accepting it.
+    // SAFETY: `key` is a live key; the value is only passed back to `unregister_own`.
+    let armed = unsafe { libc::pthread_setspecific(key, area.cast()) };
+    if armed != 0 {
+        // SAFETY: the area we just registered, with the same length and signature.
+        let _ = unsafe { sys::rseq(area, len, abi::RSEQ_FLAG_UNREGISTER, abi::RSEQ_SIG) };
+        return Err(Errno(armed));
+    }
+    // SAFETY: the kernel accepted the area, so it is not null.
     Ok(unsafe { NonNull::new_unchecked(area) })
 }
 
-/// A pthread key whose destructor unregisters the thread's own area.
-fn arm_unregistration(area: *mut Rseq) {
-    static KEY: OnceLock<Option<libc::pthread_key_t>> = OnceLock::new();
-    let key = KEY.get_or_init(|| {
+/// The pthread key whose destructor unregisters a thread's own area (created once).
+fn unregistration_key() -> Result<libc::pthread_key_t, Errno> {
+    static KEY: OnceLock<Result<libc::pthread_key_t, Errno>> = OnceLock::new();
+    *KEY.get_or_init(|| {
         let mut key: libc::pthread_key_t = 0;
         // SAFETY: `key` is a live out-parameter; the destructor is a plain extern fn.
-        let r = unsafe { libc::pthread_key_create(&mut key, Some(unregister_own)) };
-        (r == 0).then_some(key)
-    });
-    if let Some(key) = *key {
-        // SAFETY: `key` was created above; the value is only passed back to
-        // `unregister_own`.
-        unsafe { libc::pthread_setspecific(key, area.cast()) };
-    }
+        match unsafe { libc::pthread_key_create(&mut key, Some(unregister_own)) } {
+            0 => Ok(key),
+            e => Err(Errno(e)),
+        }
+    })
 }
 
 unsafe extern "C" fn unregister_own(area: *mut libc::c_void) {

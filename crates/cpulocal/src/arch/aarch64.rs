@@ -12,8 +12,9 @@
 //!   never to label `6`: a conditional branch reaches ±1 MiB only, and `__rseq_failure`
 //!   may be linked farther than that from the code, while `{moved}` is in the same
 //!   function. Label `6` is the kernel's `abort_ip`.
-//! - Label `6` leaves `__rseq_failure` with an unconditional `b` (±128 MiB, and linkers
-//!   insert a veneer beyond that).
+//! - Label `6` leaves `__rseq_failure` with an unconditional `b` (±128 MiB). Beyond
+//!   that, linkers insert a veneer, which may clobber the intra-procedure-call scratch
+//!   registers x16 and x17: every sequence declares them clobbered.
 //!
 //! Big-endian aarch64 runs the fallback only ([`HAS_RSEQ`] is false there): its code is
 //! little-endian while its data is not, so the signature the kernel reads as data would
@@ -149,6 +150,9 @@ pub(crate) unsafe fn add(rseq: *mut Rseq, v: *mut usize, count: usize, cpu: u32)
             v = in(reg) v,
             count = in(reg) count,
             tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
             sig = const RSEQ_SIG,
             moved = label { return Outcome::Aborted; },
             abort = label {
@@ -195,6 +199,9 @@ pub(crate) unsafe fn compare_store(
             expect = in(reg) expect,
             newv = in(reg) newv,
             tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
             moved = label { return Outcome::Aborted; },
@@ -253,6 +260,9 @@ pub(crate) unsafe fn pop(
             offset = in(reg) offset,
             head = in(reg) &mut head,
             tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
             moved = label { return Outcome::Aborted; },
@@ -310,6 +320,9 @@ pub(crate) unsafe fn compare_try_store_release(
             newv2 = in(reg) newv2,
             newv = in(reg) newv,
             tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
             moved = label { return Outcome::Aborted; },
@@ -377,6 +390,9 @@ pub(crate) unsafe fn compare_memcpy_store_release(
             src = inout(reg) src => _,
             len = inout(reg) len => _,
             tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
             moved = label { return Outcome::Aborted; },
@@ -433,6 +449,9 @@ pub(crate) unsafe fn compare_store_guarded(
             expect = in(reg) expect,
             newv = in(reg) newv,
             tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
             moved = label { return Outcome::Aborted; },
@@ -491,6 +510,9 @@ pub(crate) unsafe fn pop_guarded(
             offset = in(reg) offset,
             head = in(reg) &mut head,
             tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
             moved = label { return Outcome::Aborted; },

@@ -29,7 +29,7 @@ fn area(cpu_id: u32) -> Rseq {
         flags: 0,
         node_id: 7,
         mm_cid: 5,
-        padding: 0,
+        slice_ctrl: 0,
     }
 }
 
