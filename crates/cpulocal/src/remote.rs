@@ -198,10 +198,10 @@ impl CpuLock {
     /// Only under [`Scheme::Membarrier`], with the calling thread's `rseq` area.
     #[inline(always)]
     pub(crate) fn try_lock_local(&self, rseq: *mut crate::abi::Rseq, cpu: u32) -> Outcome {
-        // SAFETY: (1) `rseq` is the calling thread's area (the caller's contract);
-        // (2) the word is written only by sequences expecting `cpu`, by remote owners
-        // whose compare-exchange is fenced by membarrier against those sequences, and
-        // by the owner's release; readers use atomics.
+        // The word is written only by sequences expecting `cpu`, by remote owners whose
+        // compare-exchange is fenced by membarrier against them, and by the release.
+        // SAFETY: `rseq` is the calling thread's area (the caller's contract), and the
+        // word's writers are all excluded as above; readers use atomics.
         let outcome = unsafe { arch::compare_store(rseq, self.word.as_ptr(), 0, token(), cpu) };
         if outcome == Outcome::Committed(()) {
             // Acquire: pairs with the Release store of the previous owner, which may

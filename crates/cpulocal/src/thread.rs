@@ -377,10 +377,10 @@ fn register_own() -> Result<NonNull<Rseq>, Errno> {
     let key = unregistration_key()?;
     let area = OWN_AREA.with(|a| a.0.get().cast::<Rseq>());
     let len = own_registration_len();
-    // SAFETY: `area` is this thread's OWN_AREA: OWN_AREA_SIZE (≥ len) bytes, aligned to
-    // 64 (≥ the required alignment, checked in `own_registration_len`), used for
-    // nothing else, alive until the thread exits; the pthread-key destructor armed below
-    // unregisters it before glibc frees the thread's TLS.
+    // `area` is OWN_AREA_SIZE (≥ len) bytes, aligned to 64 (≥ the required alignment,
+    // checked in `own_registration_len`), and used for nothing else.
+    // SAFETY: this thread's OWN_AREA lives until the thread exits, and the pthread-key
+    // destructor armed below unregisters it before glibc frees the thread's TLS.
     unsafe { sys::rseq(area, len, 0, abi::RSEQ_SIG)? };
     // SAFETY: `key` is a live key; the value is only passed back to `unregister_own`.
     let armed = unsafe { libc::pthread_setspecific(key, area.cast()) };

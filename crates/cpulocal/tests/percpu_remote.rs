@@ -110,10 +110,8 @@ fn run(index: Index, workers: usize, duration: Duration) -> Report {
                 s.spawn(move || {
                     cpulocal::register_current_thread();
                     // SAFETY: pthread_self has no preconditions.
-                    pthreads
-                        .lock()
-                        .expect("pthreads")
-                        .push(unsafe { libc::pthread_self() });
+                    let me = unsafe { libc::pthread_self() };
+                    pthreads.lock().expect("pthreads").push(me);
                     tids.lock().expect("tids").push(common::gettid());
                     registered.wait();
                     let mut updates = 0u64;
@@ -349,10 +347,8 @@ fn take_race(duration: Duration) {
                 s.spawn(move || {
                     cpulocal::register_current_thread();
                     // SAFETY: pthread_self has no preconditions.
-                    pthreads
-                        .lock()
-                        .expect("pthreads")
-                        .push(unsafe { libc::pthread_self() });
+                    let me = unsafe { libc::pthread_self() };
+                    pthreads.lock().expect("pthreads").push(me);
                     registered.wait();
                     let mut rng = Rng::new(w as u64 + 100);
                     let mut added = 0u64;

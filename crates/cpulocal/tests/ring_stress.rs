@@ -263,10 +263,8 @@ fn run(mode: Mode, producers: usize, per_producer: usize) -> Report {
                 s.spawn(move || {
                     cpulocal::register_current_thread();
                     // SAFETY: pthread_self has no preconditions.
-                    pthreads
-                        .lock()
-                        .expect("pthreads")
-                        .push(unsafe { libc::pthread_self() });
+                    let me = unsafe { libc::pthread_self() };
+                    pthreads.lock().expect("pthreads").push(me);
                     registered.wait();
                     let end = produce(ring, id, per_producer, deadline);
                     // Release: pairs with the Acquire poll of the main thread.

@@ -168,11 +168,10 @@ fn in_op<R>(f: impl FnOnce() -> R) -> R {
 impl Shared {
     /// The id of node `p`, if its payload is intact.
     fn id_of(&self, p: Ptr) -> Option<usize> {
-        // SAFETY: `p` came from a `Box` of this run or an earlier one, and nothing is
-        // freed while a run goes on (nor ever, after a run that was not exact), so it
-        // points to a live node; its payload is never written after creation, and
-        // `next` is atomic, so a shared reference is sound even if another thread
-        // believes it owns the node.
+        // Nothing is freed while a run goes on (nor ever, after a run that was not
+        // exact); the payload is never written after creation, and `next` is atomic.
+        // SAFETY: `p` came from a `Box` of this run or an earlier one, so it is live, and
+        // a shared reference is sound even if another thread believes it owns the node.
         let item = unsafe { p.as_ref() };
         let id = item.id as usize;
         if id < self.state.len() && item.check == item.id ^ MAGIC {
@@ -209,10 +208,10 @@ impl Shared {
     /// Pushes `p` on the calling thread's CPU's list.
     fn give(&self, p: Ptr) {
         self.mark_pushed(p);
-        // SAFETY: `p` came from `Box::leak` of a node of this run that the caller holds
-        // (its state was HELD). In the broken variant another thread may hold it too:
-        // nothing is freed while the run goes on, so the aliasing can corrupt lists —
-        // which the harness reports — but never reach freed memory.
+        // In the broken variant another thread may hold the node too: nothing is freed
+        // while the run goes on, so the aliasing can corrupt lists (which the harness
+        // reports) but never reach freed memory.
+        // SAFETY: `p` came from `Box::leak` of a node of this run the caller holds.
         let node = unsafe { Box::from_raw(p.as_ptr()) };
         in_op(|| self.stack.push(node));
     }

@@ -133,11 +133,10 @@ pub(crate) fn thread_pointer() -> *mut u8 {
 ///    it is made by a sequence that runs on `cpu` (or under a lock that excludes them).
 #[inline(always)]
 pub(crate) unsafe fn add(rseq: *mut Rseq, v: *mut usize, count: usize, cpu: u32) -> Outcome {
-    // SAFETY: (1) the descriptor, signature and labels follow the layout of
-    // `arch/mod.rs`; (2) the only store is the commit, to `v`, which the caller vouches
-    // for; (3) the kernel restarts the section rather than letting it finish on
-    // another CPU, so the load-add-store is atomic with respect to every sequence on
-    // `cpu`.
+    // The kernel restarts the section rather than letting it finish on another CPU, so
+    // the load-add-store is atomic with respect to every sequence on `cpu`.
+    // SAFETY: (1) descriptor, signature and labels follow the layout of `arch/mod.rs`;
+    // (2) the only store is the commit, to `v`, which the caller vouches for.
     unsafe {
         asm!(
             rseq_start!(),
@@ -362,10 +361,10 @@ pub(crate) unsafe fn compare_memcpy_store_release(
     newv: usize,
     cpu: u32,
 ) -> Outcome {
-    // SAFETY: as in `add`; the loop writes only `dst..dst+len` (the caller's contract)
-    // and lies inside the section, so an interruption mid-copy aborts it and the commit
-    // never runs; the `stlr` commit orders the copied bytes before it, pairing with the
-    // reader's acquire load of `v`.
+    // The copy lies inside the section: an interruption mid-copy aborts it and the
+    // commit never runs. The `stlr` commit orders the copied bytes before it, pairing
+    // with the reader's acquire load of `v`.
+    // SAFETY: as in `add`; the loop writes only `dst..dst+len` (the caller's contract).
     unsafe {
         asm!(
             rseq_start!(),

@@ -114,10 +114,10 @@ pub(crate) fn thread_pointer() -> *mut u8 {
 ///    it is made by a sequence that runs on `cpu` (or under a lock that excludes them).
 #[inline(always)]
 pub(crate) unsafe fn add(rseq: *mut Rseq, v: *mut usize, count: usize, cpu: u32) -> Outcome {
-    // SAFETY: (1) the descriptor, signature and labels follow the layout of
-    // `arch/mod.rs`; (2) the only store is the commit, to `v`, which the caller vouches
-    // for; (3) the kernel restarts the section rather than letting it finish on
-    // another CPU, so the add is atomic with respect to every sequence on `cpu`.
+    // The kernel restarts the section rather than letting it finish on another CPU, so
+    // the add is atomic with respect to every sequence on `cpu`.
+    // SAFETY: (1) descriptor, signature and labels follow the layout of `arch/mod.rs`;
+    // (2) the only store is the commit, to `v`, which the caller vouches for.
     unsafe {
         asm!(
             rseq_start!(),
