@@ -299,29 +299,38 @@ fn broken_counter_is_caught_losing_updates() {
 
 /// A short delay: the steal's fence restarts the victim's sequence, and a long delay
 /// would keep the restarted one from reaching the list head until the steal is done.
+/// The race is between a thief's short critical section and a local pop, so a run can
+/// miss it: up to ten one-second runs, and one of them must catch it.
 #[cfg(feature = "test-hooks")]
 #[test]
 fn broken_stack_guard_is_caught_losing_or_duplicating_nodes() {
-    let (o, r) = report(&[
-        "--structure",
-        "stack",
-        "--broken",
-        "--delay",
-        "10",
-        "--threads",
-        "8",
-        "--duration",
-        "1",
-    ]);
-    if !r["remote_scheme"]
-        .as_str()
-        .is_some_and(|s| s.starts_with("membarrier"))
-    {
-        // Under the locked scheme every operation takes the lock: there is no guard to
-        // break, and the run must stay exact.
-        assert_eq!(o.status.code(), Some(0), "{r}");
-        return;
+    for attempt in 0..10 {
+        let delay = if attempt % 2 == 0 { "10" } else { "0" };
+        let (o, r) = report(&[
+            "--structure",
+            "stack",
+            "--broken",
+            "--delay",
+            delay,
+            "--threads",
+            "8",
+            "--duration",
+            "1",
+        ]);
+        if !r["remote_scheme"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("membarrier"))
+        {
+            // Under the locked scheme every operation takes the lock: there is no guard
+            // to break, and the run must stay exact.
+            assert_eq!(o.status.code(), Some(0), "{r}");
+            return;
+        }
+        if o.status.code() == Some(1) {
+            assert!(u(&r, "lost") + u(&r, "duplicated") > 0, "{r}");
+            return;
+        }
+        assert_eq!(o.status.code(), Some(0), "neither caught nor exact: {r}");
     }
-    assert_eq!(o.status.code(), Some(1), "the broken guard passed: {r}");
-    assert!(u(&r, "lost") + u(&r, "duplicated") > 0, "{r}");
+    panic!("ten runs with the stack guard broken lost and duplicated nothing");
 }
