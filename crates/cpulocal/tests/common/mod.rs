@@ -194,10 +194,7 @@ pub(crate) fn ignore_signal(signal: libc::c_int) {
 
 /// A thread that sends `signal` to each target thread in turn, one every `every`.
 #[derive(Debug)]
-pub(crate) struct SignalStorm {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<u64>>,
-}
+pub(crate) struct SignalStorm(Background);
 
 impl SignalStorm {
     /// Starts the storm.
@@ -211,57 +208,33 @@ impl SignalStorm {
         signal: libc::c_int,
         every: Duration,
     ) -> SignalStorm {
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                // Fine-grained sleeps: the default 50 µs timer slack would double the
-                // period.
-                // SAFETY: PR_SET_TIMERSLACK takes integers only.
-                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
-                let mut sent = 0u64;
-                'storm: loop {
-                    for &tid in &targets {
-                        // Relaxed: a stop request; `stop` joins this thread.
-                        if stop.load(Ordering::Relaxed) {
-                            break 'storm;
-                        }
-                        // SAFETY: the caller keeps every target alive until `stop`
-                        // has joined this thread.
-                        if unsafe { libc::pthread_kill(tid, signal) } == 0 {
-                            sent += 1;
-                        }
-                        std::thread::sleep(every);
+        SignalStorm(Background::spawn(move |stop| {
+            // Fine-grained sleeps: the default 50 µs timer slack would double the
+            // period.
+            // SAFETY: PR_SET_TIMERSLACK takes integers only.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+            let mut sent = 0u64;
+            'storm: loop {
+                for &tid in &targets {
+                    // Relaxed: a stop request; `stop` joins this thread.
+                    if stop.load(Ordering::Relaxed) {
+                        break 'storm;
                     }
+                    // SAFETY: the caller keeps every target alive until `stop`
+                    // has joined this thread.
+                    if unsafe { libc::pthread_kill(tid, signal) } == 0 {
+                        sent += 1;
+                    }
+                    std::thread::sleep(every);
                 }
-                sent
-            })
-        };
-        SignalStorm {
-            stop,
-            thread: Some(thread),
-        }
+            }
+            sent
+        }))
     }
 
     /// Stops the storm and returns how many signals it sent.
-    pub(crate) fn stop(mut self) -> u64 {
-        self.halt()
-    }
-
-    fn halt(&mut self) -> u64 {
-        // Relaxed: the join below synchronises.
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .map_or(0, |t| t.join().expect("signal storm thread"))
-    }
-}
-
-impl Drop for SignalStorm {
-    fn drop(&mut self) {
-        // A test that panics before `stop` must not leave pthread_kill running against
-        // threads that unwind and exit.
-        self.halt();
+    pub(crate) fn stop(self) -> u64 {
+        self.0.stop()
     }
 }
 
@@ -324,57 +297,75 @@ pub(crate) fn set_affinity(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<
 /// allowed ones) and unpins the previous one, one step every `every`: every step
 /// migrates a worker, wherever it is in its sequences.
 #[derive(Debug)]
-pub(crate) struct AffinityChurn {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<u64>>,
-}
+pub(crate) struct AffinityChurn(Background);
 
 impl AffinityChurn {
     /// Starts churning the threads whose kernel ids `tids` will hold (workers push
     /// theirs when they start).
     pub(crate) fn start(tids: Arc<Mutex<Vec<libc::pid_t>>>, every: Duration) -> AffinityChurn {
+        AffinityChurn(Background::spawn(move |stop| {
+            let cpus = allowed_cpus();
+            let mut pinned: Option<libc::pid_t> = None;
+            let mut moves = 0u64;
+            let mut step = 0usize;
+            // Relaxed: a stop request; `stop` joins this thread.
+            while !stop.load(Ordering::Relaxed) {
+                let tid = {
+                    let tids = tids.lock().unwrap_or_else(|p| p.into_inner());
+                    (!tids.is_empty()).then(|| tids[step % tids.len()])
+                };
+                if let (Some(tid), true) = (tid, cpus.len() > 1) {
+                    if let Some(prev) = pinned.take() {
+                        // ESRCH once a worker has exited: nothing to undo.
+                        let _ = set_affinity(prev, &cpus);
+                    }
+                    let cpu = cpus[(step / 3) % cpus.len()];
+                    if set_affinity(tid, &[cpu]).is_ok() {
+                        pinned = Some(tid);
+                        moves += 1;
+                    }
+                }
+                step += 1;
+                std::thread::sleep(every);
+            }
+            if let Some(prev) = pinned {
+                let _ = set_affinity(prev, &cpus);
+            }
+            moves
+        }))
+    }
+
+    /// Stops the churn, unpins the last pinned thread, returns the number of pinnings.
+    pub(crate) fn stop(self) -> u64 {
+        self.0.stop()
+    }
+}
+
+/// A helper thread that runs until asked to stop, and returns a count. Stopped (and
+/// joined) on drop too: a test that panics first must not leave it running against
+/// threads that unwind and exit.
+#[derive(Debug)]
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl Background {
+    /// Runs `body(stop)` on a new thread; `body` returns once `stop` is set.
+    fn spawn(body: impl FnOnce(&AtomicBool) -> u64 + Send + 'static) -> Background {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let cpus = allowed_cpus();
-                let mut pinned: Option<libc::pid_t> = None;
-                let mut moves = 0u64;
-                let mut step = 0usize;
-                // Relaxed: a stop request; `stop` joins this thread.
-                while !stop.load(Ordering::Relaxed) {
-                    let tid = {
-                        let tids = tids.lock().unwrap_or_else(|p| p.into_inner());
-                        (!tids.is_empty()).then(|| tids[step % tids.len()])
-                    };
-                    if let (Some(tid), true) = (tid, cpus.len() > 1) {
-                        if let Some(prev) = pinned.take() {
-                            // ESRCH once a worker has exited: nothing to undo.
-                            let _ = set_affinity(prev, &cpus);
-                        }
-                        let cpu = cpus[(step / 3) % cpus.len()];
-                        if set_affinity(tid, &[cpu]).is_ok() {
-                            pinned = Some(tid);
-                            moves += 1;
-                        }
-                    }
-                    step += 1;
-                    std::thread::sleep(every);
-                }
-                if let Some(prev) = pinned {
-                    let _ = set_affinity(prev, &cpus);
-                }
-                moves
-            })
+            std::thread::spawn(move || body(&stop))
         };
-        AffinityChurn {
+        Background {
             stop,
             thread: Some(thread),
         }
     }
 
-    /// Stops the churn, unpins the last pinned thread, returns the number of pinnings.
-    pub(crate) fn stop(mut self) -> u64 {
+    /// Stops the thread and returns its count.
+    fn stop(mut self) -> u64 {
         self.halt()
     }
 
@@ -383,11 +374,11 @@ impl AffinityChurn {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .take()
-            .map_or(0, |t| t.join().expect("affinity churn thread"))
+            .map_or(0, |t| t.join().expect("background test thread"))
     }
 }
 
-impl Drop for AffinityChurn {
+impl Drop for Background {
     fn drop(&mut self) {
         self.halt();
     }
