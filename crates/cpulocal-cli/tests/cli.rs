@@ -60,14 +60,7 @@ fn quick_json_bench_prints_one_well_formed_row_per_line_for_both_groups() {
             assert!(row[field].is_string(), "{field} in {row}");
         }
         assert_eq!(row["threads"], 1, "{row}");
-        for field in ["ns_per_op", "min_ns_per_op", "ratio_to_cpulocal"] {
-            let v = row[field]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{field} in {row}"));
-            assert!(v.is_finite() && v > 0.0, "{field} in {row}");
-        }
-        assert!(row["runs"].as_u64().unwrap() >= 1, "{row}");
-        assert!(row["ops_per_thread"].as_u64().unwrap() >= 1, "{row}");
+        assert_measured(row);
         assert!(
             row["min_ns_per_op"].as_f64() <= row["ns_per_op"].as_f64(),
             "{row}"
@@ -110,14 +103,7 @@ fn quick_json_rows_of(group: &str) -> Vec<serde_json::Value> {
         assert!(row["name"].is_string(), "{row}");
         assert!(row["cpulocal"].is_boolean(), "{row}");
         assert_eq!(row["threads"], 1, "{row}");
-        for field in ["ns_per_op", "min_ns_per_op", "ratio_to_cpulocal"] {
-            let v = row[field]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{field} in {row}"));
-            assert!(v.is_finite() && v > 0.0, "{field} in {row}");
-        }
-        assert!(row["runs"].as_u64().unwrap() >= 1, "{row}");
-        assert!(row["ops_per_thread"].as_u64().unwrap() >= 1, "{row}");
+        assert_measured(row);
     }
     // Every group but the first two depends on how other CPUs' data is reached.
     let err = stderr(&o);
@@ -266,4 +252,16 @@ fn disabling_rseq_is_reported_and_the_bench_still_counts_exactly() {
         "{}",
         stderr(&o)
     );
+}
+
+/// The numbers every bench row carries are present, finite and positive.
+fn assert_measured(row: &serde_json::Value) {
+    for field in ["ns_per_op", "min_ns_per_op", "ratio_to_cpulocal"] {
+        let v = row[field]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{field} in {row}"));
+        assert!(v.is_finite() && v > 0.0, "{field} in {row}");
+    }
+    assert!(row["runs"].as_u64().unwrap() >= 1, "{row}");
+    assert!(row["ops_per_thread"].as_u64().unwrap() >= 1, "{row}");
 }

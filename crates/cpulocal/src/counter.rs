@@ -93,8 +93,7 @@ impl Counter {
     /// One restartable add to the current CPU's slot; false when it did not commit.
     #[inline(always)]
     fn try_add(&self, rseq: NonNull<Rseq>, n: u64) -> bool {
-        // SAFETY: `rseq` is the calling thread's live area.
-        let cpu = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
+        let cpu = cpu::cpu_id_start(rseq);
         let Some(slot) = self.slots.get(cpu as usize) else {
             return false; // a CPU beyond `possible` (cannot happen): the slow path takes it
         };

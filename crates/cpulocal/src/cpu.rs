@@ -18,6 +18,13 @@ pub(crate) unsafe fn load_u32(p: *const u32) -> u32 {
     unsafe { AtomicU32::from_ptr(p.cast_mut()).load(Ordering::Relaxed) }
 }
 
+/// The `cpu_id_start` of the calling thread's area: the CPU a sequence should expect.
+#[inline(always)]
+pub(crate) fn cpu_id_start(rseq: core::ptr::NonNull<crate::abi::Rseq>) -> u32 {
+    // SAFETY: `rseq` comes from `thread::current`: the calling thread's live area.
+    unsafe { load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) }
+}
+
 /// The CPU the calling thread is running on.
 ///
 /// With rseq this is one load of `cpu_id_start`, which the kernel keeps current on every
@@ -36,8 +43,7 @@ pub(crate) unsafe fn load_u32(p: *const u32) -> u32 {
 #[inline]
 pub fn current_cpu() -> u32 {
     match thread::current() {
-        // SAFETY: `rseq` is the calling thread's live area.
-        Some(rseq) => unsafe { load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) },
+        Some(rseq) => cpu_id_start(rseq),
         None => fallback_cpu(),
     }
 }

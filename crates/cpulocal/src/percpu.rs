@@ -159,7 +159,7 @@ impl<T> PerCpu<T> {
             }
         };
         PerCpuGuard {
-            per_cpu: self,
+            slot: &self.slots[index],
             index,
             _not_send: PhantomData,
         }
@@ -196,7 +196,7 @@ impl<T> PerCpu<T> {
             Index::MmCid => slot.lock.lock_atomic(),
         }
         Ok(PerCpuGuard {
-            per_cpu: self,
+            slot,
             index: cpu,
             _not_send: PhantomData,
         })
@@ -262,7 +262,7 @@ impl<T: fmt::Debug> fmt::Debug for PerCpu<T> {
 /// The lock of one [`PerCpu`] slot, held; derefs to the slot's `T`. Unlocks on drop.
 /// Not `Send`: the lock token is the owning thread's.
 pub struct PerCpuGuard<'a, T> {
-    per_cpu: &'a PerCpu<T>,
+    slot: &'a Slot<T>,
     index: usize,
     _not_send: PhantomData<*const ()>,
 }
@@ -282,7 +282,7 @@ impl<T> Deref for PerCpuGuard<'_, T> {
     #[inline]
     fn deref(&self) -> &T {
         // SAFETY: we hold the slot's lock, so no other reference to its `T` exists.
-        unsafe { &*self.per_cpu.slots[self.index].value.get() }
+        unsafe { &*self.slot.value.get() }
     }
 }
 
@@ -291,14 +291,14 @@ impl<T> DerefMut for PerCpuGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: we hold the slot's lock, and `&mut self` makes this the only
         // reference through the guard.
-        unsafe { &mut *self.per_cpu.slots[self.index].value.get() }
+        unsafe { &mut *self.slot.value.get() }
     }
 }
 
 impl<T> Drop for PerCpuGuard<'_, T> {
     #[inline]
     fn drop(&mut self) {
-        self.per_cpu.slots[self.index].lock.unlock();
+        self.slot.lock.unlock();
     }
 }
 

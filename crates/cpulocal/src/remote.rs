@@ -347,8 +347,7 @@ pub(crate) fn on_current_cpu<R>(
     let rseq = thread::current()?;
     let mut aborts = 0;
     while aborts < MAX_ABORTS {
-        // SAFETY: `rseq` is the calling thread's live area.
-        let cpu = unsafe { crate::cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
+        let cpu = crate::cpu::cpu_id_start(rseq);
         if cpu as usize >= slots {
             return None;
         }

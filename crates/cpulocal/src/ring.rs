@@ -35,8 +35,8 @@ use core::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arch::{self, Outcome};
 use crate::cache_padded::CachePadded;
-use crate::remote::{self, Attempt, CpuLock, InvalidCpu, Scheme, MAX_ABORTS};
-use crate::{cpu, sys, thread, Counter};
+use crate::remote::{self, Attempt, CpuLock, InvalidCpu};
+use crate::{sys, Counter};
 
 /// What a full ring does with a new record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -141,7 +141,7 @@ pub struct RingStats {
     pub overwritten: u64,
     /// Commits that used the atomic (remote) counter: the thread migrated between reserve
     /// and commit, or the restartable add kept aborting, or the process runs the
-    /// [`Scheme::Locked`] scheme, where every commit does.
+    /// [`Scheme::Locked`](crate::remote::Scheme::Locked) scheme, where every commit does.
     pub remote_commits: u64,
     /// Reservations dropped without a commit, turned into padding.
     pub abandoned: u64,
@@ -532,23 +532,19 @@ impl RingBuffer {
         // Release: the record's bytes are visible before the count that says they are
         // complete (the consumer loads the counts with Acquire).
         fence(Ordering::Release);
-        if remote::scheme() == Scheme::Membarrier {
-            if let Some(rseq) = thread::current() {
-                for _ in 0..MAX_ABORTS {
-                    // SAFETY: `rseq` is the calling thread's live area.
-                    let now = unsafe { cpu::load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) };
-                    if now as usize != cpu {
-                        break;
-                    }
-                    // SAFETY: `commit_local` is written only by this sequence, always
-                    // expecting the ring's own CPU; readers use atomic loads.
-                    let outcome =
-                        unsafe { arch::add(rseq.as_ptr(), sub.commit_local.as_ptr(), bytes, now) };
-                    if outcome == Outcome::Committed(()) {
-                        return;
-                    }
-                }
+        let local = remote::on_current_cpu(self.rings.len(), |rseq, now| {
+            if now as usize != cpu {
+                return Attempt::Done(false); // migrated since the reserve: remote commit
             }
+            // SAFETY: `commit_local` is written only by this sequence, always expecting
+            // the ring's own CPU; readers use atomic loads.
+            match unsafe { arch::add(rseq, sub.commit_local.as_ptr(), bytes, now) } {
+                Outcome::Committed(()) => Attempt::Done(true),
+                _ => Attempt::Aborted,
+            }
+        });
+        if local == Some(true) {
+            return;
         }
         // Release: as the fence above, for the consumer's Acquire.
         sub.commit_remote.fetch_add(bytes as u64, Ordering::Release);
