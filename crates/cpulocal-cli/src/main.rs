@@ -39,8 +39,7 @@ enum Command {
         /// Few, short runs: the whole bench in a few seconds (for CI).
         #[arg(long)]
         quick: bool,
-        /// Measure only this group: cpu-number, counter, stack, lock, remote or ring.
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", help = bench::group_help())]
         group: Option<Group>,
     },
     /// Torture a structure (preemption, signals, migrations, thread churn) and check it
@@ -269,8 +268,8 @@ fn run_bench(config: bench::Config, json: bool) {
             "\n* the group's cpulocal row; vs cpulocal = row ns/op / cpulocal ns/op"
         )
         .ok();
-        for (name, what) in bench::LEGEND {
-            if results.iter().any(|r| r.name == *name) {
+        for (name, what) in bench::legend() {
+            if results.iter().any(|r| r.name == name) {
                 writeln!(text, "  {name:<18} {what}").ok();
             }
         }

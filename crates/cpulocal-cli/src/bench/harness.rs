@@ -1,0 +1,175 @@
+//! What every group shares: the [`Subject`] a row measures, the [`Row`] around it, the
+//! [`GroupDef`] a group registers, and the timed, calibrated, checked runs.
+
+use std::cell::Cell;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use cpulocal::CachePadded;
+
+/// A group as its module defines it; [`super::Group::ALL`] lists them.
+pub(crate) struct GroupDef {
+    /// The name used on the command line and in the output.
+    pub(crate) name: &'static str,
+    /// Whether the group's cpulocal rows depend on [`cpulocal::remote_scheme`] (its
+    /// fast paths check, or take, a per-CPU lock).
+    pub(crate) uses_remote_scheme: bool,
+    /// The group's rows on this machine; rows that cannot run here add a note instead.
+    pub(crate) rows: fn(&mut Vec<String>) -> Vec<Row>,
+    /// What each row name stands for, for the legend under the table.
+    pub(crate) legend: &'static [(&'static str, &'static str)],
+    /// The targets on the group's rows.
+    pub(crate) targets: &'static [TargetSpec],
+    /// Whether the rows report records per second (one operation is one record).
+    pub(crate) records_per_s: bool,
+    /// A note for every row of the group (e.g. the remote scheme).
+    pub(crate) note: Option<fn() -> String>,
+}
+
+/// A target: the ratio `numerator ns / denominator ns` of two rows of the group at
+/// `threads` threads is at most (`at_most`) or at least `bound`.
+pub(crate) struct TargetSpec {
+    pub(crate) target: &'static str,
+    pub(crate) threads: usize,
+    pub(crate) numerator: &'static str,
+    pub(crate) denominator: &'static str,
+    pub(crate) bound: f64,
+    pub(crate) at_most: bool,
+}
+
+/// Finds the operations per thread that make one run of `row` last about `target`.
+pub(crate) fn calibrate(group: &str, row: &mut Row, threads: usize, target: Duration) -> u64 {
+    const MIN_OPS: u64 = 1_000;
+    const MAX_OPS: u64 = 1 << 36;
+    let target_ns = target.as_nanos() as f64;
+    let mut ops = 1_024u64;
+    loop {
+        let took_ns = checked_run(group, row, threads, ops) * ops as f64;
+        if took_ns >= target_ns / 8.0 || ops >= MAX_OPS {
+            let scaled = ops as f64 * target_ns / took_ns.max(1.0);
+            return (scaled as u64).clamp(MIN_OPS, MAX_OPS);
+        }
+        ops = (ops * 8).min(MAX_OPS);
+    }
+}
+
+/// One run of `row`, then the check of its state. Returns ns/op.
+pub(crate) fn checked_run(group: &str, row: &mut Row, threads: usize, ops: u64) -> f64 {
+    row.subject.reset(threads, ops);
+    let ns = timed_run(&*row.subject, threads, ops);
+    let expected = threads as u64 * ops;
+    if let Err(e) = row.subject.check(expected) {
+        panic!(
+            "bench row {group}/{} is broken on {threads} threads × {ops} ops: {e}",
+            row.name
+        );
+    }
+    ns
+}
+
+/// Starts `threads` threads at a barrier; each performs `ops` operations and times
+/// itself. Returns the mean per-thread ns/op.
+pub(crate) fn timed_run(subject: &dyn Subject, threads: usize, ops: u64) -> f64 {
+    let barrier = Barrier::new(threads);
+    let elapsed: Vec<Duration> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    // Registration (and any first-use cost) stays out of the timing.
+                    cpulocal::register_current_thread();
+                    barrier.wait();
+                    let start = Instant::now();
+                    subject.work(ops);
+                    start.elapsed()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a bench thread panicked"))
+            .collect()
+    });
+    let total_ns: f64 = elapsed.iter().map(|d| d.as_nanos() as f64).sum();
+    total_ns / threads as f64 / ops as f64
+}
+
+/// The median of `samples` (sorted in place); NaN for none.
+pub(crate) fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    match samples.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => samples[n / 2],
+        n => (samples[n / 2 - 1] + samples[n / 2]) / 2.0,
+    }
+}
+
+/// What a row measures.
+pub(crate) trait Subject: Sync {
+    /// Performs `ops` operations on the calling thread.
+    fn work(&self, ops: u64);
+    /// Forgets earlier runs and prepares the next: `threads` threads performing `ops`
+    /// operations each (items to hand out, lists to prefill, a consumer to start).
+    fn reset(&mut self, threads: usize, ops: u64);
+    /// Checks the state after `expected` operations in all (the threads have joined:
+    /// the check has the state to itself).
+    fn check(&mut self, expected: u64) -> Result<(), String>;
+    /// For rows that count something besides their time: the count of the last run
+    /// (after its check) and what it counts.
+    fn events(&self) -> Option<(u64, &'static str)> {
+        None
+    }
+}
+
+pub(crate) struct Row {
+    pub(crate) name: &'static str,
+    pub(crate) cpulocal: bool,
+    /// The rows whose ratios are taken to the same cpulocal row share a class.
+    pub(crate) class: usize,
+    pub(crate) subject: Box<dyn Subject>,
+}
+
+impl Row {
+    pub(crate) fn new(name: &'static str, subject: impl Subject + 'static) -> Row {
+        Row {
+            name,
+            cpulocal: false,
+            class: 0,
+            subject: Box::new(subject),
+        }
+    }
+
+    pub(crate) fn cpulocal(name: &'static str, subject: impl Subject + 'static) -> Row {
+        Row {
+            cpulocal: true,
+            ..Row::new(name, subject)
+        }
+    }
+
+    pub(crate) fn in_class(self, class: usize) -> Row {
+        Row { class, ..self }
+    }
+}
+
+/// `Ok` when the count `got` of `what` is `expected`.
+pub(crate) fn sum_check(what: &str, got: u64, expected: u64) -> Result<(), String> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(format!("{what} is {got}, expected {expected}"))
+    }
+}
+
+/// One cache-padded `T::default()` per possible CPU.
+pub(crate) fn per_cpu_slots<T: Default>() -> Box<[CachePadded<T>]> {
+    (0..cpulocal::possible_cpus())
+        .map(|_| CachePadded::new(T::default()))
+        .collect()
+}
+
+/// The address of the calling thread's instance of a thread-local cell. The floors
+/// access it with volatile loads and stores: exactly one `mov` each per operation,
+/// which the compiler may neither keep in a register across iterations nor fold into
+/// the constant initial value.
+pub(crate) fn tls_ptr<T>(key: &'static std::thread::LocalKey<Cell<T>>) -> *mut T {
+    key.with(Cell::as_ptr)
+}

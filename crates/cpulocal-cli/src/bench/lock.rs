@@ -1,0 +1,128 @@
+//! The `lock` group: a short critical section per operation: `PerCpu::with_cpu` against
+//! a global `Mutex` and one `Mutex` per CPU.
+//!
+//! One operation is a critical section that adds 1 to a `u64`: under the calling
+//! thread's `PerCpu` slot lock (a restartable compare-and-store to take it, a store to
+//! release it), under one global `Mutex`, or under the `Mutex` of the thread's CPU. The
+//! check adds the slots up.
+
+use std::hint::black_box;
+use std::sync::Mutex;
+
+use cpulocal::{CachePadded, PerCpu};
+
+use super::counter::Locked;
+use super::harness::{per_cpu_slots, sum_check, GroupDef, Row, Subject, TargetSpec};
+
+/// The group, as [`super::Group::ALL`] lists it.
+pub(crate) const GROUP: GroupDef = GroupDef {
+    name: "lock",
+    uses_remote_scheme: true,
+    rows,
+    legend: &LEGEND,
+    targets: &TARGETS,
+    records_per_s: false,
+    note: None,
+};
+
+/// `PerCpu::with_cpu` adding 1 to the calling thread's slot.
+struct WithCpu {
+    slots: PerCpu<u64>,
+}
+
+impl Subject for WithCpu {
+    #[inline(never)]
+    fn work(&self, ops: u64) {
+        for _ in 0..ops {
+            self.slots.with_cpu(|v| *v += black_box(1));
+        }
+    }
+
+    fn reset(&mut self, _threads: usize, _ops: u64) {
+        self.slots.iter_mut().for_each(|v| *v = 0);
+    }
+
+    fn check(&mut self, expected: u64) -> Result<(), String> {
+        sum_check(
+            "the sum of the PerCpu slots",
+            percpu_sum(&self.slots),
+            expected,
+        )
+    }
+}
+
+/// The slots of `slots` added up, each read under its lock.
+pub(super) fn percpu_sum(slots: &PerCpu<u64>) -> u64 {
+    let mut sum = 0u64;
+    slots.for_each(|_, v| sum = sum.wrapping_add(*v));
+    sum
+}
+
+/// One cache-padded `Mutex<u64>` per possible CPU, picked with `current_cpu()`.
+struct PerCpuMutex {
+    slots: Box<[CachePadded<Mutex<u64>>]>,
+}
+
+impl Subject for PerCpuMutex {
+    #[inline(never)]
+    fn work(&self, ops: u64) {
+        for _ in 0..ops {
+            let slot = &self.slots[cpulocal::current_cpu() as usize % self.slots.len()];
+            *slot.lock().expect("bench mutex poisoned") += black_box(1);
+        }
+    }
+
+    fn reset(&mut self, _threads: usize, _ops: u64) {
+        for s in self.slots.iter_mut() {
+            *s.get_mut().expect("bench mutex poisoned") = 0;
+        }
+    }
+
+    fn check(&mut self, expected: u64) -> Result<(), String> {
+        let sum = self.slots.iter().fold(0u64, |acc, s| {
+            acc.wrapping_add(*s.lock().expect("bench mutex poisoned"))
+        });
+        sum_check("the sum of the per-CPU mutexes", sum, expected)
+    }
+}
+
+fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
+    vec![
+        Row::cpulocal(
+            "PerCpu::with_cpu",
+            WithCpu {
+                slots: PerCpu::new(|_| 0),
+            },
+        ),
+        Row::new("global_mutex", Locked::default()),
+        Row::new(
+            "percpu_mutex",
+            PerCpuMutex {
+                slots: per_cpu_slots(),
+            },
+        ),
+    ]
+}
+
+/// What each row name stands for, for the legend under the table.
+const LEGEND: [(&str, &str); 3] = [
+    (
+        "PerCpu::with_cpu",
+        "cpulocal::PerCpu<u64>::with_cpu(|v| *v += 1)",
+    ),
+    ("global_mutex", "one Mutex<u64>: lock, += 1"),
+    (
+        "percpu_mutex",
+        "Mutex<u64> per CPU at current_cpu(): lock, += 1",
+    ),
+];
+
+/// The targets on this group's rows.
+const TARGETS: [TargetSpec; 1] = [TargetSpec {
+    target: "PerCpu::with_cpu at least 2x faster than a global Mutex",
+    threads: 2,
+    numerator: "global_mutex",
+    denominator: "PerCpu::with_cpu",
+    bound: 2.0,
+    at_most: false,
+}];

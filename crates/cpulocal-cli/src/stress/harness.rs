@@ -1,0 +1,509 @@
+//! The shared harness of `cpulocal stress`: the state every thread of a run shares
+//! ([`Shared`]), what each thread did ([`Tally`]), the workers, the remote thread, the
+//! signaller and the affinity churner. Each structure's part (its operation, its remote
+//! operation, its check) is in a module of its own.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cpulocal::ring::RingBuffer;
+use cpulocal::{sys, Counter, Node, PerCpu, Stack};
+
+use super::lock::LockSlot;
+use super::stack::{Item, StackCheck};
+use super::{counter, lock, ring, Amount, Config, Kind};
+
+/// The signal of `--signals`.
+pub(super) const STORM: libc::c_int = libc::SIGUSR1;
+/// Operations a worker claims from the budget at a time.
+pub(super) const BATCH: u64 = 256;
+
+/// The test hooks of cpulocal, or what stands in for them in builds without.
+pub(super) mod hooks {
+    #[cfg(feature = "test-hooks")]
+    pub(in crate::stress) fn set_delay_loops(loops: usize) {
+        cpulocal::test_hooks::set_delay_loops(loops);
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    pub(in crate::stress) fn set_delay_loops(_: usize) {}
+
+    #[cfg(feature = "test-hooks")]
+    pub(in crate::stress) fn break_counter_sequence(broken: bool) {
+        cpulocal::test_hooks::break_counter_sequence(broken);
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    pub(in crate::stress) fn break_counter_sequence(_: bool) {}
+
+    #[cfg(feature = "test-hooks")]
+    pub(in crate::stress) fn break_stack_guard(broken: bool) {
+        cpulocal::test_hooks::break_stack_guard(broken);
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    pub(in crate::stress) fn break_stack_guard(_: bool) {}
+
+    #[cfg(feature = "test-hooks")]
+    pub(in crate::stress) fn kernel_aborts() -> Option<u64> {
+        Some(cpulocal::test_hooks::kernel_aborts())
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    pub(in crate::stress) fn kernel_aborts() -> Option<u64> {
+        None
+    }
+}
+
+/// What one worker (or the remote thread) did.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) ops: u64,
+    pub(super) remote_ops: u64,
+    pub(super) counter_adds: u64,
+    pub(super) stack: StackCheck,
+    /// Increments per lock slot.
+    pub(super) lock_slots: Vec<u64>,
+    pub(super) lock_remote: u64,
+    pub(super) writer: u32,
+    pub(super) ring_committed: u64,
+    pub(super) ring_refused: u64,
+    pub(super) flushes: u64,
+}
+
+/// Everything the threads of a run share.
+pub(super) struct Shared {
+    pub(super) config: Config,
+    pub(super) kinds: &'static [Kind],
+    pub(super) remote_kinds: &'static [Kind],
+    pub(super) counter: Option<Counter>,
+    /// The handler's counter when there is no counter part.
+    pub(super) signal_counter: Counter,
+    /// Runs of the signal handler.
+    pub(super) handled: AtomicU64,
+    pub(super) stack: Option<Stack<Item>>,
+    pub(super) nodes: usize,
+    pub(super) lock: Option<PerCpu<LockSlot>>,
+    pub(super) ring: Option<RingBuffer>,
+    /// The CPUs the run may use: victims of remote operations, targets of moves.
+    pub(super) cpus: Vec<usize>,
+    /// Operations left to hand out (`Amount::Ops`).
+    pub(super) remaining: AtomicU64,
+    /// No more operations: the duration is over.
+    pub(super) stop: AtomicBool,
+    /// The initial workers may start.
+    pub(super) go: AtomicBool,
+    /// Initial workers registered and ready.
+    pub(super) ready: AtomicUsize,
+    /// Operations done, for progress.
+    pub(super) done: AtomicU64,
+    /// Every worker has exited: the remote thread stops.
+    pub(super) workers_finished: AtomicBool,
+    /// The signaller and the affinity churner stop.
+    pub(super) aux_stop: AtomicBool,
+    /// The ring consumer drains and stops.
+    pub(super) consumer_stop: AtomicBool,
+    /// Kernel thread ids of the threads that may be signalled and moved: each has used
+    /// cpulocal before it enters, and leaves before it exits.
+    pub(super) participants: Mutex<Vec<libc::pid_t>>,
+    pub(super) next_writer: AtomicU32,
+}
+
+/// The run in progress, for the signal handler; null outside runs.
+pub(super) static SINK: AtomicPtr<Shared> = AtomicPtr::new(core::ptr::null_mut());
+
+/// One run at a time per process: the handler, the delay and the guard are global.
+pub(super) static RUN: Mutex<()> = Mutex::new(());
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // SAFETY: reading the calling thread's errno location is always allowed.
+    let errno = unsafe { *libc::__errno_location() };
+    // Acquire: pairs with the Release store in `run` that published the run.
+    let shared = SINK.load(Ordering::Acquire);
+    if !shared.is_null() {
+        // SAFETY: `run` stores a live `Shared` (kept alive by its `Arc`) before the first
+        // signal can be sent, and clears it only after every signalled thread is joined.
+        let shared = unsafe { &*shared };
+        match &shared.counter {
+            Some(counter) => counter.add(1),
+            None => shared.signal_counter.add(1),
+        }
+        // Relaxed: read after every thread is joined.
+        shared.handled.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: as above; restoring errno keeps the handler invisible to the worker.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// The kernel id of the calling thread.
+pub(super) fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::pid_t }
+}
+
+/// Sets `signal` to run `on_signal`.
+pub(super) fn install_handler(signal: libc::c_int) -> Result<(), String> {
+    // SAFETY: sigaction is plain old data; all-zero is a valid (empty) value.
+    let mut action: libc::sigaction = unsafe { core::mem::zeroed() };
+    action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+    action.sa_flags = libc::SA_RESTART;
+    // SAFETY: `action.sa_mask` is a live sigset_t.
+    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // SAFETY: `action` is initialised; the handler does async-signal-safe work only
+    // (atomics and `Counter::add`, which is safe in handlers on registered threads).
+    if unsafe { libc::sigaction(signal, &action, core::ptr::null_mut()) } != 0 {
+        return Err(format!("sigaction: {:?}", sys::Errno::last()));
+    }
+    Ok(())
+}
+
+/// Sets `signal` to ignored: a late one must not kill the process.
+pub(super) fn ignore_signal(signal: libc::c_int) {
+    // SAFETY: SIG_IGN is a valid disposition for SIGUSR1.
+    unsafe { libc::signal(signal, libc::SIG_IGN) };
+}
+
+/// Blocks `signal` in the calling thread (before it exits: a pending one is dropped).
+pub(super) fn block_signal(signal: libc::c_int) {
+    // SAFETY: sigset_t is plain old data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `set` is a live sigset_t; the old mask is not wanted.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, core::ptr::null_mut());
+    }
+}
+
+/// The CPUs the calling thread may run on (all possible CPUs if that is unknown).
+pub(super) fn usable_cpus() -> Vec<usize> {
+    let possible = cpulocal::possible_cpus();
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed.
+    let ok =
+        unsafe { libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+            == 0;
+    let cpus: Vec<usize> = if ok {
+        (0..possible.min(libc::CPU_SETSIZE as usize))
+            // SAFETY: `c` is below CPU_SETSIZE.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        (0..possible).collect()
+    } else {
+        cpus
+    }
+}
+
+/// Moves thread `tid` to `cpus`.
+pub(super) fn set_affinity(tid: libc::pid_t, cpus: &[usize]) -> bool {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: `c` is below CPU_SETSIZE (`usable_cpus` keeps no other).
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: `set` is a live cpu_set_t of the size passed; `tid` names a live thread
+    // of this process (the caller holds the participants' lock).
+    unsafe { libc::sched_setaffinity(tid, core::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
+}
+
+/// xorshift64*: victims, targets, nothing that needs quality.
+pub(super) struct Rng(u64);
+
+impl Rng {
+    pub(super) fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub(super) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub(super) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A seed that differs between threads and runs.
+pub(super) fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (gettid() as u64) << 32
+}
+
+impl Shared {
+    pub(super) fn new(config: &Config) -> Shared {
+        let kinds = config.structure.kinds();
+        let has = |k| kinds.contains(&k);
+        let nodes = (config.threads * 64).clamp(1024, 1 << 20);
+        let cpus = usable_cpus();
+        Shared {
+            config: config.clone(),
+            kinds,
+            remote_kinds: config.structure.remote_kinds(),
+            counter: has(Kind::Counter).then(Counter::new),
+            signal_counter: Counter::new(),
+            handled: AtomicU64::new(0),
+            stack: has(Kind::Stack).then(Stack::new),
+            nodes,
+            lock: has(Kind::Lock).then(lock::new_slots),
+            ring: has(Kind::Ring).then(ring::new_ring),
+            cpus,
+            remaining: AtomicU64::new(match config.amount {
+                Amount::Ops(n) => n,
+                Amount::Duration(_) => 0,
+            }),
+            stop: AtomicBool::new(false),
+            go: AtomicBool::new(false),
+            ready: AtomicUsize::new(0),
+            done: AtomicU64::new(0),
+            workers_finished: AtomicBool::new(false),
+            aux_stop: AtomicBool::new(false),
+            consumer_stop: AtomicBool::new(false),
+            participants: Mutex::new(Vec::new()),
+            next_writer: AtomicU32::new(0),
+        }
+    }
+
+    pub(super) fn participants(&self) -> MutexGuard<'_, Vec<libc::pid_t>> {
+        self.participants
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(super) fn enter(&self, tid: libc::pid_t) {
+        self.participants().push(tid);
+    }
+
+    pub(super) fn leave(&self, tid: libc::pid_t) {
+        let mut p = self.participants();
+        if let Some(i) = p.iter().position(|&t| t == tid) {
+            p.swap_remove(i);
+        }
+        drop(p);
+        if self.config.signal_interval.is_some() {
+            block_signal(STORM);
+        }
+    }
+
+    /// Takes up to `want` operations from the budget; 0 when the run is over.
+    pub(super) fn claim(&self, want: u64) -> u64 {
+        // Relaxed: a flag polled between batches; the join orders the results.
+        if self.stop.load(Ordering::Relaxed) {
+            return 0;
+        }
+        match self.config.amount {
+            Amount::Duration(_) => want,
+            // Relaxed: a budget; nothing else is published through it.
+            Amount::Ops(_) => self
+                .remaining
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    (r > 0).then(|| r - r.min(want))
+                })
+                .map_or(0, |before| before.min(want)),
+        }
+    }
+
+    /// Whether operations remain to be done (for replacing a worker that exited).
+    pub(super) fn has_work(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed)
+            && match self.config.amount {
+                Amount::Duration(_) => true,
+                Amount::Ops(_) => self.remaining.load(Ordering::Relaxed) > 0,
+            }
+    }
+
+    /// `--yield` and `--sleep-us`, inside the window of operation `i`.
+    #[inline]
+    pub(super) fn inject(&self, i: u64) {
+        if let Some(k) = self.config.yield_every {
+            if i % k == k - 1 {
+                std::thread::yield_now();
+            }
+        }
+        if let Some(s) = self.config.sleep {
+            if i % s.every == s.every - 1 {
+                std::thread::sleep(s.duration);
+            }
+        }
+    }
+
+    /// A CPU to reach remotely, preferably not the caller's.
+    pub(super) fn victim(&self, rng: &mut Rng) -> usize {
+        let i = rng.below(self.cpus.len());
+        if self.cpus.len() > 1 && self.cpus[i] == cpulocal::current_cpu() as usize {
+            self.cpus[(i + 1) % self.cpus.len()]
+        } else {
+            self.cpus[i]
+        }
+    }
+
+    pub(super) fn new_tally(&self) -> Tally {
+        Tally {
+            lock_slots: vec![0; self.lock.as_ref().map_or(0, PerCpu::len)],
+            // Relaxed: a unique id is all that is needed.
+            writer: self.next_writer.fetch_add(1, Ordering::Relaxed),
+            ..Tally::default()
+        }
+    }
+
+    /// Operation `i` of a worker: the part whose turn it is.
+    #[inline]
+    pub(super) fn op(&self, i: u64, t: &mut Tally, rng: &mut Rng) {
+        match self.kinds[(i % self.kinds.len() as u64) as usize] {
+            Kind::Counter => counter::op(self, i, t),
+            Kind::Stack => self.stack_op(i, t, rng),
+            Kind::Lock => lock::op(self, i, t),
+            Kind::Ring => ring::op(self, i, t),
+        }
+    }
+}
+
+/// A worker: registers, enters the participants, does operations in batches until the
+/// budget, the duration or its lifetime is over, leaves.
+pub(super) fn worker(
+    shared: Arc<Shared>,
+    initial_nodes: core::ops::Range<usize>,
+    lifetime: Option<u64>,
+) -> Tally {
+    cpulocal::register_current_thread();
+    let tid = gettid();
+    let mut rng = Rng::new(seed());
+    let mut t = shared.new_tally();
+    if let Some(stack) = &shared.stack {
+        for id in initial_nodes {
+            stack.push(Node::new(Item {
+                id,
+                held: AtomicBool::new(false),
+            }));
+        }
+    }
+    shared.enter(tid);
+    // Release: pairs with the Acquire in `run`, which then sees our nodes pushed.
+    shared.ready.fetch_add(1, Ordering::Release);
+    // Acquire: pairs with the Release store of `go`, after the hooks are set.
+    while !shared.go.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    let mut i = 0u64;
+    loop {
+        let want = lifetime.map_or(BATCH, |l| BATCH.min(l - t.ops));
+        let n = if want == 0 { 0 } else { shared.claim(want) };
+        if n == 0 {
+            break;
+        }
+        for _ in 0..n {
+            shared.op(i, &mut t, &mut rng);
+            i += 1;
+        }
+        t.ops += n;
+        // Relaxed: progress only.
+        shared.done.fetch_add(n, Ordering::Relaxed);
+    }
+    shared.leave(tid);
+    t
+}
+
+/// The remote thread: operations on random CPUs' slots, racing the workers' fast paths.
+pub(super) fn remote(shared: Arc<Shared>) -> Tally {
+    cpulocal::register_current_thread();
+    let tid = gettid();
+    let mut rng = Rng::new(seed());
+    let mut t = shared.new_tally();
+    shared.enter(tid);
+    let kinds = shared.remote_kinds;
+    let mut i = 0u64;
+    // Acquire: pairs with the Release in `run` once every worker is joined.
+    while !shared.workers_finished.load(Ordering::Acquire) {
+        let victim = shared.victim(&mut rng);
+        match kinds[(i % kinds.len() as u64) as usize] {
+            Kind::Lock => lock::remote_op(&shared, victim, &mut t),
+            Kind::Stack => shared.remote_stack_op(victim, i / kinds.len() as u64, &mut t),
+            Kind::Ring => ring::remote_op(&shared, victim, &mut t),
+            Kind::Counter => unreachable!("the remote thread does not count"),
+        }
+        t.remote_ops += 1;
+        i += 1;
+    }
+    shared.leave(tid);
+    t
+}
+
+/// The signaller: one signal to the next participant in turn, every `interval`.
+pub(super) fn signaller(shared: Arc<Shared>, interval: Duration) -> u64 {
+    // Fine-grained sleeps: the default 50 µs timer slack would stretch the interval.
+    // SAFETY: PR_SET_TIMERSLACK takes integers only.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let (mut next, mut sent) = (0usize, 0u64);
+    // Relaxed: a stop flag; the join orders the result.
+    while !shared.aux_stop.load(Ordering::Relaxed) {
+        {
+            let p = shared.participants();
+            if !p.is_empty() {
+                let tid = p[next % p.len()];
+                next = next.wrapping_add(1);
+                // SAFETY: `tid` is a live thread of this process: participants leave the
+                // list (under this lock) before they exit.
+                if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, STORM) } == 0 {
+                    sent += 1;
+                }
+            }
+        }
+        std::thread::sleep(interval);
+    }
+    sent
+}
+
+/// The affinity churner: moves the next participant in turn to one random CPU (or back
+/// to all of them, one time in four) every `interval`.
+pub(super) fn churner(shared: Arc<Shared>, interval: Duration) -> (u64, u64) {
+    let mut rng = Rng::new(seed());
+    let (mut next, mut moves, mut failures) = (0usize, 0u64, 0u64);
+    // Relaxed: a stop flag; the join orders the result.
+    while !shared.aux_stop.load(Ordering::Relaxed) {
+        std::thread::sleep(interval);
+        let p = shared.participants();
+        if p.is_empty() {
+            continue;
+        }
+        let tid = p[next % p.len()];
+        next = next.wrapping_add(1);
+        let one = [shared.cpus[rng.below(shared.cpus.len())]];
+        let target: &[usize] = if rng.below(4) == 0 {
+            &shared.cpus
+        } else {
+            &one
+        };
+        if set_affinity(tid, target) {
+            moves += 1;
+        } else {
+            failures += 1;
+        }
+    }
+    (moves, failures)
+}
+
+pub(super) fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("cannot start a {name} thread: {e}"))
+}
+
+pub(super) fn join<T>(handle: JoinHandle<T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
