@@ -53,15 +53,30 @@
 //! (operating on a chosen CPU's data) → structures ([`Counter`], [`PerCpu`], [`Stack`],
 //! [`ring`]).
 //!
+//! # Early initialisation
+//!
+//! Everything cpulocal decides once per process (the mechanism, the remote scheme and
+//! its membarrier registration, the CPU count, pinning the library in memory) is decided
+//! by a constructor in `.init_array` while the program loads, on the main thread, before
+//! `main`: then no later call waits for it (the membarrier registration alone stalls
+//! for ~12 ms, and every thread arriving meanwhile with it, once the process has
+//! threads), and no signal handler can enter a one-time initialiser. Set
+//! `CPULOCAL_NO_EARLY_INIT=1` ([`NO_EARLY_INIT_ENV`]) to turn the constructor off; then
+//! call [`register_current_thread`] early yourself.
+//!
 //! # Signal handlers
 //!
-//! On a thread that has already used cpulocal (see [`register_current_thread`]),
-//! [`current_cpu`] and [`Counter::add`] are async-signal-safe: they are wait-free on
-//! every path. The other structures' fast paths are too, but their slow paths take a
-//! per-CPU lock: a handler that interrupts its own thread while that thread holds the
-//! lock of the same structure (inside `with_cpu`, a `steal`, a `flush`, or a slow path)
-//! would wait forever. Use them from a handler only when the interrupted code cannot be
-//! inside the same structure.
+//! A handler may use cpulocal once the process-wide decisions are made (by the
+//! constructor, or by [`register_current_thread`] before the handler is installed) and
+//! the interrupted thread is registered (its first use of cpulocal, or
+//! [`register_current_thread`] on it, came first). Then:
+//!
+//! - [`current_cpu`] and [`Counter::add`] are async-signal-safe: wait-free on every path.
+//! - The other structures' operations may wait for a per-CPU lock (their slow paths,
+//!   `with_cpu`, `steal`, `flush`). A handler that uses the *same* structure as the code
+//!   it interrupted can meet a lock its own thread holds, and would wait forever.
+//!   Different structures are independent: a handler may use any structure the
+//!   interrupted code is not inside.
 //!
 //! # Debuggers
 //!
@@ -104,17 +119,57 @@ pub use remote::{scheme as remote_scheme, InvalidCpu};
 pub use stack::{Node, NodeList, Stack};
 pub use thread::{mechanism, FallbackReason, Mechanism, Registrar};
 
-/// Registers the calling thread now instead of on its first use of cpulocal, e.g.
-/// before installing a signal handler that uses cpulocal. Returns whether the thread
-/// uses rseq (false: the fallback serves it).
+/// Makes every process-wide decision now and registers the calling thread: the
+/// [`mechanism`], the [`remote_scheme`] (with the process's membarrier registration),
+/// the number of [`possible_cpus`], and pinning the library in memory (see
+/// [`thread`]'s "Unloading"). Returns whether the thread uses rseq (false: the
+/// fallback serves it).
+///
+/// cpulocal calls this from a load-time constructor (see [early
+/// initialisation](crate#early-initialisation)), so nothing is left to decide later;
+/// call it yourself when that constructor is turned off, before the process starts
+/// threads (the membarrier registration is cheap then, and blocks every thread that
+/// waits for it for milliseconds later), and before installing a signal handler that
+/// uses cpulocal. Each decision is a one-time initialiser, which a handler must never
+/// enter: one that interrupted the same initialiser on its own thread would wait for
+/// itself forever.
+///
+/// In other threads, the first use registers the thread (without any process-wide
+/// work); call this first in a thread whose signal handlers use cpulocal, so that
+/// their first use is not the thread's.
 ///
 /// ```
 /// let uses_rseq = cpulocal::register_current_thread();
 /// assert_eq!(uses_rseq, matches!(cpulocal::mechanism(), cpulocal::Mechanism::Rseq { .. }));
 /// ```
 pub fn register_current_thread() -> bool {
+    thread::mechanism();
+    remote::scheme();
+    sys::possible_cpus();
     thread::is_registered()
 }
+
+/// The environment variable that turns the load-time constructor off: set it to `1`
+/// and cpulocal decides everything on first use, or when you call
+/// [`register_current_thread`].
+pub const NO_EARLY_INIT_ENV: &str = "CPULOCAL_NO_EARLY_INIT";
+
+/// Runs [`register_current_thread`] on the main thread while the process loads (from
+/// `.init_array`, before `main` or during `dlopen`), unless [`NO_EARLY_INIT_ENV`] says not
+/// to.
+extern "C" fn early_init() {
+    if std::env::var_os(NO_EARLY_INIT_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+        return;
+    }
+    // Nothing in it panics by design; should it, a panic must not unwind into the loader.
+    let _ = std::panic::catch_unwind(register_current_thread);
+}
+
+/// The constructor's entry in `.init_array`, called by the dynamic loader (or the static
+/// start-up code) with the process still single-threaded, unless loaded by `dlopen`.
+#[used]
+#[link_section = ".init_array"]
+static EARLY_INIT: extern "C" fn() = early_init;
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]

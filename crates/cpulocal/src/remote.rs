@@ -106,6 +106,12 @@ pub fn scheme() -> Scheme {
     *SCHEME.get_or_init(decide)
 }
 
+/// Whether the scheme is decided already (without deciding it).
+#[cfg(test)]
+pub(crate) fn scheme_decided() -> bool {
+    SCHEME.get().is_some()
+}
+
 fn decide() -> Scheme {
     if !matches!(thread::mechanism(), thread::Mechanism::Rseq { .. }) {
         return Scheme::Locked(LockedReason::NoRseq);
@@ -223,7 +229,19 @@ impl CpuLock {
             self.acquire_word(me);
             // Restart every sequence in flight on `cpu`: any that read the word as free
             // before our exchange either committed already or never will.
-            fence_sequences_on(cpu);
+            if let Err(refused) = fence_sequences_on(cpu) {
+                // Without the fence we cannot exclude `cpu`'s sequences. Our token (or a
+                // local owner's, which overwrote it) is in the word: give it back before
+                // unwinding, so the slot stays usable for every other thread.
+                if self
+                    .word
+                    .compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.wake_sleepers();
+                }
+                refused.panic();
+            }
             // Acquire: a local owner that overwrote our token released with a Release
             // store; we must see its writes before ours.
             if self.word.load(Ordering::Acquire) == me {
@@ -296,25 +314,52 @@ impl CpuLock {
         // Release: pairs with the Acquire of the next owner.
         self.word.store(0, Ordering::Release);
     }
+
+    /// Wakes the threads waiting for this lock (none sleep yet: waiters spin and yield).
+    #[inline]
+    fn wake_sleepers(&self) {}
 }
 
 /// `membarrier(PRIVATE_EXPEDITED_RSEQ)` on `cpu` (or, should the per-CPU form fail, on
 /// every CPU, which is at least as strong).
 ///
-/// # Panics
+/// # Errors
 ///
-/// If the kernel refuses both after the process registered for them (a sandbox that
-/// filters the command later): without the fence no remote owner can exclude that CPU's
-/// sequences, and continuing would silently break mutual exclusion.
-fn fence_sequences_on(cpu: u32) {
+/// [`FenceRefused`] when the kernel refuses both after the process registered for them
+/// (a sandbox that filters the command for some threads only): without the fence no
+/// remote owner can exclude that CPU's sequences. The caller must give the lock word
+/// back and then call [`FenceRefused::panic`]: continuing would silently break mutual
+/// exclusion, and unwinding with the word held would wedge the slot process-wide.
+fn fence_sequences_on(cpu: u32) -> Result<(), FenceRefused> {
     let per_cpu = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, mb::CMD_FLAG_CPU, cpu as i32);
     if let Err(first) = per_cpu {
         if let Err(second) = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0) {
-            panic!(
-                "membarrier(PRIVATE_EXPEDITED_RSEQ) failed ({first:?} on CPU {cpu}, then {second:?}) \
-                 after registration: cannot exclude the CPU's restartable sequences"
-            );
+            return Err(FenceRefused { cpu, first, second });
         }
+    }
+    Ok(())
+}
+
+/// The kernel refused the membarrier fence to this thread after the process registered
+/// for it.
+#[derive(Debug)]
+struct FenceRefused {
+    cpu: u32,
+    first: Errno,
+    second: Errno,
+}
+
+impl FenceRefused {
+    /// Panics with the reason; called once the lock word is released.
+    #[cold]
+    fn panic(self) -> ! {
+        let FenceRefused { cpu, first, second } = self;
+        panic!(
+            "membarrier(PRIVATE_EXPEDITED_RSEQ) failed ({first:?} on CPU {cpu}, then {second:?}) \
+             after registration (a seccomp filter on this thread?): this thread cannot exclude \
+             CPU {cpu}'s restartable sequences, so it cannot operate on another CPU's data; \
+             the lock was released and nothing was changed"
+        );
     }
 }
 
@@ -342,6 +387,10 @@ pub(crate) fn on_current_cpu<R>(
     mut attempt: impl FnMut(*mut crate::abi::Rseq, u32) -> Attempt<R>,
 ) -> Option<R> {
     if scheme() != Scheme::Membarrier {
+        return None;
+    }
+    #[cfg(any(test, feature = "__test-hooks"))]
+    if crate::test_hooks::slow_paths_forced() {
         return None;
     }
     let rseq = thread::current()?;

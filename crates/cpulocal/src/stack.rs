@@ -173,16 +173,22 @@ impl<T> Stack<T> {
             }
         });
         if pushed.is_none() {
-            self.push_locked(node);
+            // SAFETY: the fast path did not publish `node` (it returns `None` only when no
+            // sequence committed), so it is still ours, from `Box::into_raw` above.
+            self.push_locked(unsafe { Box::from_raw(node) });
         }
     }
 
+    /// The slow path of `push`. The node stays a `Box` until the lock is ours, so a
+    /// panic in the acquisition (a refused membarrier fence) frees it instead of
+    /// leaking it.
     #[cold]
-    fn push_locked(&self, node: *mut Node<T>) {
+    fn push_locked(&self, node: Box<Node<T>>) {
         let index = CpuLock::lock_current(self.slots.len(), |i| &self.slots[i].lock);
         let slot = &self.slots[index];
-        // SAFETY: we own `node`; we hold the slot's lock, so the list is ours.
-        unsafe { link(slot, node) };
+        // SAFETY: the node is ours (from the box); we hold the slot's lock, so the list
+        // is ours.
+        unsafe { link(slot, Box::into_raw(node)) };
         slot.lock.unlock();
     }
 

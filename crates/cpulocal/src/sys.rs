@@ -131,6 +131,32 @@ pub fn lookup_symbol(name: &core::ffi::CStr) -> Option<core::ptr::NonNull<u8>> {
     core::ptr::NonNull::new(p.cast())
 }
 
+/// Keeps the shared object that contains cpulocal loaded for the rest of the process:
+/// `dlopen(itself, RTLD_NOLOAD | RTLD_NODELETE)`, the object found with `dladdr` on one
+/// of its functions. A later `dlclose` by the program that loaded it then unmaps
+/// nothing. Returns whether an object was pinned (false in the main program, which is
+/// never unloaded, or where the loader does not know the object).
+pub fn pin_own_object() -> bool {
+    // SAFETY: Dl_info is plain old data; all-zero is a valid value.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    let this = pin_own_object as fn() -> bool as *const libc::c_void;
+    // SAFETY: `this` is an address in our own code; `info` is a live out-parameter.
+    if unsafe { libc::dladdr(this, &mut info) } == 0 || info.dli_fname.is_null() {
+        return false;
+    }
+    // SAFETY: `dli_fname` is the NUL-terminated name the loader keeps for the object
+    // (alive while the object is loaded, which it is: we run its code). RTLD_NOLOAD
+    // loads nothing new; RTLD_NODELETE marks the object as never to be unloaded. The
+    // handle is deliberately never closed.
+    let handle = unsafe {
+        libc::dlopen(
+            info.dli_fname,
+            libc::RTLD_LAZY | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+        )
+    };
+    !handle.is_null()
+}
+
 /// Parses a kernel CPU list such as `0-3,8,10-11` into the number of the highest CPU
 /// plus one. `None` for text that is not such a list.
 pub fn cpu_list_span(list: &str) -> Option<usize> {

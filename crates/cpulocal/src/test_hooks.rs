@@ -80,3 +80,19 @@ pub fn break_counter_sequence(broken: bool) {
 pub(crate) fn counter_sequence_broken() -> bool {
     COUNTER_SEQUENCE_BROKEN.load(Ordering::Relaxed)
 }
+
+std::thread_local! {
+    static SLOW_PATHS_FORCED: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Makes every per-CPU fast path of the calling thread give up at once (`true`), so its
+/// operations take their slow paths (the lock taken as a remote owner), or restores them
+/// (`false`).
+pub fn force_slow_paths(forced: bool) {
+    SLOW_PATHS_FORCED.set(forced);
+}
+
+#[inline(always)]
+pub(crate) fn slow_paths_forced() -> bool {
+    SLOW_PATHS_FORCED.get()
+}

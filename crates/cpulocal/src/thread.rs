@@ -36,9 +36,19 @@
 //! - A statically linked glibc ≥ 2.35 registers every thread, but `dlsym` cannot find
 //!   its symbols: cpulocal's own registration then fails with EINVAL and the process runs
 //!   the fallback (correct, not fast). Set `GLIBC_TUNABLES=glibc.pthread.rseq=0` there.
-//! - Unloading cpulocal with `dlclose` is not supported: a thread's `rseq_cs` may still
-//!   point at a descriptor in the unloaded code (the kernel clears it lazily), and the
-//!   pthread-key destructor would be unmapped.
+//!
+//! # Unloading
+//!
+//! A plugin that contains cpulocal may be `dlopen`ed and `dlclose`d by its host. Unmapping
+//! cpulocal's code would kill the process: a thread's `rseq_cs` keeps pointing at the
+//! descriptor of its last sequence until the kernel clears it lazily (on its next
+//! preemption or signal *outside* the sequence, when it reads the unmapped descriptor
+//! and kills the thread), our own areas live in the library's TLS, and the pthread-key
+//! destructor that unregisters them is library code. So the first process-wide
+//! decision pins the object that contains cpulocal (`dlopen(itself, RTLD_NOLOAD |
+//! RTLD_NODELETE)`): `dlclose` then leaves it mapped, at the cost of its memory staying in
+//! the process. Clearing `rseq_cs` after every sequence instead would add a store to
+//! every operation and still leave the areas and the destructor in unmapped memory.
 
 //! # The mechanism
 //!
@@ -325,6 +335,10 @@ fn register_current() -> Option<NonNull<Rseq>> {
 }
 
 fn decide() -> (Mechanism, Option<NonNull<Rseq>>) {
+    // Before any sequence can arm `rseq_cs` with one of our descriptors, and before our
+    // own area or its unregistration destructor can exist: a library that contains
+    // cpulocal stays mapped even after `dlclose` (see "Unloading" above).
+    sys::pin_own_object();
     if !arch::HAS_RSEQ {
         return (Mechanism::Fallback(FallbackReason::UnsupportedArch), None);
     }
@@ -373,7 +387,7 @@ fn glibc_area() -> Option<NonNull<Rseq>> {
 /// exit. Nothing is registered unless the unregistration can be armed: an area left
 /// registered when the thread's TLS is freed would let the kernel write into freed
 /// memory.
-fn register_own() -> Result<NonNull<Rseq>, Errno> {
+pub(crate) fn register_own() -> Result<NonNull<Rseq>, Errno> {
     let key = unregistration_key()?;
     let area = OWN_AREA.with(|a| a.0.get().cast::<Rseq>());
     let len = own_registration_len();
@@ -381,7 +395,16 @@ fn register_own() -> Result<NonNull<Rseq>, Errno> {
     // checked in `own_registration_len`), and used for nothing else.
     // SAFETY: this thread's OWN_AREA lives until the thread exits, and the pthread-key
     // destructor armed below unregisters it before glibc frees the thread's TLS.
-    unsafe { sys::rseq(area, len, 0, abi::RSEQ_SIG)? };
+    match unsafe { sys::rseq(area, len, 0, abi::RSEQ_SIG) } {
+        Ok(()) => {}
+        // EBUSY: exactly this area is already registered for this thread. That happens
+        // when a signal handler on this thread registered it while this registration was
+        // under way (the handler's first use of cpulocal interrupted the thread's). The
+        // handler armed the unregistration too; arming it again below is harmless. Taking
+        // it as a failure would leave the thread registered but on slow paths for life.
+        Err(Errno(libc::EBUSY)) => {}
+        Err(e) => return Err(e),
+    }
     // SAFETY: `key` is a live key; the value is only passed back to `unregister_own`.
     let armed = unsafe { libc::pthread_setspecific(key, area.cast()) };
     if armed != 0 {

@@ -71,7 +71,7 @@ pub(crate) fn in_child(name: &str, setup: Setup, body: impl FnOnce()) {
         cmd.env(k, v);
     }
     if setup.deny_rseq {
-        let filter = deny_rseq_filter();
+        let filter = syscall_error_filter(libc::SYS_rseq, libc::ENOSYS);
         // SAFETY: the closure runs in the forked child before exec: it only makes two
         // system calls on data built before the fork (no allocation, no locks), which
         // is async-signal-safe.
@@ -125,9 +125,9 @@ const fn jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     }
 }
 
-/// A classic-BPF seccomp program: kill on a foreign architecture, `rseq` fails with
-/// ENOSYS, everything else is allowed.
-fn deny_rseq_filter() -> [libc::sock_filter; 7] {
+/// A classic-BPF seccomp program: kill on a foreign architecture, system call `nr` fails
+/// with `errno`, everything else is allowed.
+pub(crate) fn syscall_error_filter(nr: libc::c_long, errno: libc::c_int) -> [libc::sock_filter; 7] {
     // Offsets in `struct seccomp_data`.
     const NR: u32 = 0;
     const ARCH: u32 = 4;
@@ -139,15 +139,16 @@ fn deny_rseq_filter() -> [libc::sock_filter; 7] {
         jump(JEQ_K, AUDIT_ARCH, 1, 0),
         stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS),
         stmt(LD_W, NR),
-        jump(JEQ_K, libc::SYS_rseq as u32, 0, 1),
-        stmt(RET_K, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        jump(JEQ_K, nr as u32, 0, 1),
+        stmt(RET_K, libc::SECCOMP_RET_ERRNO | errno as u32),
         stmt(RET_K, libc::SECCOMP_RET_ALLOW),
     ]
 }
 
-/// In the forked child: `PR_SET_NO_NEW_PRIVS` (so an unprivileged process may install
-/// a filter), then the filter. Both survive the exec.
-fn install_seccomp(filter: &[libc::sock_filter; 7]) -> std::io::Result<()> {
+/// `PR_SET_NO_NEW_PRIVS` (so an unprivileged process may install a filter), then the
+/// filter, for the calling thread only. In a forked child before exec, both survive the
+/// exec; in a thread of a running process, its other threads keep running unfiltered.
+pub(crate) fn install_seccomp(filter: &[libc::sock_filter; 7]) -> std::io::Result<()> {
     // SAFETY: PR_SET_NO_NEW_PRIVS takes integers only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());

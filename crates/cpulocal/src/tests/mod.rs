@@ -31,6 +31,8 @@ use crate::{FallbackReason, Mechanism, Registrar};
 mod abort_path;
 mod child;
 mod counter_basics;
+mod early_init;
+mod fence_refused;
 mod model;
 mod own_registration;
 mod refused;
@@ -137,4 +139,41 @@ pub(crate) fn install_handler(signal: libc::c_int, handler: extern "C" fn(libc::
 pub(crate) fn ignore_signal(signal: libc::c_int) {
     // SAFETY: SIG_IGN is a valid disposition for the user signals used here.
     unsafe { libc::signal(signal, libc::SIG_IGN) };
+}
+
+/// In a child process: aborts it with a message if it is still running after `limit`,
+/// so that a hang (the failure these tests look for) fails the test instead of stalling
+/// it. Returns the switch that disarms it.
+pub(crate) fn watchdog(
+    limit: std::time::Duration,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&done);
+    std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            // Relaxed: a flag polled; nothing else is published through it.
+            if flag.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+        eprintln!("watchdog: still running after {limit:?}: a hang");
+        std::process::abort();
+    });
+    done
+}
+
+/// Runs `f` on a new thread and waits at most `limit` for it: `None` if it did not
+/// finish (it keeps running, blocked).
+pub(crate) fn within<R: Send + 'static>(
+    limit: std::time::Duration,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Option<R> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
 }

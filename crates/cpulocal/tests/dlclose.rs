@@ -1,0 +1,121 @@
+//! A plugin host that `dlopen`s a library containing cpulocal, calls it, `dlclose`s it
+//! and keeps running (yielding, sleeping, taking signals, starting threads, ending the
+//! thread that used the plugin) survives. Without pinning, the kernel kills it on the
+//! first preemption after the `dlclose`: the threads' `rseq_cs` still point at a
+//! descriptor in the unmapped library (and with cpulocal's own registration, the
+//! registered areas live in the library's freed TLS).
+//!
+//! The plugin is `tests/dlclose_fixture`, built here with cargo; each host runs in a
+//! child process, so that its death is a failed test rather than a dead test binary.
+
+mod common;
+
+use std::ffi::CString;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{in_child, install_handler, is_child, serial};
+
+/// Where the child finds the plugin.
+const FIXTURE_ENV: &str = "CPULOCAL_DLCLOSE_FIXTURE";
+
+/// Builds the plugin (in the parent) and returns its path.
+fn build_fixture() -> PathBuf {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dlclose-fixture");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "--manifest-path"])
+        .arg(manifest_dir.join("tests/dlclose_fixture/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .status()
+        .expect("run cargo to build the plugin");
+    assert!(status.success(), "building the plugin failed: {status}");
+    target_dir.join("debug/libcpulocal_dlclose_fixture.so")
+}
+
+static SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn count_signal(_: libc::c_int) {
+    // Relaxed: a statistic.
+    SIGNALS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The host: load, call on two threads, unload, then live on for a while.
+fn host() {
+    let path = std::env::var(FIXTURE_ENV).expect("the plugin's path");
+    let c_path = CString::new(path).expect("no NUL in the path");
+    // SAFETY: `c_path` is NUL-terminated; the plugin's constructors are cpulocal's.
+    let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!handle.is_null(), "dlopen failed");
+    // SAFETY: `handle` is live; the name is NUL-terminated.
+    let sym = unsafe { libc::dlsym(handle, c"cpulocal_fixture_run".as_ptr()) };
+    assert!(!sym.is_null(), "the plugin exports cpulocal_fixture_run");
+    // SAFETY: the plugin defines it as `extern "C" fn(u64) -> u64`.
+    let run: extern "C" fn(u64) -> u64 = unsafe { core::mem::transmute(sym) };
+    assert_eq!(run(1000), 1000);
+
+    // A thread that used the plugin and lives on after the dlclose, then exits (with
+    // cpulocal's own registration, its unregistration destructor is plugin code).
+    let (used, used_rx) = mpsc::channel();
+    let (exit, exit_rx) = mpsc::channel::<()>();
+    let user = std::thread::spawn(move || {
+        used.send(run(1000)).unwrap();
+        exit_rx.recv().unwrap();
+    });
+    assert_eq!(used_rx.recv().unwrap(), 2000);
+
+    // SAFETY: nothing of the plugin is used after this (the function pointer is dead).
+    assert_eq!(unsafe { libc::dlclose(handle) }, 0, "dlclose failed");
+
+    install_handler(libc::SIGUSR1, count_signal);
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        std::thread::yield_now();
+        std::thread::sleep(Duration::from_micros(200));
+        // SAFETY: `me` is this live thread; the handler only counts.
+        unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+        std::thread::spawn(std::thread::yield_now).join().unwrap();
+    }
+    exit.send(()).unwrap();
+    user.join().expect("the plugin's user thread exits");
+    assert!(SIGNALS.load(Ordering::Relaxed) > 0);
+    println!(
+        "host alive after dlclose, {} signals",
+        SIGNALS.load(Ordering::Relaxed)
+    );
+}
+
+fn host_survives(name: &str, env: &[(&str, &str)]) {
+    let _serial = serial();
+    if is_child(name) {
+        in_child(name, &[], host);
+        return;
+    }
+    let fixture = build_fixture();
+    let fixture = fixture.to_str().expect("a UTF-8 path");
+    let mut env = env.to_vec();
+    env.push((FIXTURE_ENV, fixture));
+    in_child(name, &env, host);
+}
+
+#[test]
+fn a_host_survives_dlclose_of_a_plugin_using_glibc_registration() {
+    host_survives(
+        "a_host_survives_dlclose_of_a_plugin_using_glibc_registration",
+        &[],
+    );
+}
+
+#[test]
+fn a_host_survives_dlclose_of_a_plugin_using_its_own_registration() {
+    host_survives(
+        "a_host_survives_dlclose_of_a_plugin_using_its_own_registration",
+        &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
+    );
+}
