@@ -97,8 +97,12 @@ mod cache_padded;
 mod counter;
 mod cpu;
 mod fallback;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod ops;
 mod percpu;
+#[cfg(feature = "prometheus-client")]
+pub mod prometheus;
 pub mod remote;
 pub mod ring;
 mod stack;

@@ -41,6 +41,7 @@ mod harness;
 
 mod counter;
 mod cpu_number;
+mod ecosystem;
 mod lock;
 mod remote;
 mod ring;
@@ -62,6 +63,7 @@ impl Group {
         Group(&lock::GROUP),
         Group(&remote::GROUP),
         Group(&ring::GROUP),
+        Group(&ecosystem::GROUP),
     ];
 
     /// The name used on the command line and in the output.
