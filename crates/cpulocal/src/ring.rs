@@ -18,25 +18,69 @@
 //!   fence before the add publishes the record's bytes.
 //! - The **consumer** sums both counts: a sub-buffer is complete when `commit_local +
 //!   commit_remote` reaches the bytes of every lap it has served, `(lap + 1) *
-//!   sub_buffer_size`. Only then is it read; nothing on the producers' fast path waits.
+//!   sub_buffer_size`. Only then is it read; no producer waits for the consumer.
 //! - The consumer claims the oldest sub-buffer by setting the low bit of the ring's
 //!   `consumed` position, reads it, and moves `consumed` past it, handing the space back.
 //!   In [`Mode::OverwriteOldest`] a producer short of space moves `consumed` past the
 //!   oldest sub-buffer instead (when it is complete and not claimed), counting its
 //!   records as overwritten; a claimed sub-buffer is never overwritten, so a reader never
 //!   sees bytes change under it.
+//! - A consumer whose callback panics hands the claim back with the position of the next
+//!   unread record (`resume`), so the next [`consume`](RingBuffer::consume) carries on
+//!   there: nothing stays claimed, nothing is read twice.
 //!
 //! A reservation dropped without [`commit`](Reservation::commit) is committed as padding:
 //! the consumer skips it and never stalls.
+//!
+//! # Who waits
+//!
+//! A producer's reserve is one restartable compare-and-store and its commit one
+//! restartable add (or one atomic add), with no lock taken and no waiting — except in
+//! two cases: while a [`flush`](RingBuffer::flush) of its CPU's ring holds that ring's
+//! lock (a few dozen instructions), its reserve waits; and after repeated aborts in a
+//! row (a debugger single-stepping), or under the
+//! [`Scheme::Locked`](crate::remote::Scheme::Locked) scheme, it takes its CPU's lock for
+//! the reserve.
+//!
+//! A consumer can sleep until there is something to read ([`RingBuffer::wait`]). The
+//! producer whose commit closes a sub-buffer (fills it to its end) checks, after a
+//! `SeqCst` fence, whether a consumer sleeps, and only then bumps the futex word and
+//! wakes it; the consumer announces itself (`SeqCst`) before its last look at the rings.
+//! So a producer pays one fence per sub-buffer and a system call only when somebody
+//! sleeps, and no wake-up is lost. A sub-buffer whose last commit lands after the one
+//! that closed it (a producer preempted between its reserve and its commit) is noticed
+//! by the sleeping consumer within [`PENDING_POLL`].
+//!
+//! # Memory
+//!
+//! All rings live in one mapping that reserves address space and is populated on touch
+//! (`MAP_NORESERVE`): a CPU that never runs a producer, and the sub-buffers a ring has
+//! not reached yet, cost no memory. The address space reserved is checked up front
+//! against [`MAX_RESERVED_BYTES`] and `RLIMIT_AS`, so a configuration too large for the
+//! machine is a [`ConfigError`], never an allocation failure that aborts the process.
 
-use core::cell::UnsafeCell;
+use core::cell::Cell;
 use core::fmt;
-use core::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use core::ptr::NonNull;
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::io;
+use std::time::{Duration, Instant};
 
 use crate::arch::{self, Outcome};
 use crate::cache_padded::CachePadded;
 use crate::remote::{self, Attempt, CpuLock, InvalidCpu};
-use crate::{sys, Counter};
+use crate::sys::{self, Errno};
+use crate::Counter;
+
+/// The most address space one [`RingBuffer`] may reserve: 1 TiB (2^40 bytes), all CPUs'
+/// rings and their commit counters together. Far below the user address space of a
+/// 64-bit Linux process (128 TiB on x86_64 and aarch64 with 4 KiB pages and 48-bit
+/// addresses), so one buffer cannot exhaust it; only the pages written become resident.
+pub const MAX_RESERVED_BYTES: u64 = 1 << 40;
+
+/// How long a waiting consumer sleeps at most while a sub-buffer is fully reserved but
+/// a producer has not committed its record yet (such a last commit wakes nobody).
+pub const PENDING_POLL: Duration = Duration::from_millis(1);
 
 /// What a full ring does with a new record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -55,10 +99,13 @@ pub enum Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RingConfig {
     /// Bytes per sub-buffer: a power of two from 64 to 2^30. A record (header
-    /// included) must fit in one.
+    /// included) must fit in one. The consumer reads whole sub-buffers: a larger one
+    /// means fewer hand-overs, and more records waiting for a [`RingBuffer::flush`].
     pub sub_buffer_size: usize,
     /// Sub-buffers per CPU: a power of two, at least 2 (positions map to sub-buffers
-    /// with shifts and masks, never a division).
+    /// with shifts and masks, never a division). The whole buffer,
+    /// `sub_buffer_size * sub_buffers` per possible CPU, must fit in
+    /// [`MAX_RESERVED_BYTES`] of address space; only what is written becomes resident.
     pub sub_buffers: usize,
     /// What a full ring does.
     pub mode: Mode,
@@ -67,11 +114,14 @@ pub struct RingConfig {
 }
 
 impl Default for RingConfig {
-    /// 4 sub-buffers of 4 KiB per CPU, discarding when full, with timestamps.
+    /// 16 sub-buffers of 64 KiB per CPU (1 MiB of address space per CPU, resident only
+    /// where written), discarding when full, with timestamps: room for a logger's
+    /// bursts (about 10,000 records of 100 bytes per CPU) between two rounds of a
+    /// consumer that wakes every few milliseconds.
     fn default() -> Self {
         RingConfig {
-            sub_buffer_size: 4096,
-            sub_buffers: 4,
+            sub_buffer_size: 64 << 10,
+            sub_buffers: 16,
             mode: Mode::DiscardNewest,
             timestamps: true,
         }
@@ -80,12 +130,34 @@ impl Default for RingConfig {
 
 /// A [`RingConfig`] that cannot be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// `sub_buffer_size` is not a power of two from 64 to 2^30.
     SubBufferSize(usize),
-    /// `sub_buffers` is not a power of two of at least 2, or the ring would not fit in
-    /// the address space.
+    /// `sub_buffers` is not a power of two of at least 2.
     SubBuffers(usize),
+    /// The buffer would reserve more than [`MAX_RESERVED_BYTES`] of address space.
+    TooLarge {
+        /// The bytes of address space the configuration needs (all CPUs).
+        bytes: u128,
+        /// The possible CPUs, one ring each.
+        cpus: usize,
+    },
+    /// The buffer would reserve more address space than the process's `RLIMIT_AS`.
+    OverAddressSpaceLimit {
+        /// The bytes of address space the configuration needs (all CPUs).
+        bytes: u64,
+        /// The soft `RLIMIT_AS`.
+        limit: u64,
+    },
+    /// The kernel refused to reserve the address space (`mmap`: `ENOMEM` under
+    /// `vm.overcommit_memory=2`, or no free range that large).
+    Map {
+        /// The bytes of address space asked for.
+        bytes: u64,
+        /// The kernel's error.
+        errno: Errno,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -98,6 +170,22 @@ impl fmt::Display for ConfigError {
             ConfigError::SubBuffers(n) => {
                 write!(f, "{n} sub-buffers: a power of two of at least 2 is needed")
             }
+            ConfigError::TooLarge { bytes, cpus } => write!(
+                f,
+                "the rings of {cpus} CPUs need {bytes} bytes of address space, more than the \
+                 limit of {MAX_RESERVED_BYTES} (2^40) bytes per ring buffer: use fewer or \
+                 smaller sub-buffers"
+            ),
+            ConfigError::OverAddressSpaceLimit { bytes, limit } => write!(
+                f,
+                "the rings need {bytes} bytes of address space, more than this process's \
+                 RLIMIT_AS of {limit} bytes"
+            ),
+            ConfigError::Map { bytes, errno } => write!(
+                f,
+                "the kernel refused to reserve {bytes} bytes of address space for the rings \
+                 ({errno})"
+            ),
         }
     }
 }
@@ -145,6 +233,12 @@ pub struct RingStats {
     pub remote_commits: u64,
     /// Reservations dropped without a commit, turned into padding.
     pub abandoned: u64,
+    /// Flushes that closed a partly filled sub-buffer (flushes of an empty or exactly
+    /// full one write nothing and are not counted).
+    pub flushes: u64,
+    /// Bytes of padding those flushes wrote: ring space that held no record. A consumer
+    /// that flushes often, with large sub-buffers, wastes much of its ring here.
+    pub flush_padding_bytes: u64,
 }
 
 /// One record, as the consumer sees it.
@@ -167,6 +261,9 @@ const KIND_PADDING: u64 = 2;
 /// The low bit of `consumed`: a consumer is reading the sub-buffer at that position.
 const CLAIMED: usize = 1;
 
+/// The commit counts of one sub-buffer. Lives in the lazily populated mapping: all-zero
+/// bytes are its initial value.
+#[repr(C)]
 struct SubBuffer {
     /// Bytes committed by restartable adds on the ring's CPU.
     commit_local: AtomicUsize,
@@ -181,15 +278,60 @@ struct Ring {
     write: AtomicUsize,
     /// Consumer position (a sub-buffer start), with [`CLAIMED`] while one is read.
     consumed: AtomicUsize,
-    subs: Box<[SubBuffer]>,
-    /// The bytes, as words for 8-byte alignment. Each byte is written by the one
-    /// reservation that owns it, and read only after its sub-buffer is complete.
-    data: Box<[UnsafeCell<u64>]>,
+    /// Where reading resumes inside the sub-buffer at `consumed` after a consumer's
+    /// callback panicked; meaningful only while strictly inside that sub-buffer (stale
+    /// values are behind `consumed`). Written by the claim holder only.
+    resume: AtomicUsize,
+    /// The ring's bytes in the mapping (`capacity` of them, page-aligned). Each byte is
+    /// written by the one reservation that owns it, and read only after its sub-buffer
+    /// is complete.
+    data: NonNull<u8>,
+    /// The ring's `sub_buffers` commit counts, in the mapping after `data`.
+    subs: NonNull<SubBuffer>,
+}
+
+/// The lock of a ring, held: released when dropped, also on unwind.
+struct Held<'a>(&'a CpuLock);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.unlock();
+    }
+}
+
+/// The futex word and sleeper count through which consumers wait.
+#[derive(Default)]
+struct Waiters {
+    /// Bumped by every wake-up; consumers sleep while it keeps the value they read.
+    epoch: AtomicU32,
+    /// Consumers announced in [`RingBuffer::wait`].
+    sleepers: AtomicU32,
+}
+
+/// The mapping that holds every ring's bytes and counters; unmapped when dropped.
+struct Mapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `base..base+len` is our mapping from `sys::map_lazy`; the buffer that
+        // owns it (and every reservation, which borrows the buffer) is gone.
+        unsafe { sys::unmap(self.base, self.len) };
+    }
 }
 
 /// Per-CPU ring buffers of variable-length records, for tracers, loggers and metrics
-/// exporters: producers never take a lock or wait; a consumer reads complete records per
-/// CPU, in order, while they keep writing.
+/// exporters: a producer reserves and commits with restartable sequences on its CPU's
+/// ring (it waits only while a [`flush`](RingBuffer::flush) of that ring runs, see
+/// [Who waits](self#who-waits)); a consumer reads complete records per CPU, in order,
+/// while they keep writing, and can sleep until there are some
+/// ([`wait`](RingBuffer::wait)).
+///
+/// No poisoning: a panic in a [`consume`](RingBuffer::consume) callback or while a
+/// [`Reservation`] is open leaves the buffer consistent and usable (like `parking_lot`,
+/// not like `std::sync::Mutex`).
 ///
 /// `RingBuffer` is `Send` and `Sync`: every byte of a ring is written by the one
 /// reservation that owns it and read only once its sub-buffer is complete and claimed.
@@ -213,6 +355,9 @@ struct Ring {
 /// ```
 pub struct RingBuffer {
     rings: Box<[CachePadded<Ring>]>,
+    waiters: CachePadded<Waiters>,
+    /// Owns the memory `rings` point into; dropped after them.
+    _mapping: Mapping,
     config: RingConfig,
     capacity: usize,
     /// log2 of `sub_buffer_size`.
@@ -223,6 +368,8 @@ pub struct RingBuffer {
     overwritten: Counter,
     remote_commits: Counter,
     abandoned: Counter,
+    flushes: Counter,
+    flush_padding_bytes: Counter,
 }
 
 // SAFETY: the `UnsafeCell` bytes are written only through a reservation that owns them
@@ -235,16 +382,22 @@ unsafe impl Send for RingBuffer {}
 
 impl RingBuffer {
     /// One ring per possible CPU, each `config.sub_buffers * config.sub_buffer_size`
-    /// bytes.
+    /// bytes of address space, populated as producers write (see [Memory](self#memory)).
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] when the sizes are out of range.
+    /// [`ConfigError`] when the sizes are out of range, or the rings of all possible
+    /// CPUs would need more than [`MAX_RESERVED_BYTES`] of address space, more than the
+    /// process's `RLIMIT_AS`, or more than the kernel grants. Never aborts the process.
     ///
     /// ```
     /// use cpulocal::ring::{ConfigError, RingBuffer, RingConfig};
     /// let bad = RingConfig { sub_buffer_size: 100, ..RingConfig::default() };
     /// assert_eq!(RingBuffer::new(bad).err(), Some(ConfigError::SubBufferSize(100)));
+    ///
+    /// // 2^20 sub-buffers of 1 GiB per CPU: refused, with the reason.
+    /// let huge = RingConfig { sub_buffer_size: 1 << 30, sub_buffers: 1 << 20, ..RingConfig::default() };
+    /// assert!(matches!(RingBuffer::new(huge), Err(ConfigError::TooLarge { .. })));
     /// ```
     pub fn new(config: RingConfig) -> Result<Self, ConfigError> {
         let sub = config.sub_buffer_size;
@@ -254,27 +407,52 @@ impl RingBuffer {
         if config.sub_buffers < 2 || !config.sub_buffers.is_power_of_two() {
             return Err(ConfigError::SubBuffers(config.sub_buffers));
         }
-        let capacity = sub
-            .checked_mul(config.sub_buffers)
-            .ok_or(ConfigError::SubBuffers(config.sub_buffers))?;
-        let rings = (0..sys::possible_cpus())
-            .map(|_| {
+        let cpus = sys::possible_cpus();
+        let page = sys::page_size() as u128;
+        // In u128: no product of two usizes (and a CPU count) overflows it.
+        let capacity = sub as u128 * config.sub_buffers as u128;
+        let counters = config.sub_buffers as u128 * core::mem::size_of::<SubBuffer>() as u128;
+        let stride = (capacity + counters).next_multiple_of(page);
+        let bytes = stride * cpus as u128;
+        if bytes > u128::from(MAX_RESERVED_BYTES) {
+            return Err(ConfigError::TooLarge { bytes, cpus });
+        }
+        // All fit in a u64 and a usize (64-bit targets only) from here on.
+        let bytes = bytes as u64;
+        if let Some(limit) = sys::address_space_limit() {
+            if bytes > limit {
+                return Err(ConfigError::OverAddressSpaceLimit { bytes, limit });
+            }
+        }
+        let (capacity, stride) = (capacity as usize, stride as usize);
+        let base =
+            sys::map_lazy(bytes as usize).map_err(|errno| ConfigError::Map { bytes, errno })?;
+        let mapping = Mapping {
+            base,
+            len: bytes as usize,
+        };
+        let rings = (0..cpus)
+            .map(|cpu| {
+                // SAFETY: `cpu * stride + capacity` is inside the mapping of
+                // `cpus * stride` bytes (and `stride >= capacity + counters`).
+                let (data, subs) = unsafe {
+                    let data = base.add(cpu * stride);
+                    (data, data.add(capacity).cast::<SubBuffer>())
+                };
                 CachePadded::new(Ring {
                     lock: CpuLock::new(),
                     write: AtomicUsize::new(0),
                     consumed: AtomicUsize::new(0),
-                    subs: (0..config.sub_buffers)
-                        .map(|_| SubBuffer {
-                            commit_local: AtomicUsize::new(0),
-                            commit_remote: AtomicU64::new(0),
-                        })
-                        .collect(),
-                    data: (0..capacity / 8).map(|_| UnsafeCell::new(0)).collect(),
+                    resume: AtomicUsize::new(0),
+                    data,
+                    subs,
                 })
             })
             .collect();
         Ok(RingBuffer {
             rings,
+            waiters: CachePadded::new(Waiters::default()),
+            _mapping: mapping,
             config,
             capacity,
             sub_shift: sub.trailing_zeros(),
@@ -283,6 +461,8 @@ impl RingBuffer {
             overwritten: Counter::new(),
             remote_commits: Counter::new(),
             abandoned: Counter::new(),
+            flushes: Counter::new(),
+            flush_padding_bytes: Counter::new(),
         })
     }
 
@@ -308,6 +488,8 @@ impl RingBuffer {
             overwritten: self.overwritten.sum(),
             remote_commits: self.remote_commits.sum(),
             abandoned: self.abandoned.sum(),
+            flushes: self.flushes.sum(),
+            flush_padding_bytes: self.flush_padding_bytes.sum(),
         }
     }
 
@@ -389,6 +571,7 @@ impl RingBuffer {
         loop {
             let cpu = CpuLock::lock_current(self.rings.len(), |i| &self.rings[i].lock);
             let ring = &self.rings[cpu];
+            let held = Held(&ring.lock);
             // Relaxed: we hold the lock, whose Acquire orders the previous writer.
             let old = ring.write.load(Ordering::Relaxed);
             let begin = self.placement(old, size);
@@ -396,10 +579,10 @@ impl RingBuffer {
                 // Under the lock: in order with every other reservation of this ring.
                 let timestamp = self.config.timestamps.then(monotonic_ns);
                 ring.write.store(begin + size, Ordering::Relaxed);
-                ring.lock.unlock();
+                drop(held);
                 return Ok(self.reserved(cpu, old, begin, size, len, timestamp));
             }
-            ring.lock.unlock();
+            drop(held);
             if !self.make_room(ring) {
                 self.discarded.add(1);
                 return Err(ReserveError::Full);
@@ -451,7 +634,8 @@ impl RingBuffer {
             return true; // it moved: look again
         }
         let mut records = 0;
-        self.parse(ring, consumed, |_, _| records += 1);
+        let from = resume_point(ring, consumed, self.config.sub_buffer_size);
+        self.parse(ring, consumed, from, |_, _, _| records += 1);
         // Release: our reads of the sub-buffer are over before producers reuse it.
         ring.consumed
             .store(consumed + self.config.sub_buffer_size, Ordering::Release);
@@ -483,10 +667,11 @@ impl RingBuffer {
             buffer: self,
             payload: self.at(ring, begin + self.header_len()),
             pos: begin,
-            // All three fit: a record is at most one sub-buffer (2^30 bytes).
+            // All four fit: a record is at most one sub-buffer (2^30 bytes).
             cpu: cpu as u32,
             size: size as u32,
             len: len as u32,
+            written: 0,
         }
     }
 
@@ -500,12 +685,17 @@ impl RingBuffer {
     #[inline]
     fn at(&self, ring: &Ring, pos: usize) -> *mut u8 {
         let offset = pos & (self.capacity - 1);
-        // `data` is capacity/8 words and `offset` is below capacity.
-        ring.data
-            .as_ptr()
-            .cast::<u8>()
-            .wrapping_add(offset)
-            .cast_mut()
+        // `data` is `capacity` bytes and `offset` is below capacity.
+        ring.data.as_ptr().wrapping_add(offset)
+    }
+
+    /// The commit counts of the sub-buffer holding position `pos` in `ring`.
+    #[inline]
+    fn sub(&self, ring: &Ring, pos: usize) -> &SubBuffer {
+        // SAFETY: `subs` points to `sub_buffers` counters in the mapping, which lives as
+        // long as `self`; all-zero bytes (an untouched page) are valid counters, and
+        // they are only accessed atomically.
+        unsafe { &*ring.subs.as_ptr().add(self.sub_index(pos)) }
     }
 
     /// # Safety
@@ -527,8 +717,17 @@ impl RingBuffer {
     /// a restartable add while the thread is on `cpu`, the atomic remote count otherwise.
     #[inline]
     fn commit_bytes(&self, cpu: usize, pos: usize, bytes: usize, count_remote: bool) {
+        self.add_commit(cpu, pos, bytes, count_remote);
+        if (pos + bytes) & (self.config.sub_buffer_size - 1) == 0 {
+            self.sub_buffer_closed();
+        }
+    }
+
+    /// The add of [`commit_bytes`](Self::commit_bytes).
+    #[inline]
+    fn add_commit(&self, cpu: usize, pos: usize, bytes: usize, count_remote: bool) {
         let ring = &self.rings[cpu];
-        let sub = &ring.subs[self.sub_index(pos)];
+        let sub = self.sub(ring, pos);
         // Release: the record's bytes are visible before the count that says they are
         // complete (the consumer loads the counts with Acquire).
         fence(Ordering::Release);
@@ -553,10 +752,28 @@ impl RingBuffer {
         }
     }
 
+    /// A commit filled a sub-buffer to its end: wakes the consumers sleeping in
+    /// [`wait`](Self::wait), if any. Once per sub-buffer, so off the fast path.
+    #[cold]
+    fn sub_buffer_closed(&self) {
+        // SeqCst: with the consumer's SeqCst increment of `sleepers` before its last
+        // look at the rings (Dekker): either we see it sleeping, or it sees our commit.
+        fence(Ordering::SeqCst);
+        if self.waiters.sleepers.load(Ordering::Relaxed) != 0 {
+            self.wake_all();
+        }
+    }
+
+    fn wake_all(&self) {
+        // Release: a consumer that sees the new epoch sees the commits before it.
+        self.waiters.epoch.fetch_add(1, Ordering::Release);
+        sys::futex_wake(&self.waiters.epoch, i32::MAX);
+    }
+
     /// Whether the sub-buffer starting at `pos` (a consumer position) is fully committed.
     fn is_complete(&self, ring: &Ring, pos: usize) -> bool {
         let pos = pos & !CLAIMED;
-        let sub = &ring.subs[self.sub_index(pos)];
+        let sub = self.sub(ring, pos);
         let lap = (pos >> self.cap_shift) as u64;
         // Acquire: pairs with the producers' Release before their commits.
         let committed = (sub.commit_local.load(Ordering::Acquire) as u64)
@@ -564,11 +781,20 @@ impl RingBuffer {
         committed == (lap + 1) * self.config.sub_buffer_size as u64
     }
 
-    /// Calls `f(timestamp, payload)` for every record of the complete sub-buffer at `pos`.
-    fn parse(&self, ring: &Ring, pos: usize, mut f: impl FnMut(Option<u64>, &[u8])) {
+    /// Calls `f(next, timestamp, payload)` for every record of the complete sub-buffer
+    /// at `pos`, from position `from` on (a record boundary inside it), where `next` is
+    /// the position after the record.
+    fn parse(
+        &self,
+        ring: &Ring,
+        pos: usize,
+        from: usize,
+        mut f: impl FnMut(usize, Option<u64>, &[u8]),
+    ) {
         let pos = pos & !CLAIMED;
         let end = pos + self.config.sub_buffer_size;
-        let mut at = pos;
+        debug_assert!((pos..=end).contains(&from));
+        let mut at = from;
         while at < end {
             let p = self.at(ring, at).cast::<u64>();
             // SAFETY: the sub-buffer is complete: every byte in it belongs to a committed
@@ -586,8 +812,8 @@ impl RingBuffer {
                     let payload = self.at(ring, at + self.header_len());
                     // SAFETY: as above; the payload is `len` bytes inside the sub-buffer.
                     let data = unsafe { core::slice::from_raw_parts(payload, len) };
-                    f(timestamp, data);
                     at += self.header_len() + len.next_multiple_of(8);
+                    f(at, timestamp, data);
                 }
                 KIND_PADDING => at += HEADER + len,
                 kind => unreachable!("corrupt ring: kind {kind} at position {at}"),
@@ -603,11 +829,42 @@ impl RingBuffer {
     /// Records of the sub-buffer being filled are not complete yet: call
     /// [`flush`](RingBuffer::flush) first to hand them over too.
     ///
+    /// If `f` panics, the panic propagates after the ring is handed back: the record `f`
+    /// was called with counts as read, and the next `consume` of the ring delivers the
+    /// records after it (nothing stays claimed, nothing is delivered twice).
+    ///
     /// # Errors
     ///
     /// [`InvalidCpu`] when `cpu` is not below [`cpus`](RingBuffer::cpus).
+    ///
+    /// ```
+    /// use cpulocal::ring::{RingBuffer, RingConfig};
+    /// use std::panic::{catch_unwind, AssertUnwindSafe};
+    ///
+    /// let ring = RingBuffer::new(RingConfig::default()).unwrap();
+    /// let cpu = {
+    ///     let r = ring.reserve(1).unwrap();
+    ///     let cpu = r.cpu();
+    ///     r.commit();
+    ///     cpu
+    /// };
+    /// ring.write(b"x").unwrap(); // usually the same CPU; a migration only splits them
+    /// for cpu in 0..ring.cpus() {
+    ///     ring.flush(cpu).unwrap();
+    /// }
+    /// let panicked = catch_unwind(AssertUnwindSafe(|| {
+    ///     ring.consume(cpu, |_| panic!("a bad record")).unwrap();
+    /// }));
+    /// assert!(panicked.is_err());
+    /// let mut rest = 0;
+    /// for cpu in 0..ring.cpus() {
+    ///     rest += ring.consume(cpu, |_| {}).unwrap();
+    /// }
+    /// assert_eq!(rest, 1); // the record after the one that panicked
+    /// ```
     pub fn consume(&self, cpu: usize, mut f: impl FnMut(Record<'_>)) -> Result<usize, InvalidCpu> {
         let ring = self.ring(cpu)?;
+        let sub = self.config.sub_buffer_size;
         let mut read = 0;
         loop {
             // Acquire: see `has_room`.
@@ -618,7 +875,16 @@ impl RingBuffer {
             if !claim(ring, consumed) {
                 continue;
             }
-            self.parse(ring, consumed, |timestamp, data| {
+            let from = resume_point(ring, consumed, sub);
+            // Hands the sub-buffer back when dropped, also if `f` panics.
+            let reading = Claimed {
+                ring,
+                start: consumed,
+                end: consumed + sub,
+                next: Cell::new(from),
+            };
+            self.parse(ring, consumed, from, |next, timestamp, data| {
+                reading.next.set(next);
                 read += 1;
                 f(Record {
                     cpu,
@@ -626,10 +892,115 @@ impl RingBuffer {
                     data,
                 });
             });
-            // Release: our reads are over before producers reuse the space.
-            ring.consumed
-                .store(consumed + self.config.sub_buffer_size, Ordering::Release);
+            reading.next.set(reading.end); // read to its end: `reading` moves past it
         }
+    }
+
+    /// Whether some CPU's ring has a complete sub-buffer no consumer is reading.
+    fn has_complete(&self) -> bool {
+        self.rings.iter().any(|ring| {
+            // Acquire: see `has_room`.
+            let consumed = ring.consumed.load(Ordering::Acquire);
+            consumed & CLAIMED == 0 && self.is_complete(ring, consumed)
+        })
+    }
+
+    /// Whether some CPU's oldest unread sub-buffer is fully reserved but not yet fully
+    /// committed: a producer is between its reserve and its commit.
+    fn has_pending(&self) -> bool {
+        let sub = self.config.sub_buffer_size;
+        self.rings.iter().any(|ring| {
+            let consumed = ring.consumed.load(Ordering::Acquire) & !CLAIMED;
+            // Relaxed: a hint for the length of the sleep.
+            ring.write.load(Ordering::Relaxed) >= consumed + sub
+                && !self.is_complete(ring, consumed)
+        })
+    }
+
+    /// Sleeps until some CPU's ring has a complete sub-buffer to
+    /// [`consume`](RingBuffer::consume), `timeout` passes, or [`notify`](Self::notify)
+    /// is called. Returns whether a complete sub-buffer is there (`false`: timed out or
+    /// notified). Without a system call when one is there already.
+    ///
+    /// Producers wake a sleeping consumer when a commit fills a sub-buffer; records in
+    /// the sub-buffer being filled are not "there" until a [`flush`](Self::flush), so a
+    /// consumer loop flushes on timeout (its latency bound). Producers pay nothing for
+    /// this while nobody sleeps but one fence per sub-buffer (see
+    /// [Who waits](self#who-waits)).
+    ///
+    /// ```
+    /// use cpulocal::ring::{RingBuffer, RingConfig};
+    /// use std::time::Duration;
+    ///
+    /// let ring = RingBuffer::new(RingConfig { sub_buffer_size: 64, ..RingConfig::default() }).unwrap();
+    /// assert!(!ring.wait(Duration::from_millis(1))); // nothing yet: times out
+    /// std::thread::scope(|s| {
+    ///     s.spawn(|| {
+    ///         // 7 records of 8 bytes fill a 64-byte sub-buffer (8-byte headers with
+    ///         // timestamps take 16): the commit that closes it wakes the consumer.
+    ///         for _ in 0..4 {
+    ///             ring.write(b"12345678").unwrap();
+    ///         }
+    ///     });
+    ///     while !ring.wait(Duration::from_secs(10)) {}
+    /// });
+    /// let read: usize = (0..ring.cpus()).map(|cpu| ring.consume(cpu, |_| {}).unwrap()).sum();
+    /// assert!(read >= 2);
+    /// ```
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        // Acquire: pairs with the Release of `wake_all`.
+        let epoch = self.waiters.epoch.load(Ordering::Acquire);
+        loop {
+            if self.has_complete() {
+                return true;
+            }
+            // SeqCst: see `sub_buffer_closed`. Announced before the last look.
+            self.waiters.sleepers.fetch_add(1, Ordering::SeqCst);
+            let ready = self.has_complete();
+            let now = Instant::now();
+            let left = deadline.map(|d| d.saturating_duration_since(now));
+            if ready || left == Some(Duration::ZERO) {
+                self.waiters.sleepers.fetch_sub(1, Ordering::Relaxed);
+                return ready;
+            }
+            let sleep = if self.has_pending() {
+                Some(left.map_or(PENDING_POLL, |l| l.min(PENDING_POLL)))
+            } else {
+                left
+            };
+            sys::futex_wait(&self.waiters.epoch, epoch, sleep);
+            self.waiters.sleepers.fetch_sub(1, Ordering::Relaxed);
+            // Acquire: as above.
+            if self.waiters.epoch.load(Ordering::Acquire) != epoch {
+                // Woken by a producer or `notify`: report what is there now.
+                return self.has_complete();
+            }
+        }
+    }
+
+    /// Wakes every consumer sleeping in [`wait`](Self::wait) (which then returns,
+    /// `false` if there is nothing to read): for shutdown, or to make a consumer flush.
+    ///
+    /// ```
+    /// use cpulocal::ring::{RingBuffer, RingConfig};
+    /// use std::time::Duration;
+    ///
+    /// let ring = RingBuffer::new(RingConfig::default()).unwrap();
+    /// std::thread::scope(|s| {
+    ///     let consumer = s.spawn(|| ring.wait(Duration::from_secs(3600)));
+    ///     std::thread::sleep(Duration::from_millis(10));
+    ///     ring.notify();
+    ///     // the consumer may have started waiting after the notify: wake it again.
+    ///     while !consumer.is_finished() {
+    ///         std::thread::sleep(Duration::from_millis(10));
+    ///         ring.notify();
+    ///     }
+    ///     assert!(!consumer.join().unwrap());
+    /// });
+    /// ```
+    pub fn notify(&self) {
+        self.wake_all();
     }
 
     /// Closes the sub-buffer CPU `cpu`'s producers are filling, padding its rest, so
@@ -643,22 +1014,26 @@ impl RingBuffer {
         let ring = self.ring(cpu)?;
         let sub = self.config.sub_buffer_size;
         ring.lock.lock_remote(cpu as u32);
+        let held = Held(&ring.lock);
         // Relaxed: we hold the lock.
         let old = ring.write.load(Ordering::Relaxed);
         let used = old & (sub - 1);
-        if used != 0 {
-            let pad = sub - used;
-            ring.write.store(old + pad, Ordering::Relaxed);
-            ring.lock.unlock();
-            // SAFETY: [old, old + pad) is now reserved by us.
-            unsafe { self.write_header(ring, old, KIND_PADDING, pad - HEADER, None) };
-            fence(Ordering::Release);
-            let s = &ring.subs[self.sub_index(old)];
-            // Release: the padding header before the count.
-            s.commit_remote.fetch_add(pad as u64, Ordering::Release);
-        } else {
-            ring.lock.unlock();
+        if used == 0 {
+            return Ok(()); // nothing open: the sub-buffer is empty or exactly full
         }
+        let pad = sub - used;
+        ring.write.store(old + pad, Ordering::Relaxed);
+        drop(held);
+        // SAFETY: [old, old + pad) is now reserved by us.
+        unsafe { self.write_header(ring, old, KIND_PADDING, pad - HEADER, None) };
+        fence(Ordering::Release);
+        // Release: the padding header before the count.
+        self.sub(ring, old)
+            .commit_remote
+            .fetch_add(pad as u64, Ordering::Release);
+        self.flushes.add(1);
+        self.flush_padding_bytes.add(pad as u64);
+        self.sub_buffer_closed();
         Ok(())
     }
 
@@ -681,6 +1056,55 @@ impl RingBuffer {
         r.commit();
         Ok(())
     }
+
+    /// Reserves `max_len` bytes, lets `fill` write the record into them in place, and
+    /// commits the first `n` bytes, `n` being what `fill` returns (the rest of the room
+    /// becomes padding). Returns `n`.
+    ///
+    /// If `fill` panics, the reservation is abandoned (committed as padding, counted in
+    /// [`RingStats::abandoned`]) and the panic propagates: the ring stays usable.
+    ///
+    /// # Errors
+    ///
+    /// As for [`reserve`](RingBuffer::reserve) of `max_len` bytes.
+    ///
+    /// # Panics
+    ///
+    /// If `fill` returns more than `max_len`.
+    ///
+    /// ```
+    /// use cpulocal::ring::{RingBuffer, RingConfig};
+    /// use std::io::Write;
+    ///
+    /// let ring = RingBuffer::new(RingConfig::default()).unwrap();
+    /// ring.write_with(64, |buf| {
+    ///     let mut cursor = &mut buf[..];
+    ///     write!(cursor, "request {} took {} us", 17, 250).unwrap();
+    ///     64 - cursor.len()
+    /// })
+    /// .unwrap();
+    /// let mut got = Vec::new();
+    /// for cpu in 0..ring.cpus() {
+    ///     ring.flush(cpu).unwrap();
+    ///     ring.consume(cpu, |rec| got.push(rec.data.to_vec())).unwrap();
+    /// }
+    /// assert_eq!(got, [b"request 17 took 250 us".to_vec()]);
+    /// ```
+    pub fn write_with(
+        &self,
+        max_len: usize,
+        fill: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<usize, ReserveError> {
+        let mut r = self.reserve(max_len)?;
+        let n = fill(r.payload_mut());
+        assert!(
+            n <= max_len,
+            "write_with: the closure returned {n}, more than the {max_len} bytes reserved"
+        );
+        r.truncate(n);
+        r.commit();
+        Ok(n)
+    }
 }
 
 impl fmt::Debug for RingBuffer {
@@ -694,8 +1118,10 @@ impl fmt::Debug for RingBuffer {
 }
 
 /// Room for one record in one CPU's ring, reserved and not yet committed. Write the
-/// payload, then [`commit`](Reservation::commit) — from any CPU: a thread that migrated
-/// since the reserve commits to the reserving CPU's ring through its remote counter.
+/// payload ([`payload_mut`](Reservation::payload_mut), or [`io::Write`], which fills it
+/// from the start), then [`commit`](Reservation::commit) — from any CPU: a thread that
+/// migrated since the reserve commits to the reserving CPU's ring through its remote
+/// counter. [`truncate`](Reservation::truncate) publishes fewer bytes than reserved.
 /// Dropped without a commit, the room is committed as padding (counted in
 /// [`RingStats::abandoned`]). Leaked instead (`mem::forget`), it is never committed:
 /// its sub-buffer never completes, and the consumer of that CPU's ring stops there for
@@ -708,6 +1134,8 @@ pub struct Reservation<'a> {
     cpu: u32,
     size: u32,
     len: u32,
+    /// Bytes written through [`io::Write`], from the payload's start.
+    written: u32,
 }
 
 // SAFETY: a reservation owns its bytes exclusively until it commits or drops, from
@@ -726,6 +1154,63 @@ impl Reservation<'_> {
         // SAFETY: the reservation owns these `len` bytes until it commits, and `&mut
         // self` makes this the only reference to them.
         unsafe { core::slice::from_raw_parts_mut(self.payload, self.len as usize) }
+    }
+
+    /// The payload's length: what [`commit`](Self::commit) publishes.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes written so far through [`io::Write`].
+    pub fn written(&self) -> usize {
+        self.written as usize
+    }
+
+    /// Shortens the payload to its first `len` bytes (no effect if it is not longer);
+    /// the rest of the room becomes padding, which the consumer skips.
+    ///
+    /// ```
+    /// use cpulocal::ring::{RingBuffer, RingConfig};
+    /// use std::io::Write;
+    ///
+    /// let ring = RingBuffer::new(RingConfig::default()).unwrap();
+    /// let mut r = ring.reserve(100).unwrap();
+    /// let (name, n) = ("a", 1);
+    /// write!(r, "{name}-{n}").unwrap();
+    /// let n = r.written();
+    /// r.truncate(n);
+    /// r.commit();
+    /// let mut got = Vec::new();
+    /// for cpu in 0..ring.cpus() {
+    ///     ring.flush(cpu).unwrap();
+    ///     ring.consume(cpu, |rec| got.push(rec.data.to_vec())).unwrap();
+    /// }
+    /// assert_eq!(got, [b"a-1".to_vec()]);
+    /// ```
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len as usize {
+            return;
+        }
+        let buffer = self.buffer;
+        let ring = &buffer.rings[self.cpu as usize];
+        let record = buffer.header_len() + len.next_multiple_of(8);
+        let rest = self.size as usize - record;
+        // SAFETY: the reservation owns [pos, pos + size): the header word (the timestamp
+        // after it is kept: `None` leaves it), and the padding header at `pos + record`,
+        // which is 8-aligned and, `rest` being a non-zero multiple of 8, inside the room.
+        unsafe {
+            buffer.write_header(ring, self.pos, KIND_RECORD, len, None);
+            if rest > 0 {
+                buffer.write_header(ring, self.pos + record, KIND_PADDING, rest - HEADER, None);
+            }
+        }
+        self.len = len as u32;
+        self.written = self.written.min(self.len);
     }
 
     /// Publishes the record.
@@ -753,12 +1238,75 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// Writes into the payload from its start, as a cursor: a write past the payload's end
+/// writes what fits (0 bytes when full, so `write_all` fails with
+/// [`io::ErrorKind::WriteZero`]). [`commit`](Reservation::commit) still publishes the
+/// whole payload: [`truncate`](Reservation::truncate) it to
+/// [`written`](Reservation::written) first to publish only what was written.
+impl io::Write for Reservation<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let start = self.written as usize;
+        let payload = self.payload_mut();
+        let n = buf.len().min(payload.len() - start);
+        payload[start..start + n].copy_from_slice(&buf[..n]);
+        // Fits: at most `len`, a u32.
+        self.written += n as u32;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl fmt::Debug for Reservation<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reservation")
             .field("cpu", &self.cpu)
             .field("len", &self.len)
             .finish_non_exhaustive()
+    }
+}
+
+/// A sub-buffer claimed by a consumer, handed back when dropped: moved past when read to
+/// its end, otherwise (a callback panicked) released with `resume` set to the next
+/// unread record.
+struct Claimed<'a> {
+    ring: &'a Ring,
+    /// The sub-buffer's start (the claimed `consumed` value, without [`CLAIMED`]).
+    start: usize,
+    end: usize,
+    /// The position after the last record handed to the callback.
+    next: Cell<usize>,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        let next = self.next.get();
+        if next >= self.end {
+            // Release: our reads are over before producers reuse the space.
+            self.ring.consumed.store(self.end, Ordering::Release);
+        } else {
+            // Relaxed: published by the Release store below, to the next claimer's
+            // Acquire.
+            self.ring.resume.store(next, Ordering::Relaxed);
+            // Release: as above; the sub-buffer stays unread from `next` on.
+            self.ring.consumed.store(self.start, Ordering::Release);
+        }
+    }
+}
+
+/// Where reading of the sub-buffer at `consumed` starts: its beginning, or where a
+/// consumer whose callback panicked stopped.
+fn resume_point(ring: &Ring, consumed: usize, sub_buffer_size: usize) -> usize {
+    let start = consumed & !CLAIMED;
+    // Relaxed: written before the Release that handed the claim back; our claim's
+    // Acquire pairs with it.
+    let resume = ring.resume.load(Ordering::Relaxed);
+    if resume > start && resume < start + sub_buffer_size {
+        resume
+    } else {
+        start
     }
 }
 

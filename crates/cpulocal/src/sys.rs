@@ -237,6 +237,107 @@ pub fn kernel_release() -> String {
     c.to_string_lossy().into_owned()
 }
 
+/// Reserves `len` bytes of address space, readable and writable, whose pages the kernel
+/// populates (with zeros) only when first touched: `mmap(MAP_PRIVATE | MAP_ANONYMOUS |
+/// MAP_NORESERVE)`. Untouched pages cost no memory, and no swap is set aside for them
+/// (under `vm.overcommit_memory=2` the kernel charges the whole range anyway, and may
+/// refuse it with `ENOMEM`). Release it with [`unmap`].
+pub fn map_lazy(len: usize) -> Result<core::ptr::NonNull<u8>, Errno> {
+    // SAFETY: an anonymous mapping at an address of the kernel's choosing touches no
+    // existing memory.
+    let p = unsafe {
+        libc::mmap(
+            core::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    core::ptr::NonNull::new(p.cast()).ok_or(Errno(libc::ENOMEM))
+}
+
+/// Unmaps `len` bytes at `addr`.
+///
+/// # Safety
+///
+/// `[addr, addr + len)` is a mapping from [`map_lazy`] that nothing uses any more.
+pub unsafe fn unmap(addr: core::ptr::NonNull<u8>, len: usize) {
+    // SAFETY: the caller's contract; munmap of a whole mapping of ours cannot fail.
+    unsafe { libc::munmap(addr.as_ptr().cast(), len) };
+}
+
+/// The process's address-space limit (`RLIMIT_AS`, soft), `None` when unlimited.
+pub fn address_space_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a live out-parameter.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0 {
+        return None;
+    }
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
+}
+
+/// The page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
+
+/// `futex(FUTEX_WAIT_PRIVATE)`: sleeps while `*word == expected`, until a
+/// [`futex_wake`] on `word`, a signal, or `timeout` (relative; `None`: no limit).
+/// Returns at once when `*word != expected`. Spurious returns are possible: callers
+/// re-check their condition.
+pub fn futex_wait(
+    word: &core::sync::atomic::AtomicU32,
+    expected: u32,
+    timeout: Option<std::time::Duration>,
+) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(core::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a live, 4-byte aligned u32 for the call; `ts_ptr` is null or
+    // points to a live timespec. The kernel only reads both.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            ts_ptr,
+        )
+    };
+}
+
+/// `futex(FUTEX_WAKE_PRIVATE)`: wakes up to `count` threads sleeping in [`futex_wait`]
+/// on `word`.
+pub fn futex_wake(word: &core::sync::atomic::AtomicU32, count: i32) {
+    // SAFETY: `word` is a live u32; FUTEX_WAKE does not access it beyond its address.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            count,
+        )
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

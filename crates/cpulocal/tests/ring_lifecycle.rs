@@ -1,0 +1,397 @@
+//! `RingBuffer` under real use: configurations too large for the machine are refused
+//! with their reason (never an abort), a panic in any user code the ring runs leaves it
+//! claimed by nobody and loses no record, a consumer can sleep until there is data and
+//! is woken by the producers (or `notify`), flush padding is counted, and records can be
+//! written in place (`io::Write`, `write_with`, `truncate`).
+
+mod common;
+
+use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use cpulocal::ring::{ConfigError, Mode, RingBuffer, RingConfig, MAX_RESERVED_BYTES};
+
+use common::{allowed_cpus, in_child, serial, set_affinity};
+
+/// Pins the calling thread to its first allowed CPU while alive, so every record lands
+/// in one ring, in order.
+struct Pinned {
+    cpus: Vec<usize>,
+}
+
+impl Pinned {
+    fn new() -> Pinned {
+        let cpus = allowed_cpus();
+        set_affinity(0, &cpus[..1]).expect("sched_setaffinity");
+        Pinned { cpus }
+    }
+
+    fn cpu(&self) -> usize {
+        self.cpus[0]
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        set_affinity(0, &self.cpus).expect("sched_setaffinity");
+    }
+}
+
+fn config(mode: Mode) -> RingConfig {
+    RingConfig {
+        sub_buffer_size: 256,
+        sub_buffers: 4,
+        mode,
+        timestamps: false,
+    }
+}
+
+/// Every record of every ring, flushed first.
+fn drain(ring: &RingBuffer) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    for cpu in 0..ring.cpus() {
+        ring.flush(cpu).expect("cpu < cpus");
+        ring.consume(cpu, |rec| got.push(rec.data.to_vec()))
+            .expect("cpu < cpus");
+    }
+    got
+}
+
+#[test]
+fn a_configuration_larger_than_the_address_space_is_refused_not_aborted() {
+    // 2^30 × 2^20 bytes per CPU: used to abort the process ("memory allocation of
+    // 1125899906842624 bytes failed").
+    let huge = RingConfig {
+        sub_buffer_size: 1 << 30,
+        sub_buffers: 1 << 20,
+        ..RingConfig::default()
+    };
+    let err = RingBuffer::new(huge).expect_err("2^50 bytes per CPU");
+    assert!(
+        matches!(err, ConfigError::TooLarge { bytes, .. } if bytes > u128::from(MAX_RESERVED_BYTES)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("address space"), "{err}");
+
+    // 2^34 sub-buffers of 4 KiB: a power of two, so the message must not say it is not.
+    let many = RingConfig {
+        sub_buffer_size: 4096,
+        sub_buffers: 1 << 34,
+        ..RingConfig::default()
+    };
+    let err = RingBuffer::new(many).expect_err("2^46 bytes per CPU");
+    assert!(matches!(err, ConfigError::TooLarge { .. }), "{err:?}");
+    assert!(!err.to_string().contains("power of two"), "{err}");
+
+    // Products that overflow a usize are refused the same way.
+    let overflow = RingConfig {
+        sub_buffer_size: 1 << 30,
+        sub_buffers: 1 << 62,
+        ..RingConfig::default()
+    };
+    assert!(matches!(
+        RingBuffer::new(overflow),
+        Err(ConfigError::TooLarge { .. })
+    ));
+
+    // Not a power of two: that reason.
+    let odd = RingConfig {
+        sub_buffers: 3,
+        ..RingConfig::default()
+    };
+    assert_eq!(RingBuffer::new(odd).err(), Some(ConfigError::SubBuffers(3)));
+}
+
+#[test]
+fn a_configuration_over_rlimit_as_is_refused_with_that_reason() {
+    let _serial = serial();
+    in_child(
+        "a_configuration_over_rlimit_as_is_refused_with_that_reason",
+        &[],
+        || {
+            // Below the stated limit, above an address-space rlimit of 16 GiB.
+            let limit = libc::rlimit {
+                rlim_cur: 16 << 30,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            // SAFETY: `limit` is a live rlimit; lowering our own soft limit is allowed.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+            let big = RingConfig {
+                sub_buffer_size: 1 << 30,
+                sub_buffers: 32,
+                ..RingConfig::default()
+            };
+            let err = RingBuffer::new(big).expect_err("32 GiB per CPU over a 16 GiB RLIMIT_AS");
+            assert_eq!(
+                err,
+                ConfigError::OverAddressSpaceLimit {
+                    bytes: match err {
+                        ConfigError::OverAddressSpaceLimit { bytes, .. } => bytes,
+                        _ => 0,
+                    },
+                    limit: 16 << 30
+                },
+                "{err}"
+            );
+            assert!(err.to_string().contains("RLIMIT_AS"), "{err}");
+        },
+    );
+}
+
+/// Writes `n` one-byte records `0..n` from a thread pinned to one CPU; returns that CPU.
+fn write_pinned(ring: &RingBuffer, n: u8) -> usize {
+    let pinned = Pinned::new();
+    for i in 0..n {
+        ring.write(&[i]).expect("room");
+    }
+    pinned.cpu()
+}
+
+fn panic_in_consume_leaves_nothing_claimed(mode: Mode) {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(mode)).expect("valid config");
+    // 20 records of 16 bytes (header and padded payload): two 256-byte sub-buffers.
+    let cpu = write_pinned(&ring, 20);
+    ring.flush(cpu).expect("cpu < cpus");
+    let mut seen = Vec::new();
+    let panicked = catch_unwind(AssertUnwindSafe(|| {
+        ring.consume(cpu, |rec| {
+            seen.push(rec.data[0]);
+            if rec.data[0] == 3 {
+                panic!("the consumer's callback failed");
+            }
+        })
+    }));
+    assert!(panicked.is_err());
+    assert_eq!(seen, [0, 1, 2, 3]);
+    // The rest, once each, in order: nothing stays claimed.
+    ring.consume(cpu, |rec| seen.push(rec.data[0]))
+        .expect("cpu < cpus");
+    assert_eq!(seen, (0..20).collect::<Vec<u8>>());
+    // And the ring takes records again (it refused nearly all when a claim leaked).
+    let refused = (0..200u8)
+        .filter(|&i| {
+            let cpu = write_pinned(&ring, 1);
+            let ok = ring.write(&[i]).is_ok();
+            ring.consume(cpu, |_| {}).expect("cpu < cpus");
+            !ok
+        })
+        .count();
+    assert_eq!(refused, 0, "{:?}", ring.stats());
+    assert_eq!(ring.stats().overwritten, 0);
+}
+
+#[test]
+fn a_panic_in_consume_leaves_nothing_claimed_and_the_rest_is_delivered() {
+    panic_in_consume_leaves_nothing_claimed(Mode::DiscardNewest);
+}
+
+#[test]
+fn a_panic_in_consume_leaves_nothing_claimed_when_overwriting() {
+    panic_in_consume_leaves_nothing_claimed(Mode::OverwriteOldest);
+}
+
+/// After a panic mid-sub-buffer, an overwriting producer that drops that sub-buffer
+/// counts only its unread records as overwritten.
+#[test]
+fn an_overwrite_after_a_panic_counts_only_unread_records() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::OverwriteOldest)).expect("valid config");
+    let pinned = Pinned::new();
+    let cpu = pinned.cpu();
+    // 16 records fill exactly one 256-byte sub-buffer.
+    for i in 0..16u8 {
+        ring.write(&[i]).expect("room");
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        ring.consume(cpu, |rec| assert!(rec.data[0] < 5, "stop after 5 records"))
+    }));
+    // Fill the other three sub-buffers and one more record: the oldest is dropped.
+    for i in 0..(3 * 16 + 1) {
+        ring.write(&[i as u8]).expect("overwrite makes room");
+    }
+    drop(pinned);
+    assert_eq!(ring.stats().overwritten, 10, "{:?}", ring.stats());
+}
+
+#[test]
+fn a_panic_while_filling_a_reservation_abandons_it_and_the_ring_goes_on() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    let pinned = Pinned::new();
+    // Through `write_with`.
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        ring.write_with(8, |_| panic!("formatting failed"))
+    }));
+    assert!(r.is_err());
+    // Through a reservation held across a panic.
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let mut res = ring.reserve(8).expect("room");
+        res.payload_mut().fill(1);
+        panic!("the producer failed mid-record");
+    }));
+    assert!(r.is_err());
+    // A closure that claims more than it reserved: a panic, and no harm.
+    let r = catch_unwind(AssertUnwindSafe(|| ring.write_with(8, |_| 9)));
+    assert!(r.is_err());
+    ring.write(b"after").expect("room");
+    drop(pinned);
+    assert_eq!(drain(&ring), [b"after".to_vec()]);
+    assert_eq!(ring.stats().abandoned, 3);
+}
+
+#[test]
+fn flush_after_a_panic_in_consume_hands_over_the_open_sub_buffer() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    let cpu = write_pinned(&ring, 20);
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        ring.consume(cpu, |_| panic!("first record"))
+    }));
+    // The open sub-buffer (records 16..20) is handed over by the flush, and the rest of
+    // the first one is still there.
+    ring.flush(cpu).expect("cpu < cpus");
+    let mut seen = Vec::new();
+    ring.consume(cpu, |rec| seen.push(rec.data[0]))
+        .expect("cpu < cpus");
+    assert_eq!(seen, (1..20).collect::<Vec<u8>>());
+}
+
+#[test]
+fn flush_padding_is_counted_in_the_stats() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    let cpu = write_pinned(&ring, 3); // 48 bytes of a 256-byte sub-buffer
+    ring.flush(cpu).expect("cpu < cpus");
+    ring.flush(cpu).expect("cpu < cpus"); // nothing open: no padding
+    let stats = ring.stats();
+    assert_eq!(stats.flushes, 1, "{stats:?}");
+    assert_eq!(stats.flush_padding_bytes, 256 - 48, "{stats:?}");
+}
+
+#[test]
+fn records_are_written_in_place_with_io_write_and_truncate() {
+    let _serial = serial();
+    let ring = RingBuffer::new(RingConfig::default()).expect("valid config");
+    let pinned = Pinned::new();
+    let mut r = ring.reserve(40).expect("room");
+    let (user, action) = (42, "login");
+    write!(r, "user={user} action={action}").expect("fits");
+    assert_eq!(r.written(), 20);
+    let n = r.written();
+    r.truncate(n);
+    assert_eq!(r.len(), 20);
+    r.commit();
+    // Past the end: what fits, then WriteZero.
+    let mut r = ring.reserve(4).expect("room");
+    assert_eq!(r.write(b"abcdef").expect("a short write"), 4);
+    assert_eq!(
+        r.write_all(b"g").expect_err("full").kind(),
+        std::io::ErrorKind::WriteZero
+    );
+    r.commit();
+    let n = ring
+        .write_with(16, |buf| {
+            buf[..3].copy_from_slice(b"xyz");
+            3
+        })
+        .expect("room");
+    assert_eq!(n, 3);
+    drop(pinned);
+    assert_eq!(
+        drain(&ring),
+        [
+            b"user=42 action=login".to_vec(),
+            b"abcd".to_vec(),
+            b"xyz".to_vec()
+        ]
+    );
+}
+
+/// A consumer asleep in `wait` with a long timeout is woken by the producer whose
+/// commit fills a sub-buffer, round after round (a lost wake-up would leave it asleep
+/// until its timeout).
+#[test]
+fn a_sleeping_consumer_is_woken_when_a_sub_buffer_fills() {
+    let _serial = serial();
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let consumer = s.spawn(|| {
+            let mut records = 0;
+            let mut rounds = 0;
+            while records < 16 * 50 {
+                let start = Instant::now();
+                let ready = ring.wait(TIMEOUT);
+                assert!(
+                    start.elapsed() < TIMEOUT,
+                    "a wake-up was lost: the consumer slept until its timeout"
+                );
+                if ready {
+                    rounds += 1;
+                }
+                for cpu in 0..ring.cpus() {
+                    records += ring.consume(cpu, |_| {}).expect("cpu < cpus");
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+            rounds
+        });
+        // 50 sub-buffers of 16 records, one at a time, with pauses that let the
+        // consumer fall asleep between them.
+        let _pinned = Pinned::new();
+        'produce: for round in 0..50u8 {
+            std::thread::sleep(Duration::from_millis(2));
+            for i in 0..16u8 {
+                while ring.write(&[round, i]).is_err() {
+                    if consumer.is_finished() {
+                        break 'produce; // it failed: report its panic below
+                    }
+                    std::thread::yield_now(); // full: the consumer catches up
+                }
+            }
+        }
+        let rounds = consumer.join().expect("the consumer");
+        assert!(rounds >= 1);
+        assert!(done.load(Ordering::Relaxed));
+    });
+}
+
+#[test]
+fn notify_wakes_a_sleeping_consumer() {
+    let _serial = serial();
+    let ring = RingBuffer::new(RingConfig::default()).expect("valid config");
+    std::thread::scope(|s| {
+        let consumer = s.spawn(|| {
+            let start = Instant::now();
+            let ready = ring.wait(Duration::from_secs(20));
+            (ready, start.elapsed())
+        });
+        while !consumer.is_finished() {
+            std::thread::sleep(Duration::from_millis(5));
+            ring.notify();
+        }
+        let (ready, slept) = consumer.join().expect("the consumer");
+        assert!(!ready);
+        assert!(slept < Duration::from_secs(10), "notify did not wake it");
+    });
+}
+
+#[test]
+fn wait_returns_at_once_when_data_is_there_and_times_out_when_not() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    assert!(!ring.wait(Duration::from_millis(1)));
+    assert!(!ring.wait(Duration::ZERO));
+    let cpu = write_pinned(&ring, 1);
+    assert!(
+        !ring.wait(Duration::from_millis(1)),
+        "an open sub-buffer is not ready"
+    );
+    ring.flush(cpu).expect("cpu < cpus");
+    assert!(ring.wait(Duration::ZERO));
+    assert!(ring.wait(Duration::MAX));
+}
