@@ -1,40 +1,57 @@
 //! `Counter`: a sum that many threads bump, one restartable add per update.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+use core::alloc::Layout;
 use core::fmt;
-use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::abi::Rseq;
 use crate::arch::{self, Outcome};
-use crate::cache_padded::CachePadded;
+use crate::pool::{self, Item, Pool, STRIDE_SHIFT};
 use crate::remote::MAX_ABORTS;
-use crate::{cpu, sys, thread};
+use crate::{cpu, thread, Index};
 
-/// One CPU's part of the sum.
-#[derive(Default)]
+/// One CPU's part of the sum: 16 bytes in the per-CPU pool, 16-byte aligned, so it
+/// never straddles a cache line.
+#[repr(C, align(16))]
 struct Slot {
     /// Written only by restartable adds running on this slot's CPU.
     local: AtomicUsize,
     /// Written with `lock xadd` by every update that did not go through a sequence
-    /// (the fallback, the slow path), from any CPU. Kept apart from `local` because an
-    /// atomic add racing a sequence's plain store would be lost.
+    /// (the fallback, the slow path), from any CPU, and by `take`. Kept apart from
+    /// `local` because an atomic add racing a sequence's plain store would be lost.
     remote: AtomicU64,
-    /// The slow-path updates since creation or the last `take`, for `slow_path_sum`
-    /// only: `remote` also holds what `take` cancelled, so it cannot serve.
-    slow: AtomicU64,
 }
+
+/// The layout of a [`Slot`] in the pool.
+const SLOT: Layout = Layout::new::<Slot>();
+
+// Counters are pooled items with the pool's stride (the fast path shifts by it).
+const _: () = assert!(pool::shift_for(SLOT) == STRIDE_SHIFT);
 
 /// A counter that many threads add to, at the cost of a thread-local increment.
 ///
-/// Each possible CPU has its own cache-padded slot. [`add`](Counter::add) adds to the
-/// slot of the CPU the thread runs on with one restartable sequence: a plain `add`
-/// to memory, with no `lock` prefix and no cache line shared between CPUs.
+/// Each possible CPU has its own 16-byte slot in the per-CPU memory pool
+/// ([`crate::pool`]): the slots of one CPU are packed together, the slots of two CPUs
+/// never share a cache line, and a CPU that never adds costs no memory.
+/// [`add`](Counter::add) adds to the slot of the CPU the thread runs on with one
+/// restartable sequence: a plain `add` to memory, with no `lock` prefix.
 /// [`sum`](Counter::sum) adds the slots up.
 ///
 /// Without rseq (see [`crate::mechanism`]) each update is a `lock xadd` on the slot of
 /// the CPU `sched_getcpu()` names: still per-CPU, so rarely contended, and exact.
+///
+/// [`Counter::new`] is a `const fn`, so a counter can be a `static`; its slots are taken
+/// from the pool on first use (and given back when a non-static counter drops):
+///
+/// ```
+/// static HITS: cpulocal::Counter = cpulocal::Counter::new();
+/// HITS.add(1);
+/// HITS.add(2);
+/// assert_eq!(HITS.sum(), 3);
+/// ```
 ///
 /// `Counter` is `Send` and `Sync`: every slot is written only by atomics or by sequences
 /// that the kernel makes atomic per CPU, and read with atomic loads.
@@ -58,20 +75,85 @@ struct Slot {
 /// assert_eq!(hits.sum(), 4000);
 /// ```
 pub struct Counter {
-    slots: Box<[CachePadded<Slot>]>,
+    /// CPU 0's slot, in the pool; CPU `c`'s is `c << STRIDE_SHIFT` bytes further. Null
+    /// until the first use.
+    slots: AtomicPtr<Slot>,
+    /// The updates that went through the slow path since creation or the last `take`,
+    /// for [`Counter::slow_path_sum`] only (`remote` also holds what `take` cancelled).
+    /// One word for all CPUs: slow paths are rare.
+    slow: AtomicU64,
     /// Serialises [`Counter::take`]; adds never touch it.
     takers: Mutex<()>,
 }
 
 impl Counter {
-    /// A counter at zero, with one slot per possible CPU (128 bytes each).
-    pub fn new() -> Self {
+    /// The bytes a counter takes per CPU in the pool (the slot's size).
+    pub const BYTES_PER_CPU: usize = SLOT.size();
+
+    /// A counter at zero. Takes no memory until its first use, when it gets a slot per
+    /// possible CPU from the pool (16 bytes each, populated only on the CPUs that add).
+    pub const fn new() -> Self {
         Counter {
-            slots: (0..sys::possible_cpus())
-                .map(|_| CachePadded::new(Slot::default()))
-                .collect(),
+            slots: AtomicPtr::new(ptr::null_mut()),
+            slow: AtomicU64::new(0),
             takers: Mutex::new(()),
         }
+    }
+
+    /// CPU 0's slot, or null before the first use.
+    #[inline(always)]
+    fn base(&self) -> *mut Slot {
+        // Acquire: pairs with the Release in `base_or_alloc`, so the zeroing of the slots
+        // (by the pool) happens before our accesses.
+        self.slots.load(Ordering::Acquire)
+    }
+
+    /// CPU 0's slot, taking the slots from the pool on first use.
+    #[cold]
+    fn base_or_alloc(&self) -> NonNull<Slot> {
+        if let Some(base) = NonNull::new(self.base()) {
+            return base;
+        }
+        let item = Pool::for_index(Index::Cpu).alloc(SLOT);
+        let fresh = item.base().as_ptr().cast::<Slot>();
+        // Release: publishes the pool's zeroing; pairs with the Acquire in `base`.
+        match self.slots.compare_exchange(
+            ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            // SAFETY: the pool never hands out null.
+            Ok(_) => unsafe { NonNull::new_unchecked(fresh) },
+            Err(winner) => {
+                // Another thread's first use won: give ours back, unused.
+                // SAFETY: `item` is ours alone, from `alloc(SLOT)`, never published.
+                unsafe { Pool::for_index(Index::Cpu).free(item, SLOT) };
+                // SAFETY: the winner stored a pool address, never null.
+                unsafe { NonNull::new_unchecked(winner) }
+            }
+        }
+    }
+
+    /// The slot of `cpu`, given CPU 0's.
+    ///
+    /// # Safety
+    ///
+    /// `base` is this counter's non-null CPU-0 slot and `cpu` is below [`pool::ranges`].
+    #[inline(always)]
+    unsafe fn slot_at(base: *mut Slot, cpu: usize) -> *mut Slot {
+        base.wrapping_byte_add(cpu << STRIDE_SHIFT)
+    }
+
+    /// Every CPU's slot, in CPU order (none before the first use).
+    fn slots(&self) -> impl Iterator<Item = &Slot> + '_ {
+        let base = self.base();
+        let n = if base.is_null() { 0 } else { pool::ranges() };
+        (0..n).map(move |cpu| {
+            // SAFETY: `base` is ours and non-null (else `n` is 0), `cpu < ranges`; the
+            // slot lives as long as `self`, and is only accessed through atomics.
+            unsafe { &*Self::slot_at(base, cpu) }
+        })
     }
 
     /// Adds `n` (wrapping at 2^64).
@@ -90,25 +172,35 @@ impl Counter {
         self.add_retry(n);
     }
 
-    /// One restartable add to the current CPU's slot; false when it did not commit.
+    /// One restartable add to the current CPU's slot; false when it did not commit (or
+    /// the counter has no slots yet).
+    ///
+    /// The shape issue #13's sequences build on: `slot = base + (cpu << STRIDE_SHIFT)`,
+    /// then one restartable add to `slot.local`.
     #[inline(always)]
     fn try_add(&self, rseq: NonNull<Rseq>, n: u64) -> bool {
         let cpu = cpu::cpu_id_start(rseq);
-        let Some(slot) = self.slots.get(cpu as usize) else {
-            return false; // a CPU beyond `possible` (cannot happen): the slow path takes it
-        };
+        let base = self.base();
+        // One predictable branch each: the first use, and a CPU beyond the ranges
+        // (cannot happen: the kernel reports CPUs below the possible count).
+        if base.is_null() || cpu as usize >= pool::ranges() {
+            return false; // out of line: `add_retry` allocates, or takes the slow path
+        }
+        // SAFETY: `base` is non-null and `cpu < ranges`.
+        let slot = unsafe { Self::slot_at(base, cpu as usize) };
+        // SAFETY: `slot` is a live slot of this counter.
+        let local = unsafe { (*slot).local.as_ptr() };
         #[cfg(any(test, feature = "__test-hooks"))]
         if crate::test_hooks::counter_sequence_broken() {
             // SAFETY: as below; the mutation loses updates, it touches no other memory.
-            let outcome = unsafe {
-                arch::add_without_restart(rseq.as_ptr(), slot.local.as_ptr(), n as usize, cpu)
-            };
+            let outcome =
+                unsafe { arch::add_without_restart(rseq.as_ptr(), local, n as usize, cpu) };
             return outcome == Outcome::Committed(());
         }
-        // SAFETY: (1) `rseq` is this thread's area; (2) `slot.local` is written only by
+        // SAFETY: (1) `rseq` is this thread's area; (2) `local` is written only by
         // this sequence, always with the CPU whose slot it is, so the kernel serialises
         // all its writers; readers use atomic loads.
-        let outcome = unsafe { arch::add(rseq.as_ptr(), slot.local.as_ptr(), n as usize, cpu) };
+        let outcome = unsafe { arch::add(rseq.as_ptr(), local, n as usize, cpu) };
         outcome == Outcome::Committed(())
     }
 
@@ -117,6 +209,7 @@ impl Counter {
     #[cold]
     #[inline(never)]
     fn add_retry(&self, n: u64) {
+        self.base_or_alloc();
         if let Some(rseq) = thread::current() {
             for _ in 1..MAX_ABORTS {
                 if self.try_add(rseq, n) {
@@ -129,12 +222,14 @@ impl Counter {
 
     /// The update without a sequence: an atomic add to the current CPU's `remote`.
     fn add_slow(&self, n: u64) {
-        let cpu = cpu::current_cpu() as usize;
-        let slot = &self.slots[cpu % self.slots.len()];
+        let base = self.base_or_alloc().as_ptr();
+        let cpu = cpu::current_cpu() as usize % pool::ranges();
+        // SAFETY: `base` is ours and non-null, `cpu < ranges`; atomics only.
+        let slot = unsafe { &*Self::slot_at(base, cpu) };
         // Relaxed: a counter orders nothing; `sum` is exact once writers are joined.
         slot.remote.fetch_add(n, Ordering::Relaxed);
         // Relaxed: a diagnostic, exact once writers are joined.
-        slot.slow.fetch_add(n, Ordering::Relaxed);
+        self.slow.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The sum of the updates (wrapping at 2^64).
@@ -143,7 +238,7 @@ impl Counter {
     /// While they run it is a sum of per-slot snapshots taken one after the other, not
     /// one instant's value.
     pub fn sum(&self) -> u64 {
-        self.slots.iter().fold(0u64, |acc, s| {
+        self.slots().fold(0u64, |acc, s| {
             // `remote` first, with Acquire (pairs with the Release swap in `take`): a sum
             // that sees `-local` written by a take also sees a `local` at least as large
             // as the one that take read, so a slot never reads as negative.
@@ -174,14 +269,14 @@ impl Counter {
         // Takers are serialised: two interleaved takes of one slot could each cancel a
         // different `local`, and return wrapped values. Takes are rare; adds never wait.
         let _one_taker = self.takers.lock().unwrap_or_else(|p| p.into_inner());
-        self.slots.iter().fold(0u64, |acc, s| {
+        // A diagnostic: an `add_slow` racing this may be counted before or after.
+        self.slow.store(0, Ordering::Relaxed);
+        self.slots().fold(0u64, |acc, s| {
             // Relaxed: the value read is the very value cancelled below, whenever the
             // read happens, so exactness needs no ordering.
             let local = s.local.load(Ordering::Relaxed) as u64;
             // Release: pairs with the Acquire in `sum` (see there).
             let remote = s.remote.swap(local.wrapping_neg(), Ordering::Release);
-            // A diagnostic: an `add_slow` racing this may be counted before or after.
-            s.slow.store(0, Ordering::Relaxed);
             acc.wrapping_add(local).wrapping_add(remote)
         })
     }
@@ -203,9 +298,8 @@ impl Counter {
     /// aborts) since creation or the last [`take`](Counter::take) / [`reset`](Counter::reset):
     /// a diagnostic for tests and `cpulocal stress`.
     pub fn slow_path_sum(&self) -> u64 {
-        self.slots.iter().fold(0u64, |acc, s| {
-            acc.wrapping_add(s.slow.load(Ordering::Relaxed))
-        })
+        // Relaxed: a diagnostic, exact once writers are joined.
+        self.slow.load(Ordering::Relaxed)
     }
 }
 
@@ -219,7 +313,20 @@ impl fmt::Debug for Counter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Counter")
             .field("sum", &self.sum())
-            .field("slots", &self.slots.len())
+            .field("slots", &self.slots().count())
             .finish()
+    }
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        if let Some(base) = NonNull::new(*self.slots.get_mut()) {
+            // SAFETY: `base` is the item this counter got from `alloc(SLOT)` of the CPU
+            // pool, and `&mut self` means nobody uses it any more.
+            unsafe {
+                let item = Item::from_base(base.cast(), SLOT);
+                Pool::for_index(Index::Cpu).free(item, SLOT);
+            }
+        }
     }
 }

@@ -101,6 +101,7 @@ mod fallback;
 pub mod metrics;
 pub mod ops;
 mod percpu;
+pub mod pool;
 #[cfg(feature = "prometheus-client")]
 pub mod prometheus;
 pub mod remote;

@@ -224,6 +224,14 @@ pub fn online_cpus() -> usize {
         })
 }
 
+/// This process's resident memory in bytes (`/proc/self/statm`, second field), or
+/// `None` where `/proc` is not mounted.
+pub fn resident_bytes() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: usize = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
 /// The kernel release (`uname -r`).
 pub fn kernel_release() -> String {
     // SAFETY: utsname is plain old data; all-zero is a valid value.

@@ -1,0 +1,480 @@
+//! The per-CPU memory pool: where [`Counter`](crate::Counter) and
+//! [`PerCpu`](crate::PerCpu) keep their per-CPU items, packed, with no padding per item.
+//!
+//! # Layout
+//!
+//! Like librseq's `rseq_mempool`, a pool reserves address space in *chunks* of
+//! `ranges × STRIDE` bytes: one range of [`STRIDE`] bytes per possible CPU (or per
+//! mm_cid, see [`crate::Index`]). An item is handed out as one *offset*, valid in every
+//! range, so its copy for CPU `c` lives at
+//!
+//! ```text
+//! item(c) = chunk_base + offset + (c << STRIDE_SHIFT)        (one shift, one add)
+//! ```
+//!
+//! and the crate keeps only `chunk_base + offset` (the CPU-0 address). Items are placed
+//! with their own size and alignment, one after the other; an item of 64 bytes or less
+//! never straddles a cache line (it moves to the next line instead), so reading one CPU's
+//! copy (as `Counter::sum` does) touches one line. [`STRIDE`] is a multiple of the page
+//! size, so the copies of two CPUs never share a cache line, nor even a page.
+//!
+//! # Memory
+//!
+//! Chunks are mapped `PROT_READ | PROT_WRITE`, `MAP_PRIVATE | MAP_ANONYMOUS |
+//! MAP_NORESERVE`: a page costs nothing until a CPU first writes into it. A CPU (or an
+//! mm_cid) that never runs the process's code leaves its ranges unpopulated; reading an
+//! untouched page maps the kernel's shared zero page, which is not resident memory of
+//! the process. An item costs its own size per CPU that really uses it.
+//!
+//! # Free offsets
+//!
+//! Freed offsets go to a free list per (size, alignment) and are handed out again before
+//! the bump pointer moves. A freed item is zeroed in every range first (only the bytes
+//! that are not zero already are written, so freeing populates nothing), which keeps the
+//! promise that a new item reads as zero on every CPU. The free lists live on the heap,
+//! not in the ranges, so they populate no range either.
+//!
+//! # Growth
+//!
+//! When the current chunk is full, the pool maps another one; live items never move.
+//! Chunks are never unmapped: the two pools are process-wide and statics may point into
+//! them until exit. An item larger than [`STRIDE`]` / 8` gets a chunk of its own, with
+//! a stride of its own (the next power of two that holds it, at least a page), which is
+//! unmapped when it is freed.
+//!
+//! # Fork
+//!
+//! A private anonymous mapping is copied into a child of `fork`, so every item stays
+//! valid there. The pool's lock is a spin lock that `pthread_atfork` handlers take
+//! before `fork` and release in both processes afterwards, so a fork while another
+//! thread allocates cannot leave the child with a lock nobody will release.
+//!
+//! # The internal API (for structures inside the crate)
+//!
+//! - [`Pool::for_index`]: the process-wide pool of an [`Index`].
+//! - [`Pool::alloc`]`(layout) -> `[`Item`]: an item zeroed in every range.
+//! - [`Item::at`]`(cpu)`: the item's address for a CPU (or mm_cid); [`shift_for`] gives
+//!   the shift of a layout as a constant, for fast paths that keep only the CPU-0 address.
+//! - [`Pool::free`]`(item, layout)`: gives the offset back.
+//!
+//! Allocation and freeing take the pool's lock and may call the system allocator and
+//! `mmap`: not for signal handlers. Getting an item's address is arithmetic only.
+
+use core::alloc::Layout;
+use core::cell::UnsafeCell;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::Once;
+
+use crate::percpu::Index;
+use crate::sys;
+
+/// log2 of [`STRIDE`].
+pub const STRIDE_SHIFT: u32 = 20;
+
+/// The bytes each CPU's range of a chunk spans (1 MiB): how far apart the copies of one
+/// item are. A power of two (addresses are computed with a shift) and a multiple of the
+/// page size.
+pub const STRIDE: usize = 1 << STRIDE_SHIFT;
+
+/// Items larger than this get a chunk of their own.
+const LARGE: usize = STRIDE / 8;
+
+/// The cache line size assumed for placing small items (x86_64 and most aarch64).
+const LINE: usize = 64;
+
+/// The stride shift of an item of `layout`: [`STRIDE_SHIFT`] for pooled items, the
+/// shift of their own chunk's stride for large ones.
+#[inline(always)]
+pub(crate) const fn shift_for(layout: Layout) -> u32 {
+    if layout.size() <= LARGE {
+        STRIDE_SHIFT
+    } else {
+        // At least a page (4 KiB on the architectures cpulocal supports; larger pages
+        // only make `LARGE` items, which are bigger than 4 KiB anyway, round up).
+        let size = layout.size().next_power_of_two();
+        size.trailing_zeros()
+    }
+}
+
+/// One item of a pool: its CPU-0 address and its stride.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Item {
+    base: NonNull<u8>,
+    shift: u32,
+}
+
+impl Item {
+    /// The item's copy for `cpu` (a CPU number or an mm_cid, below the pool's ranges).
+    #[inline(always)]
+    pub(crate) fn at(self, cpu: usize) -> *mut u8 {
+        self.base.as_ptr().wrapping_add(cpu << self.shift)
+    }
+
+    /// The CPU-0 address, which identifies the item.
+    #[inline(always)]
+    pub(crate) fn base(self) -> NonNull<u8> {
+        self.base
+    }
+
+    /// Rebuilds an item from its CPU-0 address, for a `layout` it was allocated with.
+    ///
+    /// # Safety
+    ///
+    /// `base` was returned by [`Item::base`] for an item of `layout`.
+    #[inline(always)]
+    pub(crate) const unsafe fn from_base(base: NonNull<u8>, layout: Layout) -> Item {
+        Item {
+            base,
+            shift: shift_for(layout),
+        }
+    }
+}
+
+/// What a pool holds, for `cpulocal bench --group memory` and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// The ranges per chunk: the possible CPUs (0 before the first allocation).
+    pub ranges: usize,
+    /// Chunks of [`STRIDE`] per range mapped so far (shared by small items).
+    pub chunks: usize,
+    /// Chunks of their own, for large items, mapped now.
+    pub large_chunks: usize,
+    /// Items allocated and not yet freed.
+    pub live_items: usize,
+    /// The bytes per CPU that live items take, alignment gaps excluded.
+    pub live_bytes_per_cpu: usize,
+    /// Offsets freed and waiting for reuse.
+    pub free_items: usize,
+    /// Address space reserved, in bytes (not memory: see the module docs).
+    pub reserved_bytes: usize,
+}
+
+/// The mutable state of a pool, behind its lock.
+struct State {
+    /// `ranges` of the pool (the possible CPUs), read at the first allocation.
+    ranges: usize,
+    /// The base addresses of the shared chunks, oldest first.
+    chunks: Vec<usize>,
+    /// The first free offset of the newest chunk.
+    next: usize,
+    /// Freed offsets (CPU-0 addresses) by (size, alignment).
+    free: BTreeMap<(usize, usize), Vec<usize>>,
+    live_items: usize,
+    live_bytes: usize,
+    large_chunks: usize,
+    free_items: usize,
+}
+
+/// A per-CPU memory pool. See the module documentation.
+pub(crate) struct Pool {
+    /// How the ranges are indexed (for documentation and stats; the arithmetic is the same).
+    index: Index,
+    /// The spin lock over `state` (true: held).
+    locked: AtomicBool,
+    state: UnsafeCell<State>,
+}
+
+// SAFETY: `state` is only reached under `locked` (see `Pool::lock`), which orders every
+// access (Acquire on taking, Release on giving back).
+unsafe impl Sync for Pool {}
+
+/// The pool of CPU-indexed items.
+static BY_CPU: Pool = Pool::new(Index::Cpu);
+/// The pool of mm_cid-indexed items.
+static BY_MM_CID: Pool = Pool::new(Index::MmCid);
+
+/// The ranges per chunk (possible CPUs), published before any item exists, for fast
+/// paths that check a CPU number against it.
+static RANGES: AtomicUsize = AtomicUsize::new(0);
+
+/// The number of ranges per chunk, once any item exists (0 before): every CPU number the
+/// kernel reports, and every mm_cid, is below it.
+#[inline(always)]
+pub(crate) fn ranges() -> usize {
+    // Relaxed: written once, before the first item is published; every reader got an
+    // item through an Acquire load that this store happens before.
+    RANGES.load(Ordering::Relaxed)
+}
+
+/// The statistics of the pool of an [`Index`].
+///
+/// ```
+/// let c = cpulocal::Counter::new();
+/// c.add(1);
+/// let s = cpulocal::pool::stats(cpulocal::Index::Cpu);
+/// assert!(s.live_items >= 1);
+/// assert_eq!(s.ranges, cpulocal::possible_cpus());
+/// ```
+pub fn stats(index: Index) -> Stats {
+    Pool::for_index(index).stats()
+}
+
+/// A held pool lock.
+struct Locked<'a> {
+    pool: &'a Pool,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // Release: pairs with the Acquire of the next holder.
+        self.pool.locked.store(false, Ordering::Release);
+    }
+}
+
+impl core::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        // SAFETY: the lock is held: nobody else reaches `state`.
+        unsafe { &*self.pool.state.get() }
+    }
+}
+
+impl core::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        // SAFETY: the lock is held, and `&mut self` makes this the only reference.
+        unsafe { &mut *self.pool.state.get() }
+    }
+}
+
+impl Pool {
+    const fn new(index: Index) -> Pool {
+        Pool {
+            index,
+            locked: AtomicBool::new(false),
+            state: UnsafeCell::new(State {
+                ranges: 0,
+                chunks: Vec::new(),
+                next: 0,
+                free: BTreeMap::new(),
+                live_items: 0,
+                live_bytes: 0,
+                large_chunks: 0,
+                free_items: 0,
+            }),
+        }
+    }
+
+    /// The process-wide pool of `index`.
+    #[inline]
+    pub(crate) fn for_index(index: Index) -> &'static Pool {
+        match index {
+            Index::Cpu => &BY_CPU,
+            Index::MmCid => &BY_MM_CID,
+        }
+    }
+
+    /// Takes the lock: spins briefly, then yields. Held for a few hundred instructions
+    /// (plus an `mmap` when a chunk is added), so it rarely waits.
+    fn lock(&self) -> Locked<'_> {
+        install_fork_handlers();
+        let mut spins = 0u32;
+        // Acquire: pairs with the Release in `Locked::drop`.
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            spins += 1;
+            if spins < 64 {
+                core::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let mut state = Locked { pool: self };
+        if state.ranges == 0 {
+            state.ranges = sys::possible_cpus();
+            // Relaxed: see `ranges`; the item that makes a reader look is published
+            // later, with Release.
+            RANGES.store(state.ranges, Ordering::Relaxed);
+        }
+        state
+    }
+
+    /// A new item of `layout`, zero in every range.
+    ///
+    /// # Panics
+    ///
+    /// If the alignment is larger than a page, or the address space is exhausted
+    /// (`mmap` fails).
+    pub(crate) fn alloc(&self, layout: Layout) -> Item {
+        assert!(
+            layout.align() <= 4096,
+            "cpulocal pool: alignment {} is larger than a page",
+            layout.align()
+        );
+        let size = layout.size().max(1);
+        let shift = shift_for(layout);
+        let mut state = self.lock();
+        let ranges = state.ranges;
+        if shift != STRIDE_SHIFT {
+            let stride = 1usize << shift;
+            let base = sys::map_lazy(stride * ranges).unwrap_or_else(|e| {
+                panic!(
+                    "cpulocal pool: cannot reserve {} bytes: {e}",
+                    stride * ranges
+                )
+            });
+            state.large_chunks += 1;
+            state.live_items += 1;
+            state.live_bytes += size;
+            return Item { base, shift };
+        }
+        let key = (size, layout.align());
+        let reused = state.free.get_mut(&key).and_then(Vec::pop);
+        let base = match reused {
+            Some(base) => {
+                state.free_items -= 1;
+                base
+            }
+            None => {
+                let mut offset = state.next.next_multiple_of(layout.align());
+                if size <= LINE && offset / LINE != (offset + size - 1) / LINE {
+                    offset = offset.next_multiple_of(LINE);
+                }
+                if state.chunks.is_empty() || offset + size > STRIDE {
+                    let chunk = sys::map_lazy(STRIDE * ranges).unwrap_or_else(|e| {
+                        panic!(
+                            "cpulocal pool: cannot reserve {} bytes: {e}",
+                            STRIDE * ranges
+                        )
+                    });
+                    state.chunks.push(chunk.as_ptr() as usize);
+                    offset = 0;
+                }
+                state.next = offset + size;
+                state
+                    .chunks
+                    .last()
+                    .copied()
+                    .expect("a chunk was just added")
+                    + offset
+            }
+        };
+        state.live_items += 1;
+        state.live_bytes += size;
+        Item {
+            // SAFETY: chunk bases come from `mmap`, which never returns null, and
+            // offsets stay inside the chunk.
+            base: unsafe { NonNull::new_unchecked(base as *mut u8) },
+            shift,
+        }
+    }
+
+    /// Gives `item` back: zeroes it in every range and makes its offset available again.
+    ///
+    /// # Safety
+    ///
+    /// `item` came from [`alloc`](Pool::alloc) of this pool with this `layout`, was not
+    /// freed since, and nothing uses any of its copies any more (their values, if they
+    /// need dropping, have been dropped).
+    pub(crate) unsafe fn free(&self, item: Item, layout: Layout) {
+        let size = layout.size().max(1);
+        let mut state = self.lock();
+        let ranges = state.ranges;
+        state.live_items -= 1;
+        state.live_bytes -= size;
+        if item.shift != STRIDE_SHIFT {
+            state.large_chunks -= 1;
+            drop(state);
+            // SAFETY: a large item is its own mapping of `ranges` strides, unused now
+            // (the caller's contract).
+            unsafe { sys::unmap(item.base, (1usize << item.shift) * ranges) };
+            return;
+        }
+        for cpu in 0..ranges {
+            // SAFETY: the copy for `cpu` lies inside the chunk (offset + size <= STRIDE),
+            // and nobody uses it any more (the caller's contract).
+            unsafe { zero_if_needed(item.at(cpu), size) };
+        }
+        state
+            .free
+            .entry((size, layout.align()))
+            .or_default()
+            .push(item.base.as_ptr() as usize);
+        state.free_items += 1;
+    }
+
+    fn stats(&self) -> Stats {
+        let state = self.lock();
+        Stats {
+            ranges: state.ranges,
+            chunks: state.chunks.len(),
+            large_chunks: state.large_chunks,
+            live_items: state.live_items,
+            live_bytes_per_cpu: state.live_bytes,
+            free_items: state.free_items,
+            reserved_bytes: state.chunks.len() * STRIDE * state.ranges,
+        }
+    }
+
+    /// How the pool's ranges are indexed.
+    #[allow(dead_code)]
+    pub(crate) fn index(&self) -> Index {
+        self.index
+    }
+}
+
+impl core::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Pool")
+            .field("index", &self.index)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Zeroes `size` bytes at `p`, writing only if some byte is not zero already, so a page
+/// that was never written stays unpopulated.
+///
+/// # Safety
+///
+/// `p` is valid for reads and writes of `size` bytes, and nobody else accesses them.
+unsafe fn zero_if_needed(p: *mut u8, size: usize) {
+    // SAFETY: the caller's contract.
+    let bytes = unsafe { core::slice::from_raw_parts(p, size) };
+    if bytes.iter().any(|&b| b != 0) {
+        // SAFETY: the caller's contract.
+        unsafe { p.write_bytes(0, size) };
+    }
+}
+
+/// Registers (once per process) the `pthread_atfork` handlers that keep the pools'
+/// locks consistent across `fork`.
+fn install_fork_handlers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the handlers are `extern "C"` functions without arguments that only
+        // touch the pools' lock words; registering them has no other precondition.
+        let r =
+            unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork)) };
+        // Without the handlers a fork racing an allocation could wedge the child's
+        // next allocation; pthread_atfork fails only when out of memory.
+        assert_eq!(r, 0, "pthread_atfork failed");
+    });
+}
+
+/// Before `fork`: takes both pools' locks (always in this order), so neither is held by
+/// a thread that will not exist in the child.
+extern "C" fn before_fork() {
+    for pool in [&BY_CPU, &BY_MM_CID] {
+        // Acquire: pairs with the Release of the last holder.
+        while pool
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// After `fork`, in the parent and in the child: releases what `before_fork` took.
+extern "C" fn after_fork() {
+    for pool in [&BY_MM_CID, &BY_CPU] {
+        // Release: pairs with the Acquire of the next holder.
+        pool.locked.store(false, Ordering::Release);
+    }
+}
