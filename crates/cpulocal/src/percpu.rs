@@ -2,12 +2,16 @@
 //! that the owning CPU takes with a restartable sequence and any other CPU can take
 //! remotely.
 
+use core::alloc::Layout;
 use core::cell::UnsafeCell;
 use core::fmt;
 use core::marker::PhantomData;
+use core::mem::MaybeUninit;
 use core::ops::{Deref, DerefMut};
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
-use crate::cache_padded::CachePadded;
+use crate::pool::{self, Item, Pool};
 use crate::remote::{CpuLock, InvalidCpu};
 use crate::{cpu, sys};
 
@@ -21,8 +25,18 @@ pub enum Index {
     /// By memory-map concurrency id ([`current_mm_cid`](crate::current_mm_cid)): the
     /// threads running at one time use the lowest slots, so the slots touched (and
     /// whatever `T` allocates on first use) stay proportional to the process's
-    /// concurrency, not to the machine. An mm_cid is not a CPU, so no fence can target
-    /// it: every acquisition is an atomic compare-exchange.
+    /// concurrency, not to the machine. The slots live in the mm_cid pool
+    /// ([`crate::pool`]), where the ranges of mm_cids never used stay unpopulated: with
+    /// a lazy [`PerCpu::with_index_lazy`], a 4-thread process on a 256-CPU host
+    /// populates at most 4 ranges.
+    ///
+    /// An mm_cid is not a CPU, so no per-CPU fence can target it: every acquisition of
+    /// an mm_cid slot is an atomic compare-exchange (about as costly as an uncontended
+    /// mutex), and no restartable sequence ever touches such a slot, so remote
+    /// acquisitions need no fence at all. (A future sequence on mm_cid slots would need
+    /// `membarrier(PRIVATE_EXPEDITED_RSEQ)` without `FLAG_CPU` for every remote
+    /// acquisition: an IPI to every CPU running a thread of the process, microseconds
+    /// each, as in tcmalloc's virtual-CPU mode.)
     MmCid,
 }
 
@@ -39,18 +53,37 @@ pub enum Index {
 /// ```
 pub type Lock = PerCpu<()>;
 
+/// One CPU's slot, in the pool: the lock word right next to the data it guards.
+#[repr(C)]
 struct Slot<T> {
     lock: CpuLock,
-    value: UnsafeCell<T>,
+    /// Whether `value` holds a `T`: set once, under the lock, for lazily created slots;
+    /// at construction for the others. Zero (false) in a fresh pool item.
+    ready: AtomicBool,
+    value: UnsafeCell<MaybeUninit<T>>,
 }
 
-/// One `T` per possible CPU (or mm_cid), each cache-padded and behind its own lock.
+/// One `T` per possible CPU (or mm_cid), each behind its own lock, packed in the per-CPU
+/// memory pool ([`crate::pool`]): a slot costs its lock word, a flag and its `T` per
+/// CPU, with no padding, and the slots of two CPUs never share a cache line.
 ///
 /// [`with_cpu`](PerCpu::with_cpu) runs a closure on the calling thread's slot under
 /// that slot's lock; [`on_cpu`](PerCpu::on_cpu) on any chosen slot, from any thread,
 /// without touching the caller's affinity (the job `cpu_opv` was proposed for). The lock
 /// is taken with one restartable sequence when the thread is on the slot's CPU; see
 /// [`crate::remote`] for how a remote owner excludes those sequences.
+///
+/// [`new`](PerCpu::new) creates every slot at once; [`new_lazy`](PerCpu::new_lazy) is a
+/// `const fn` that creates each slot on its first use, so a `PerCpu` can be a `static`
+/// and the CPUs that never use it cost no memory:
+///
+/// ```
+/// static LATENCY: cpulocal::PerCpu<[u64; 4]> = cpulocal::PerCpu::new_lazy(|| [0; 4]);
+/// LATENCY.with_cpu(|h| h[2] += 1);
+/// let mut total = 0;
+/// LATENCY.for_each(|_cpu, h| total += h.iter().sum::<u64>());
+/// assert_eq!(total, 1);
+/// ```
 ///
 /// `PerCpu<T>` is `Send` and `Sync` when `T: Send`, like a `Mutex<T>`: a slot's `T` is
 /// only reached through its lock, from one thread at a time.
@@ -78,8 +111,14 @@ struct Slot<T> {
 /// assert!(hist.on_cpu(usize::MAX, |_| ()).is_err());
 /// ```
 pub struct PerCpu<T> {
-    slots: Box<[CachePadded<Slot<T>>]>,
+    /// CPU 0's slot in the pool; CPU `c`'s is `c << SHIFT` bytes further. Null until
+    /// the first use of a lazy `PerCpu`.
+    slots: AtomicPtr<Slot<T>>,
     index: Index,
+    /// Creates a lazy slot's `T` on its first use; `None` when every slot was created
+    /// with the `PerCpu`.
+    init: Option<fn() -> T>,
+    _owns: PhantomData<T>,
 }
 
 // SAFETY: a slot's `T` is only reached by the holder of its lock, one thread at a time,
@@ -90,12 +129,27 @@ unsafe impl<T: Send> Sync for PerCpu<T> {}
 unsafe impl<T: Send> Send for PerCpu<T> {}
 
 impl<T> PerCpu<T> {
+    /// The layout of one CPU's slot in the pool.
+    const SLOT: Layout = Layout::new::<Slot<T>>();
+    /// log2 of the distance between two CPUs' slots.
+    const SHIFT: u32 = pool::shift_for(Self::SLOT);
+
+    /// The bytes a `PerCpu<T>` takes per CPU in the pool: the lock word, the flag and the
+    /// `T` (no padding to a cache line).
+    ///
+    /// ```
+    /// assert_eq!(cpulocal::PerCpu::<u64>::BYTES_PER_CPU, 24);
+    /// ```
+    pub const BYTES_PER_CPU: usize = Self::SLOT.size();
+
     /// One slot per possible CPU, slot `i` initialised with `init(i)`.
     pub fn new(init: impl FnMut(usize) -> T) -> Self {
         Self::with_index(Index::Cpu, init)
     }
 
-    /// One slot per possible CPU, picked by `index`, slot `i` initialised with `init(i)`.
+    /// One slot per possible CPU, picked by `index`, slot `i` initialised with `init(i)`
+    /// now (which writes every CPU's slot; see [`with_index_lazy`](PerCpu::with_index_lazy)
+    /// for slots created on first use).
     ///
     /// ```
     /// use cpulocal::{Index, PerCpu};
@@ -106,29 +160,162 @@ impl<T> PerCpu<T> {
     /// assert_eq!(n, 1);
     /// ```
     pub fn with_index(index: Index, mut init: impl FnMut(usize) -> T) -> Self {
-        PerCpu {
-            slots: (0..sys::possible_cpus())
-                .map(|i| {
-                    CachePadded::new(Slot {
-                        lock: CpuLock::new(),
-                        value: UnsafeCell::new(init(i)),
-                    })
-                })
-                .collect(),
+        let item = Pool::for_index(index).alloc(Self::SLOT);
+        // Built first, so that a panicking `init` drops the slots made so far.
+        let per_cpu = PerCpu {
+            slots: AtomicPtr::new(item.base().as_ptr().cast()),
             index,
+            init: None,
+            _owns: PhantomData,
+        };
+        for cpu in 0..sys::possible_cpus() {
+            // SAFETY: the item is ours alone (not shared yet) and `cpu` is below the ranges.
+            let slot = unsafe { &*per_cpu.slot_at(item.base().as_ptr().cast(), cpu) };
+            // SAFETY: as above: nobody else reaches the slot.
+            unsafe { (*slot.value.get()).write(init(cpu)) };
+            // Relaxed: the `PerCpu` is not shared yet; sharing it synchronises.
+            slot.ready.store(true, Ordering::Relaxed);
         }
+        per_cpu
+    }
+
+    /// One slot per possible CPU, each created with `init()` on its first use (the
+    /// calling thread's slot in [`lock`](PerCpu::lock), a chosen one in
+    /// [`lock_cpu`](PerCpu::lock_cpu)). A `const fn`: usable for `static`s. Takes no
+    /// memory before its first use; then the slots of CPUs that never use it stay
+    /// unpopulated pages.
+    ///
+    /// ```
+    /// static SEEN: cpulocal::PerCpu<Vec<u32>> = cpulocal::PerCpu::new_lazy(Vec::new);
+    /// SEEN.with_cpu(|v| v.push(1));
+    /// let mut all = Vec::new();
+    /// SEEN.for_each(|_, v| all.extend_from_slice(v));
+    /// assert_eq!(all, [1]);
+    /// ```
+    pub const fn new_lazy(init: fn() -> T) -> Self {
+        Self::with_index_lazy(Index::Cpu, init)
+    }
+
+    /// [`new_lazy`](PerCpu::new_lazy) with slots picked by `index`. With
+    /// [`Index::MmCid`] only the ranges of the mm_cids the process really uses get
+    /// populated: at most as many as its threads ever running at once.
+    ///
+    /// ```
+    /// use cpulocal::{Index, PerCpu};
+    /// static SCRATCH: PerCpu<Vec<u8>> = PerCpu::with_index_lazy(Index::MmCid, Vec::new);
+    /// SCRATCH.with_cpu(|buf| buf.extend_from_slice(b"abc"));
+    /// let mut n = 0;
+    /// SCRATCH.for_each(|_, buf| n += buf.len());
+    /// assert_eq!(n, 3);
+    /// ```
+    pub const fn with_index_lazy(index: Index, init: fn() -> T) -> Self {
+        PerCpu {
+            slots: AtomicPtr::new(ptr::null_mut()),
+            index,
+            init: Some(init),
+            _owns: PhantomData,
+        }
+    }
+
+    /// CPU 0's slot, or null before the first use of a lazy `PerCpu`.
+    #[inline(always)]
+    fn base(&self) -> *mut Slot<T> {
+        // Acquire: pairs with the Release in `base_or_alloc` (the pool's zeroing).
+        self.slots.load(Ordering::Acquire)
+    }
+
+    /// CPU 0's slot, taking the slots from the pool on first use.
+    #[inline(always)]
+    fn base_or_alloc(&self) -> *mut Slot<T> {
+        let base = self.base();
+        if base.is_null() {
+            return self.alloc_slots();
+        }
+        base
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc_slots(&self) -> *mut Slot<T> {
+        let pool = Pool::for_index(self.index);
+        let item = pool.alloc(Self::SLOT);
+        let fresh = item.base().as_ptr().cast::<Slot<T>>();
+        // Release: publishes the pool's zeroing; pairs with the Acquire in `base`.
+        match self.slots.compare_exchange(
+            ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => fresh,
+            Err(winner) => {
+                // SAFETY: `item` is ours alone, from `alloc(SLOT)`, never published.
+                unsafe { pool.free(item, Self::SLOT) };
+                winner
+            }
+        }
+    }
+
+    /// The slot of `cpu` given CPU 0's (pure arithmetic).
+    #[inline(always)]
+    fn slot_at(&self, base: *mut Slot<T>, cpu: usize) -> *mut Slot<T> {
+        base.wrapping_byte_add(cpu << Self::SHIFT)
+    }
+
+    /// Slot `cpu`.
+    ///
+    /// # Safety
+    ///
+    /// `base` is this `PerCpu`'s non-null CPU-0 slot and `cpu` is below
+    /// [`len`](PerCpu::len).
+    #[inline(always)]
+    unsafe fn slot(&self, base: *mut Slot<T>, cpu: usize) -> &Slot<T> {
+        // SAFETY: the caller's contract: a live slot of ours, which lives as long as
+        // `self`; its fields are atomics and an `UnsafeCell`.
+        unsafe { &*self.slot_at(base, cpu) }
+    }
+
+    /// Makes a locked slot ready: creates its `T` if it has none yet.
+    #[inline(always)]
+    fn ensure_ready(&self, slot: &Slot<T>) {
+        // Relaxed: written under the lock we hold.
+        if !slot.ready.load(Ordering::Relaxed) {
+            self.fill(slot);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn fill(&self, slot: &Slot<T>) {
+        /// Releases the lock if `init` panics, so the slot is not locked forever.
+        struct UnlockOnUnwind<'a>(&'a CpuLock);
+        impl Drop for UnlockOnUnwind<'_> {
+            fn drop(&mut self) {
+                self.0.unlock();
+            }
+        }
+        let init = self
+            .init
+            .expect("a PerCpu made by `with_index` has every slot ready");
+        let unlock = UnlockOnUnwind(&slot.lock);
+        let value = init();
+        core::mem::forget(unlock);
+        // SAFETY: we hold the slot's lock and it has no `T` yet.
+        unsafe { (*slot.value.get()).write(value) };
+        // Release: for `for_each`, which reads the flag without the lock before locking.
+        slot.ready.store(true, Ordering::Release);
     }
 
     /// The number of slots (the possible CPUs).
     #[inline]
     pub fn len(&self) -> usize {
-        self.slots.len()
+        sys::possible_cpus()
     }
 
     /// Always false: there is at least one CPU.
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        false
     }
 
     /// How the calling thread's slot is picked.
@@ -150,16 +337,29 @@ impl<T> PerCpu<T> {
     /// ```
     #[inline]
     pub fn lock(&self) -> PerCpuGuard<'_, T> {
+        let base = self.base_or_alloc();
+        // Every item exists, so the ranges are known.
+        let slots = pool::ranges();
         let index = match self.index {
-            Index::Cpu => CpuLock::lock_current(self.slots.len(), |i| &self.slots[i].lock),
+            Index::Cpu => CpuLock::lock_current(slots, |i| {
+                // SAFETY: `lock_current` passes indexes below `slots`.
+                unsafe { &self.slot(base, i).lock }
+            }),
             Index::MmCid => {
-                let i = cpu::current_mm_cid() as usize % self.slots.len();
-                self.slots[i].lock.lock_atomic();
+                let mut i = cpu::current_mm_cid() as usize;
+                if i >= slots {
+                    i %= slots; // cannot happen: the kernel keeps mm_cids below the CPUs
+                }
+                // SAFETY: `i < slots`.
+                unsafe { self.slot(base, i) }.lock.lock_atomic();
                 i
             }
         };
+        // SAFETY: `index < slots`.
+        let slot = unsafe { self.slot(base, index) };
+        self.ensure_ready(slot);
         PerCpuGuard {
-            slot: &self.slots[index],
+            slot,
             index,
             _not_send: PhantomData,
         }
@@ -187,14 +387,18 @@ impl<T> PerCpu<T> {
     ///
     /// [`InvalidCpu`] when `cpu` is not below [`len`](PerCpu::len).
     pub fn lock_cpu(&self, cpu: usize) -> Result<PerCpuGuard<'_, T>, InvalidCpu> {
-        let slot = self.slots.get(cpu).ok_or(InvalidCpu {
-            cpu,
-            slots: self.slots.len(),
-        })?;
+        let slots = self.len();
+        if cpu >= slots {
+            return Err(InvalidCpu { cpu, slots });
+        }
+        let base = self.base_or_alloc();
+        // SAFETY: `cpu < slots`.
+        let slot = unsafe { self.slot(base, cpu) };
         match self.index {
             Index::Cpu => slot.lock.lock_remote(cpu as u32),
             Index::MmCid => slot.lock.lock_atomic(),
         }
+        self.ensure_ready(slot);
         Ok(PerCpuGuard {
             slot,
             index: cpu,
@@ -227,33 +431,105 @@ impl<T> PerCpu<T> {
     }
 
     /// Runs `f` on every slot in turn, each under its lock: an aggregate read (or
-    /// update) that is exact per slot while other threads keep working.
+    /// update) that is exact per slot while other threads keep working. The slots of a
+    /// lazy `PerCpu` that were never used are skipped (they would hold `init()`), so
+    /// visiting creates nothing and populates no page.
     pub fn for_each(&self, mut f: impl FnMut(usize, &mut T)) {
-        for cpu in 0..self.slots.len() {
+        let base = self.base();
+        if base.is_null() {
+            return;
+        }
+        for cpu in 0..self.len() {
+            // SAFETY: `cpu < len`.
+            let slot = unsafe { self.slot(base, cpu) };
+            // Acquire: pairs with the Release in `fill` (a hint; the lock orders the data).
+            if !slot.ready.load(Ordering::Acquire) {
+                continue;
+            }
             let mut guard = self.lock_cpu(cpu).expect("cpu < len");
             f(cpu, &mut guard);
         }
     }
 
-    /// Every slot's `T`, without locking: `&mut self` proves nobody else holds one.
+    /// Every slot's `T` (of a lazy `PerCpu`: every slot used so far), without locking:
+    /// `&mut self` proves nobody else holds one.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
-        self.slots.iter_mut().map(|s| s.value.get_mut())
+        let base = *self.slots.get_mut();
+        let n = if base.is_null() { 0 } else { self.len() };
+        (0..n).filter_map(move |cpu| {
+            // SAFETY: `base` is ours and non-null, `cpu < len`; `&mut self` is held for
+            // the iterator's life and every `cpu` is visited once, so the `&mut T`s
+            // are disjoint.
+            let slot = unsafe { &*base.wrapping_byte_add(cpu << Self::SHIFT) };
+            if slot.ready.load(Ordering::Relaxed) {
+                // SAFETY: as above, and the slot holds a `T`.
+                Some(unsafe { (*slot.value.get()).assume_init_mut() })
+            } else {
+                None
+            }
+        })
     }
 
-    /// The slots' values, in CPU order.
-    pub fn into_vec(self) -> Vec<T> {
-        self.slots
-            .into_vec()
-            .into_iter()
-            .map(|s| s.into_inner().value.into_inner())
+    /// The slots' values, in CPU order (`init()` for the never-used slots of a lazy
+    /// `PerCpu`).
+    pub fn into_vec(mut self) -> Vec<T> {
+        let base = *self.slots.get_mut();
+        (0..self.len())
+            .map(|cpu| {
+                if base.is_null() {
+                    return (self.init.expect("only lazy PerCpus have no slots"))();
+                }
+                // SAFETY: `base` is ours and non-null, `cpu < len`, `self` is owned.
+                let slot = unsafe { self.slot(base, cpu) };
+                if slot.ready.swap(false, Ordering::Relaxed) {
+                    // SAFETY: the slot holds a `T`, which we move out; `ready` is now
+                    // false, so `Drop` will not drop it again.
+                    unsafe { (*slot.value.get()).assume_init_read() }
+                } else {
+                    (self
+                        .init
+                        .expect("a PerCpu made by `with_index` has every slot ready"))(
+                    )
+                }
+            })
             .collect()
+    }
+}
+
+impl<T> Drop for PerCpu<T> {
+    fn drop(&mut self) {
+        let Some(base) = NonNull::new(*self.slots.get_mut()) else {
+            return;
+        };
+        for cpu in 0..self.len() {
+            // SAFETY: `base` is ours and non-null, `cpu < len`, `&mut self`.
+            let slot = unsafe { self.slot(base.as_ptr(), cpu) };
+            if slot.ready.load(Ordering::Relaxed) {
+                // SAFETY: the slot holds a `T`, nobody else can reach it (`&mut self`).
+                unsafe { (*slot.value.get()).assume_init_drop() };
+            }
+        }
+        // SAFETY: `base` is the item we got from `alloc(SLOT)` of this index's pool,
+        // and every `T` in it has been dropped.
+        unsafe {
+            let item = Item::from_base(base.cast(), Self::SLOT);
+            Pool::for_index(self.index).free(item, Self::SLOT);
+        }
+    }
+}
+
+impl<T: Default> Default for PerCpu<T> {
+    /// `PerCpu::new(|_| T::default())`.
+    fn default() -> Self {
+        PerCpu::new(|_| T::default())
     }
 }
 
 impl<T: fmt::Debug> fmt::Debug for PerCpu<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PerCpu")
-            .field("slots", &self.slots.len())
+            .field("slots", &self.len())
+            .field("lazy", &self.init.is_some())
             .field("index", &self.index)
             .finish_non_exhaustive()
     }
@@ -281,8 +557,9 @@ impl<T> Deref for PerCpuGuard<'_, T> {
     type Target = T;
     #[inline]
     fn deref(&self) -> &T {
-        // SAFETY: we hold the slot's lock, so no other reference to its `T` exists.
-        unsafe { &*self.slot.value.get() }
+        // SAFETY: we hold the slot's lock, so no other reference to its `T` exists, and
+        // the slot is ready (`ensure_ready` ran before the guard was made).
+        unsafe { (*self.slot.value.get()).assume_init_ref() }
     }
 }
 
@@ -290,8 +567,8 @@ impl<T> DerefMut for PerCpuGuard<'_, T> {
     #[inline]
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: we hold the slot's lock, and `&mut self` makes this the only
-        // reference through the guard.
-        unsafe { &mut *self.slot.value.get() }
+        // reference through the guard; the slot is ready.
+        unsafe { (*self.slot.value.get()).assume_init_mut() }
     }
 }
 
