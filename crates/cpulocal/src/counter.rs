@@ -4,7 +4,7 @@
 use core::alloc::Layout;
 use core::fmt;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::abi::Rseq;
@@ -78,6 +78,10 @@ pub struct Counter {
     /// CPU 0's slot, in the pool; CPU `c`'s is `c << STRIDE_SHIFT` bytes further. Null
     /// until the first use.
     slots: AtomicPtr<Slot>,
+    /// The number of slots (the pool's ranges): 0 until `slots` is set, then stored with
+    /// Release after it. Next to `slots`, so the fast path's bound check and first-use
+    /// check are one load and one compare on the line it reads anyway.
+    len: AtomicU32,
     /// The updates that went through the slow path since creation or the last `take`,
     /// for [`Counter::slow_path_sum`] only (`remote` also holds what `take` cancelled).
     /// One word for all CPUs: slow paths are rare.
@@ -95,29 +99,36 @@ impl Counter {
     pub const fn new() -> Self {
         Counter {
             slots: AtomicPtr::new(ptr::null_mut()),
+            len: AtomicU32::new(0),
             slow: AtomicU64::new(0),
             takers: Mutex::new(()),
         }
     }
 
-    /// CPU 0's slot, or null before the first use.
+    /// CPU 0's slot and the number of slots; `(null, 0)` before the first use.
     #[inline(always)]
-    fn base(&self) -> *mut Slot {
-        // Acquire: pairs with the Release in `base_or_alloc`, so the zeroing of the slots
-        // (by the pool) happens before our accesses.
-        self.slots.load(Ordering::Acquire)
+    fn base(&self) -> (*mut Slot, usize) {
+        // Acquire: pairs with the Release store of `len` in `base_or_alloc`: a non-zero
+        // `len` means `slots` is set, and the pool's zeroing of the slots is visible.
+        let len = self.len.load(Ordering::Acquire) as usize;
+        // Relaxed: ordered by the load of `len` above.
+        (self.slots.load(Ordering::Relaxed), len)
     }
 
     /// CPU 0's slot, taking the slots from the pool on first use.
     #[cold]
     fn base_or_alloc(&self) -> NonNull<Slot> {
-        if let Some(base) = NonNull::new(self.base()) {
+        // Acquire: pairs with the AcqRel exchange below, in the thread that won it.
+        if let Some(base) = NonNull::new(self.slots.load(Ordering::Acquire)) {
+            self.publish_len();
             return base;
         }
-        let item = Pool::for_index(Index::Cpu).alloc(SLOT);
+        let pool = Pool::for_index(Index::Cpu);
+        let item = pool.alloc(SLOT);
         let fresh = item.base().as_ptr().cast::<Slot>();
-        // Release: publishes the pool's zeroing; pairs with the Acquire in `base`.
-        match self.slots.compare_exchange(
+        // AcqRel: Release publishes the pool's zeroing to whoever reads the winner's
+        // pointer; Acquire on failure sees the winner's.
+        let base = match self.slots.compare_exchange(
             ptr::null_mut(),
             fresh,
             Ordering::AcqRel,
@@ -128,11 +139,21 @@ impl Counter {
             Err(winner) => {
                 // Another thread's first use won: give ours back, unused.
                 // SAFETY: `item` is ours alone, from `alloc(SLOT)`, never published.
-                unsafe { Pool::for_index(Index::Cpu).free(item, SLOT) };
+                unsafe { pool.free(item, SLOT) };
                 // SAFETY: the winner stored a pool address, never null.
                 unsafe { NonNull::new_unchecked(winner) }
             }
-        }
+        };
+        self.publish_len();
+        base
+    }
+
+    /// Stores `len` once `slots` is set. Every thread that uses the slots stores it
+    /// before its first update, so a reader that synchronises with that thread (joins
+    /// it) sees the slots even if the thread that set `slots` has not stored it yet.
+    fn publish_len(&self) {
+        // Release: pairs with the Acquire in `base`; the value is the same for all.
+        self.len.store(pool::ranges() as u32, Ordering::Release);
     }
 
     /// The slot of `cpu`, given CPU 0's.
@@ -147,10 +168,9 @@ impl Counter {
 
     /// Every CPU's slot, in CPU order (none before the first use).
     fn slots(&self) -> impl Iterator<Item = &Slot> + '_ {
-        let base = self.base();
-        let n = if base.is_null() { 0 } else { pool::ranges() };
+        let (base, n) = self.base();
         (0..n).map(move |cpu| {
-            // SAFETY: `base` is ours and non-null (else `n` is 0), `cpu < ranges`; the
+            // SAFETY: `base` is ours and non-null (else `n` is 0), `cpu < n`; the
             // slot lives as long as `self`, and is only accessed through atomics.
             unsafe { &*Self::slot_at(base, cpu) }
         })
@@ -180,13 +200,13 @@ impl Counter {
     #[inline(always)]
     fn try_add(&self, rseq: NonNull<Rseq>, n: u64) -> bool {
         let cpu = cpu::cpu_id_start(rseq);
-        let base = self.base();
-        // One predictable branch each: the first use, and a CPU beyond the ranges
-        // (cannot happen: the kernel reports CPUs below the possible count).
-        if base.is_null() || cpu as usize >= pool::ranges() {
+        let (base, len) = self.base();
+        // One predictable branch for both the first use (`len` is 0) and a CPU beyond
+        // the slots (cannot happen: the kernel reports CPUs below the possible count).
+        if cpu as usize >= len {
             return false; // out of line: `add_retry` allocates, or takes the slow path
         }
-        // SAFETY: `base` is non-null and `cpu < ranges`.
+        // SAFETY: `len > cpu`, so `base` is set, and `cpu < len`.
         let slot = unsafe { Self::slot_at(base, cpu as usize) };
         // SAFETY: `slot` is a live slot of this counter.
         let local = unsafe { (*slot).local.as_ptr() };

@@ -9,7 +9,7 @@ use core::marker::PhantomData;
 use core::mem::MaybeUninit;
 use core::ops::{Deref, DerefMut};
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
 
 use crate::pool::{self, Item, Pool};
 use crate::remote::{CpuLock, InvalidCpu};
@@ -114,6 +114,8 @@ pub struct PerCpu<T> {
     /// CPU 0's slot in the pool; CPU `c`'s is `c << SHIFT` bytes further. Null until
     /// the first use of a lazy `PerCpu`.
     slots: AtomicPtr<Slot<T>>,
+    /// The number of slots: 0 until `slots` is set, then stored with Release after it.
+    len: AtomicU32,
     index: Index,
     /// Creates a lazy slot's `T` on its first use; `None` when every slot was created
     /// with the `PerCpu`.
@@ -164,6 +166,7 @@ impl<T> PerCpu<T> {
         // Built first, so that a panicking `init` drops the slots made so far.
         let per_cpu = PerCpu {
             slots: AtomicPtr::new(item.base().as_ptr().cast()),
+            len: AtomicU32::new(pool::ranges() as u32),
             index,
             init: None,
             _owns: PhantomData,
@@ -211,6 +214,7 @@ impl<T> PerCpu<T> {
     pub const fn with_index_lazy(index: Index, init: fn() -> T) -> Self {
         PerCpu {
             slots: AtomicPtr::new(ptr::null_mut()),
+            len: AtomicU32::new(0),
             index,
             init: Some(init),
             _owns: PhantomData,
@@ -220,40 +224,58 @@ impl<T> PerCpu<T> {
     /// CPU 0's slot, or null before the first use of a lazy `PerCpu`.
     #[inline(always)]
     fn base(&self) -> *mut Slot<T> {
-        // Acquire: pairs with the Release in `base_or_alloc` (the pool's zeroing).
-        self.slots.load(Ordering::Acquire)
+        // Acquire: pairs with the Release of `len` (see `base_and_len`); a null read
+        // means no slot exists yet.
+        if self.len.load(Ordering::Acquire) == 0 {
+            return ptr::null_mut();
+        }
+        // Relaxed: ordered by the load of `len` above.
+        self.slots.load(Ordering::Relaxed)
     }
 
-    /// CPU 0's slot, taking the slots from the pool on first use.
+    /// CPU 0's slot and the number of slots, taking the slots from the pool on first use.
     #[inline(always)]
-    fn base_or_alloc(&self) -> *mut Slot<T> {
-        let base = self.base();
-        if base.is_null() {
+    fn base_and_len(&self) -> (*mut Slot<T>, usize) {
+        // Acquire: pairs with the Release store of `len` in `alloc_slots`: a non-zero
+        // `len` means `slots` is set and the pool's zeroing is visible.
+        let len = self.len.load(Ordering::Acquire) as usize;
+        if len == 0 {
             return self.alloc_slots();
         }
-        base
+        // Relaxed: ordered by the load of `len` above.
+        (self.slots.load(Ordering::Relaxed), len)
     }
 
     #[cold]
     #[inline(never)]
-    fn alloc_slots(&self) -> *mut Slot<T> {
+    fn alloc_slots(&self) -> (*mut Slot<T>, usize) {
         let pool = Pool::for_index(self.index);
-        let item = pool.alloc(Self::SLOT);
-        let fresh = item.base().as_ptr().cast::<Slot<T>>();
-        // Release: publishes the pool's zeroing; pairs with the Acquire in `base`.
-        match self.slots.compare_exchange(
-            ptr::null_mut(),
-            fresh,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => fresh,
-            Err(winner) => {
-                // SAFETY: `item` is ours alone, from `alloc(SLOT)`, never published.
-                unsafe { pool.free(item, Self::SLOT) };
-                winner
-            }
+        // Acquire: pairs with the AcqRel exchange below, in the thread that won it.
+        let mut base = self.slots.load(Ordering::Acquire);
+        if base.is_null() {
+            let item = pool.alloc(Self::SLOT);
+            let fresh = item.base().as_ptr().cast::<Slot<T>>();
+            // AcqRel: Release publishes the pool's zeroing; Acquire on failure sees the
+            // winner's.
+            base = match self.slots.compare_exchange(
+                ptr::null_mut(),
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => fresh,
+                Err(winner) => {
+                    // SAFETY: `item` is ours alone, from `alloc(SLOT)`, never published.
+                    unsafe { pool.free(item, Self::SLOT) };
+                    winner
+                }
+            };
         }
+        let len = pool::ranges();
+        // Release: pairs with the Acquire in `base_and_len`. Every thread that uses the
+        // slots stores it (the same value) before its first use.
+        self.len.store(len as u32, Ordering::Release);
+        (base, len)
     }
 
     /// The slot of `cpu` given CPU 0's (pure arithmetic).
@@ -337,9 +359,7 @@ impl<T> PerCpu<T> {
     /// ```
     #[inline]
     pub fn lock(&self) -> PerCpuGuard<'_, T> {
-        let base = self.base_or_alloc();
-        // Every item exists, so the ranges are known.
-        let slots = pool::ranges();
+        let (base, slots) = self.base_and_len();
         let index = match self.index {
             Index::Cpu => CpuLock::lock_current(slots, |i| {
                 // SAFETY: `lock_current` passes indexes below `slots`.
@@ -391,7 +411,7 @@ impl<T> PerCpu<T> {
         if cpu >= slots {
             return Err(InvalidCpu { cpu, slots });
         }
-        let base = self.base_or_alloc();
+        let (base, _) = self.base_and_len();
         // SAFETY: `cpu < slots`.
         let slot = unsafe { self.slot(base, cpu) };
         match self.index {
