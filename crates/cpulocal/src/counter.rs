@@ -166,6 +166,12 @@ impl Counter {
         base.wrapping_byte_add(cpu << STRIDE_SHIFT)
     }
 
+    /// The address of `cpu`'s slot (allocating the slots if needed), for address checks.
+    #[cfg(test)]
+    pub(crate) fn slot_address(&self, cpu: usize) -> usize {
+        self.base_or_alloc().as_ptr() as usize + (cpu << STRIDE_SHIFT)
+    }
+
     /// Every CPU's slot, in CPU order (none before the first use).
     fn slots(&self) -> impl Iterator<Item = &Slot> + '_ {
         let (base, n) = self.base();

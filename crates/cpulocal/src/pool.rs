@@ -51,11 +51,12 @@
 //!
 //! # The internal API (for structures inside the crate)
 //!
-//! - [`Pool::for_index`]: the process-wide pool of an [`Index`].
-//! - [`Pool::alloc`]`(layout) -> `[`Item`]: an item zeroed in every range.
-//! - [`Item::at`]`(cpu)`: the item's address for a CPU (or mm_cid); [`shift_for`] gives
-//!   the shift of a layout as a constant, for fast paths that keep only the CPU-0 address.
-//! - [`Pool::free`]`(item, layout)`: gives the offset back.
+//! - `Pool::for_index(index)`: the process-wide pool of an [`Index`].
+//! - `Pool::alloc(layout) -> Item`: an item zeroed in every range.
+//! - `Item::at(cpu)`: the item's address for a CPU (or mm_cid); `shift_for(layout)`
+//!   gives the shift of a layout as a constant, for fast paths that keep only the CPU-0
+//!   address (`Item::base`) and rebuild the item with `Item::from_base`.
+//! - `unsafe Pool::free(item, layout)`: gives the offset back.
 //!
 //! Allocation and freeing take the pool's lock and may call the system allocator and
 //! `mmap`: not for signal handlers. Getting an item's address is arithmetic only.
@@ -104,6 +105,12 @@ pub(crate) struct Item {
     base: NonNull<u8>,
     shift: u32,
 }
+
+// SAFETY: an `Item` is an address in a process-wide mapping that lives until exit (or,
+// for a large item, until `free`, which takes the item by value); handing the address
+// to another thread is as safe as handing it a `Box`'s. Accesses through it are the
+// owner's business (unsafe, argued where they happen).
+unsafe impl Send for Item {}
 
 impl Item {
     /// The item's copy for `cpu` (a CPU number or an mm_cid, below the pool's ranges).

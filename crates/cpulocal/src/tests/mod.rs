@@ -9,6 +9,7 @@
 //! | `abort_path.rs` | a signal inside a sequence restarts it, and the retry lands once |
 //! | `stress.rs` | exact `Counter` totals under preemption, yields and a signal storm; the harness catches a broken sequence |
 //! | `counter_basics.rs` | `Counter`'s small promises |
+//! | `pool.rs` | the per-CPU pool: placement, reuse, growth, fork, statics, lazy and mm_cid slots |
 //! | `child.rs` | re-running one test in a child process with another environment |
 //!
 //! # Shared state
@@ -35,6 +36,7 @@ mod early_init;
 mod fence_refused;
 mod model;
 mod own_registration;
+mod pool;
 mod refused;
 mod registration;
 mod stress;

@@ -1,0 +1,431 @@
+//! The per-CPU pool's promises: item placement, reuse, growth, fork, statics and the
+//! structures built on it. These run under valgrind too (the fallback path).
+
+use core::alloc::Layout;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use super::delay_shared;
+use crate::pool::{self, Item, Pool, STRIDE};
+use crate::{Counter, Index, PerCpu};
+
+/// The cache line size the address checks assume (the largest in use on x86_64 and
+/// aarch64 servers is 128 with adjacent-line prefetch: checked with 128).
+const LINE: usize = 128;
+
+/// The lines `[p, p + len)` covers.
+fn lines(p: usize, len: usize) -> core::ops::RangeInclusive<usize> {
+    p / LINE..=(p + len.max(1) - 1) / LINE
+}
+
+#[test]
+fn items_of_different_cpus_never_share_a_cache_line() {
+    let _delay = delay_shared();
+    let pool = Pool::for_index(Index::Cpu);
+    let layouts = [
+        Layout::new::<u8>(),
+        Layout::new::<u64>(),
+        Layout::new::<[u64; 3]>(),
+        Layout::from_size_align(16, 16).unwrap(),
+        Layout::from_size_align(100, 4).unwrap(),
+        Layout::from_size_align(4000, 64).unwrap(),
+    ];
+    let items: Vec<(Item, Layout)> = (0..50)
+        .flat_map(|_| layouts.iter().map(|&l| (pool.alloc(l), l)))
+        .collect();
+    let cpus = pool::ranges();
+    // Every line touched by each CPU's copies: no line may belong to two CPUs.
+    let mut owner = std::collections::HashMap::new();
+    for &(item, layout) in &items {
+        for cpu in 0..cpus {
+            let p = item.at(cpu) as usize;
+            assert_eq!(p % layout.align(), 0, "alignment of {layout:?}");
+            if layout.size() <= 64 {
+                assert_eq!(
+                    lines(p, layout.size()).count(),
+                    1,
+                    "a small item straddles a line"
+                );
+            }
+            for line in lines(p, layout.size()) {
+                let first = *owner.entry(line).or_insert(cpu);
+                assert_eq!(
+                    first, cpu,
+                    "line {line:#x} holds items of CPUs {first} and {cpu}"
+                );
+            }
+        }
+    }
+    // Live items of one CPU never overlap.
+    let mut spans: Vec<(usize, usize)> = items
+        .iter()
+        .map(|&(i, l)| (i.at(0) as usize, i.at(0) as usize + l.size()))
+        .collect();
+    spans.sort();
+    assert!(
+        spans.windows(2).all(|w| w[0].1 <= w[1].0),
+        "live items overlap"
+    );
+    for (item, layout) in items {
+        // SAFETY: allocated above with this layout, unused.
+        unsafe { pool.free(item, layout) };
+    }
+}
+
+#[test]
+fn a_counters_slots_are_one_stride_apart_and_one_line_each() {
+    let _delay = delay_shared();
+    let c = Counter::new();
+    c.add(1);
+    let base = c.slot_address(0);
+    for cpu in 0..crate::possible_cpus() {
+        let p = c.slot_address(cpu);
+        assert_eq!(p, base + cpu * STRIDE);
+        assert_eq!(lines(p, Counter::BYTES_PER_CPU).count(), 1);
+    }
+    assert_eq!(Counter::BYTES_PER_CPU, 16);
+}
+
+#[test]
+fn a_reused_offset_reads_as_zero_on_every_cpu() {
+    let _delay = delay_shared();
+    let pool = Pool::for_index(Index::Cpu);
+    let layout = Layout::from_size_align(40, 8).unwrap();
+    let cpus = pool::ranges();
+    let mut seen = HashSet::new();
+    for round in 0..20u8 {
+        let item = pool.alloc(layout);
+        for cpu in 0..cpus {
+            // SAFETY: a live item of 40 bytes, ours alone.
+            let bytes = unsafe { core::slice::from_raw_parts_mut(item.at(cpu), 40) };
+            assert!(bytes.iter().all(|&b| b == 0), "round {round}: not zero");
+            bytes.fill(round | 1);
+        }
+        seen.insert(item.base());
+        // SAFETY: allocated above with this layout; nothing uses it any more.
+        unsafe { pool.free(item, layout) };
+    }
+    // Other tests allocate this layout too, but a freed offset is taken again soon.
+    assert!(seen.len() < 20, "freed offsets are reused");
+}
+
+/// Many threads create, use and drop counters while others add to long-lived ones:
+/// every sum is exact, and no offset is handed out twice while live.
+#[test]
+fn concurrent_create_and_drop_while_others_add_is_exact_and_never_reuses_a_live_offset() {
+    let _delay = delay_shared();
+    let valgrind = std::env::var_os("CPULOCAL_TEST_VALGRIND").is_some();
+    let (churners, rounds, adders, adds) = if valgrind {
+        (2, 200, 1, 20_000)
+    } else {
+        (4, 3_000, 2, 400_000)
+    };
+    let live: Arc<Mutex<HashSet<usize>>> = Arc::default();
+    let long_lived: Arc<Vec<Counter>> = Arc::new((0..4).map(|_| Counter::new()).collect());
+    let start = Arc::new(Barrier::new(churners + adders));
+    let mut threads = Vec::new();
+    for t in 0..churners {
+        let (live, start) = (Arc::clone(&live), Arc::clone(&start));
+        threads.push(std::thread::spawn(move || {
+            start.wait();
+            for round in 0..rounds {
+                let batch: Vec<Counter> =
+                    (0..1 + (round + t) % 8).map(|_| Counter::new()).collect();
+                for (i, c) in batch.iter().enumerate() {
+                    c.add(i as u64 + 1);
+                    let base = c.slot_address(0);
+                    assert!(
+                        live.lock().unwrap().insert(base),
+                        "a live offset was handed out again"
+                    );
+                }
+                for (i, c) in batch.iter().enumerate() {
+                    c.add(1);
+                    assert_eq!(c.sum(), i as u64 + 2, "a counter saw another's adds");
+                }
+                for c in batch {
+                    assert!(live.lock().unwrap().remove(&c.slot_address(0)));
+                    drop(c);
+                }
+            }
+        }));
+    }
+    for _ in 0..adders {
+        let (long_lived, start) = (Arc::clone(&long_lived), Arc::clone(&start));
+        threads.push(std::thread::spawn(move || {
+            start.wait();
+            for i in 0..adds {
+                long_lived[i % 4].add(1);
+            }
+        }));
+    }
+    threads.into_iter().for_each(|t| t.join().expect("worker"));
+    let total: u64 = long_lived.iter().map(Counter::sum).sum();
+    assert_eq!(total, (adders * adds) as u64);
+}
+
+/// Fills more than a chunk while other threads add to items of the first chunk: the pool
+/// maps another chunk and no live item moves or loses an update.
+#[test]
+fn the_pool_grows_under_load_without_moving_live_items() {
+    let _delay = delay_shared();
+    let pool = Pool::for_index(Index::Cpu);
+    // Large enough that a few dozen fill a chunk, small enough to stay pooled.
+    let layout = Layout::from_size_align(STRIDE / 16, 64).unwrap();
+    let before = pool::stats(Index::Cpu).chunks;
+    let counter = Arc::new(Counter::new());
+    counter.add(1);
+    let first = counter.slot_address(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let adders: Vec<_> = (0..2)
+        .map(|_| {
+            let (counter, stop) = (Arc::clone(&counter), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    counter.add(1);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let growers: Vec<_> = (0..2u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let pool = Pool::for_index(Index::Cpu);
+                let items: Vec<Item> = (0..24u64)
+                    .map(|i| {
+                        let item = pool.alloc(layout);
+                        // A mark in CPU 0's copy, checked after the growth.
+                        // SAFETY: a live item of STRIDE / 16 bytes, 64-aligned, ours.
+                        unsafe { item.at(0).cast::<u64>().write(t << 32 | i) };
+                        item
+                    })
+                    .collect();
+                items
+            })
+        })
+        .collect();
+    let grown: Vec<(u64, Vec<Item>)> = growers
+        .into_iter()
+        .enumerate()
+        .map(|(t, g)| (t as u64, g.join().expect("grower")))
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    let added: u64 = adders.into_iter().map(|a| a.join().expect("adder")).sum();
+    assert!(
+        pool::stats(Index::Cpu).chunks >= before + 2,
+        "48 items of 1/16 chunk need 3 chunks"
+    );
+    assert_eq!(counter.slot_address(0), first, "a live counter moved");
+    assert_eq!(counter.sum(), 1 + added);
+    for (t, items) in grown {
+        for (i, item) in items.into_iter().enumerate() {
+            // SAFETY: live, written above.
+            assert_eq!(
+                unsafe { item.at(0).cast::<u64>().read() },
+                t << 32 | i as u64
+            );
+            // SAFETY: allocated with `layout`, unused now.
+            unsafe { pool.free(item, layout) };
+        }
+    }
+}
+
+/// Large items get a chunk (and a stride) of their own, unmapped when freed.
+#[test]
+fn a_large_item_gets_its_own_chunk() {
+    let _delay = delay_shared();
+    let big = PerCpu::new(|cpu| vec![cpu as u8; 8].into_boxed_slice());
+    let huge: PerCpu<[u64; 40_000]> = PerCpu::new(|cpu| [cpu as u64; 40_000]);
+    let mut seen = 0;
+    huge.for_each(|cpu, a| {
+        assert!(a.iter().all(|&v| v == cpu as u64));
+        seen += 1;
+    });
+    assert_eq!(seen, crate::possible_cpus());
+    big.with_cpu(|b| assert_eq!(b.len(), 8));
+}
+
+static STATIC_HITS: Counter = Counter::new();
+static STATIC_SEEN: PerCpu<u64> = PerCpu::new_lazy(|| 0);
+
+#[test]
+fn static_counter_and_per_cpu_count_exactly_from_many_threads() {
+    let _delay = delay_shared();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(|| {
+                for _ in 0..5_000 {
+                    STATIC_HITS.add(1);
+                    STATIC_SEEN.with_cpu(|s| *s += 1);
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().expect("worker"));
+    assert_eq!(STATIC_HITS.sum(), 20_000);
+    let mut total = 0;
+    STATIC_SEEN.for_each(|_, s| total += *s);
+    assert_eq!(total, 20_000);
+}
+
+#[test]
+fn a_lazy_per_cpu_creates_only_the_slots_it_uses() {
+    let _delay = delay_shared();
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let p: PerCpu<u64> = PerCpu::new_lazy(|| {
+        MADE.fetch_add(1, Ordering::Relaxed);
+        7
+    });
+    let mut visited = 0;
+    p.for_each(|_, _| visited += 1);
+    assert_eq!(visited, 0, "nothing used, nothing visited");
+    p.on_cpu(0, |v| *v += 1).unwrap();
+    let mut values = Vec::new();
+    p.for_each(|cpu, v| values.push((cpu, *v)));
+    assert_eq!(values, [(0, 8)]);
+    assert_eq!(MADE.load(Ordering::Relaxed), 1);
+    let all = p.into_vec();
+    assert_eq!(all.len(), crate::possible_cpus());
+    assert_eq!(all[0], 8);
+    assert!(all[1..].iter().all(|&v| v == 7));
+}
+
+#[test]
+fn a_panicking_lazy_init_leaves_the_slot_unlocked_and_unmade() {
+    let _delay = delay_shared();
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let p: PerCpu<u64> = PerCpu::new_lazy(|| {
+        if CALLS.fetch_add(1, Ordering::Relaxed) == 0 {
+            panic!("first init fails");
+        }
+        3
+    });
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.on_cpu(0, |v| *v)));
+    assert!(r.is_err());
+    // The lock was released and the next use creates the value.
+    assert_eq!(p.on_cpu(0, |v| *v).unwrap(), 3);
+}
+
+#[test]
+fn dropping_a_per_cpu_drops_each_value_once() {
+    let _delay = delay_shared();
+    let value = Arc::new(());
+    let eager = PerCpu::new(|_| Arc::clone(&value));
+    assert_eq!(Arc::strong_count(&value), 1 + crate::possible_cpus());
+    drop(eager);
+    assert_eq!(Arc::strong_count(&value), 1);
+}
+
+/// With more threads than CPUs, mm_cid-indexed slots stay exact and the slots used stay
+/// below both the threads and the possible CPUs.
+#[test]
+fn mm_cid_indexing_is_exact_with_more_threads_than_cpus() {
+    let _delay = delay_shared();
+    let threads = 3 * crate::possible_cpus() + 1;
+    let per_thread = if std::env::var_os("CPULOCAL_TEST_VALGRIND").is_some() {
+        500
+    } else {
+        20_000
+    };
+    let slots = Arc::new(PerCpu::with_index_lazy(Index::MmCid, || 0u64));
+    let start = Arc::new(Barrier::new(threads));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (slots, start) = (Arc::clone(&slots), Arc::clone(&start));
+            std::thread::spawn(move || {
+                start.wait();
+                for i in 0..per_thread {
+                    slots.with_cpu(|s| *s += 1);
+                    if i % 64 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        })
+        .collect();
+    workers.into_iter().for_each(|w| w.join().expect("worker"));
+    let (mut total, mut used) = (0, 0);
+    slots.for_each(|_, s| {
+        total += *s;
+        used += 1;
+    });
+    assert_eq!(total, (threads * per_thread) as u64);
+    assert!(used <= crate::possible_cpus().min(threads));
+}
+
+/// Children of `fork` keep every live item and can allocate, even when the parent forks
+/// while other threads allocate and free.
+#[test]
+fn fork_children_keep_live_items_and_can_allocate() {
+    let _delay = delay_shared();
+    if std::env::var_os("CPULOCAL_TEST_VALGRIND").is_some() {
+        return; // valgrind's fork is slow; the native run covers it
+    }
+    let counter = Counter::new();
+    counter.add(41);
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let c = Counter::new();
+                    c.add(1);
+                    drop(c);
+                }
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for round in 0..20 {
+        std::thread::sleep(Duration::from_micros(200));
+        // SAFETY: the child only uses the pool (whose lock the fork handlers release)
+        // and glibc's malloc (fork-safe), then leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let ok = std::panic::catch_unwind(|| {
+                let fresh = Counter::new();
+                fresh.add(2);
+                counter.add(1);
+                fresh.sum() == 2 && counter.sum() == 42
+            });
+            // SAFETY: ends the child without running the parent's handlers.
+            unsafe { libc::_exit(if matches!(ok, Ok(true)) { 0 } else { 1 }) };
+        }
+        assert!(pid > 0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut status = 0;
+        loop {
+            // SAFETY: `pid` is our child; `status` is a live out-parameter.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+                    failures.push(format!("round {round}: status {status:#x}"));
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                // SAFETY: our child, wedged.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // SAFETY: as above.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                failures.push(format!("round {round}: the child wedged"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.into_iter().for_each(|t| t.join().expect("churn"));
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(
+        counter.sum(),
+        41,
+        "the children's adds stay in the children"
+    );
+}
