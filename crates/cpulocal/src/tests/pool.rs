@@ -225,10 +225,8 @@ fn the_pool_grows_under_load_without_moving_live_items() {
     for (t, items) in grown {
         for (i, item) in items.into_iter().enumerate() {
             // SAFETY: live, written above.
-            assert_eq!(
-                unsafe { item.at(0).cast::<u64>().read() },
-                t << 32 | i as u64
-            );
+            let mark = unsafe { item.at(0).cast::<u64>().read() };
+            assert_eq!(mark, t << 32 | i as u64);
             // SAFETY: allocated with `layout`, unused now.
             unsafe { pool.free(item, layout) };
         }
