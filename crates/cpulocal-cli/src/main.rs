@@ -161,6 +161,10 @@ impl StressArgs {
 }
 
 fn main() {
+    // A child of the memory group, running one scenario.
+    if bench::memory::probe_if_asked() {
+        return;
+    }
     match Cli::parse().command {
         Command::Info { json } => {
             let info = Info::gather();
@@ -272,6 +276,13 @@ fn run_bench(config: bench::Config, json: bool) {
             if results.iter().any(|r| r.name == name) {
                 writeln!(text, "  {name:<18} {what}").ok();
             }
+        }
+    }
+    for (report, json_line) in bench::untimed_reports(&config) {
+        if json {
+            println!("{json_line}");
+        } else {
+            writeln!(text, "\n{report}").ok();
         }
     }
     writeln!(text, "\ntargets (reported, not asserted):").ok();

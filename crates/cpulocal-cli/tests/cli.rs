@@ -50,11 +50,14 @@ fn quick_json_bench_prints_one_well_formed_row_per_line_for_both_groups() {
     let o = cpulocal(&["bench", "--quick", "--json", "--threads", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let rows: Vec<serde_json::Value> = out
+    let (memory, rows): (Vec<serde_json::Value>, Vec<serde_json::Value>) = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+        .partition(|r: &serde_json::Value| r["group"] == "memory");
     assert!(!rows.is_empty());
+    // The memory group is measured once: one report, not rows.
+    assert_eq!(memory.len(), 1, "{out}");
+    assert!(memory[0]["probes"].is_array(), "{out}");
     for row in &rows {
         for field in ["group", "name"] {
             assert!(row[field].is_string(), "{field} in {row}");
@@ -206,6 +209,38 @@ fn text_bench_of_one_group_prints_a_table_with_the_header() {
     assert!(out.contains("1.00x"), "{out}");
     assert!(!out.contains("cpu-number "), "{out}");
     assert!(out.contains("PASS") || out.contains("MISS"), "{out}");
+}
+
+#[test]
+fn memory_group_reports_bytes_per_counter_and_flat_churn() {
+    let o = cpulocal(&["bench", "--quick", "--group", "memory"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("B/counter/CPU"), "{out}");
+    for scenario in ["live ", "live-cpu0 ", "churn "] {
+        assert!(out.contains(scenario), "{scenario}: {out}");
+    }
+    assert!(out.contains("computed, 256 possible CPUs"), "{out}");
+    assert!(
+        out.contains("bytes per Counter per CPU (layout) <= 16: 16"),
+        "{out}"
+    );
+
+    let o = cpulocal(&["bench", "--quick", "--json", "--group", "memory"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON line");
+    assert_eq!(report["bytes_per_cpu"], 16);
+    let probes = report["probes"].as_array().expect("probes");
+    let live = probes
+        .iter()
+        .find(|p| p["scenario"] == "live")
+        .expect("live");
+    assert_eq!(live["counters"], 10_000);
+    // Resident growth of live counters: their slots on every CPU used, and not much
+    // more (a page per CPU of slack, and the pool's bookkeeping).
+    let per = live["rss_growth"].as_f64().unwrap()
+        / (live["counters"].as_f64().unwrap() * live["cpus_used"].as_f64().unwrap());
+    assert!(per < 64.0, "{per} B per counter per CPU: {report}");
 }
 
 #[test]

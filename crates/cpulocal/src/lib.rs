@@ -22,6 +22,18 @@
 //! println!("{}", cpulocal::mechanism());
 //! ```
 //!
+//! Counters and per-CPU data can be `static`s (their memory comes from the per-CPU pool,
+//! [`pool`], on first use):
+//!
+//! ```
+//! static HITS: cpulocal::Counter = cpulocal::Counter::new();
+//! static SEEN: cpulocal::PerCpu<u64> = cpulocal::PerCpu::new_lazy(|| 0);
+//!
+//! HITS.add(1);
+//! SEEN.with_cpu(|n| *n += 1);
+//! assert_eq!(HITS.sum(), 1);
+//! ```
+//!
 //! # How
 //!
 //! Every thread shares a `struct rseq` with the kernel ([`abi::Rseq`]): glibc's (≥ 2.35)
@@ -44,14 +56,15 @@
 //! | [`Stack`] | per-CPU intrusive freelists / object caches, with [`Stack::steal`] |
 //! | [`ring::RingBuffer`] | per-CPU trace buffers with a migration-safe commit |
 //! | [`ops`] | the raw restartable primitives, for experts |
+//! | [`pool`] | where per-CPU items live: packed per CPU, pages populated only where used |
 //! | [`mechanism`], [`remote_scheme`] | what this process runs on, and why |
 //!
 //! # Layers
 //!
 //! [`abi`] and [`sys`] (kernel layouts, raw syscalls) → [`thread`] (registration) →
 //! `arch` (the asm sequences) → [`ops`] (primitives with a fallback) and [`remote`]
-//! (operating on a chosen CPU's data) → structures ([`Counter`], [`PerCpu`], [`Stack`],
-//! [`ring`]).
+//! (operating on a chosen CPU's data) → the per-CPU memory [`pool`] → structures
+//! ([`Counter`], [`PerCpu`], [`Stack`], [`ring`]).
 //!
 //! # Early initialisation
 //!
@@ -71,7 +84,9 @@
 //! the interrupted thread is registered (its first use of cpulocal, or
 //! [`register_current_thread`] on it, came first). Then:
 //!
-//! - [`current_cpu`] and [`Counter::add`] are async-signal-safe: wait-free on every path.
+//! - [`current_cpu`] and [`Counter::add`] are async-signal-safe: wait-free on every path,
+//!   once the counter has been used: its first use takes its slots from the [`pool`]
+//!   (a lock and maybe `mmap`), so use a counter once (`add(0)`) before a handler can.
 //! - The other structures' operations may wait for a per-CPU lock (their slow paths,
 //!   `with_cpu`, `steal`, `flush`). A handler that uses the *same* structure as the code
 //!   it interrupted can meet a lock its own thread holds, and would wait forever.
@@ -151,6 +166,7 @@ pub fn register_current_thread() -> bool {
     thread::mechanism();
     remote::scheme();
     sys::possible_cpus();
+    pool::install_fork_handlers();
     thread::is_registered()
 }
 

@@ -450,7 +450,7 @@ unsafe fn zero_if_needed(p: *mut u8, size: usize) {
 
 /// Registers (once per process) the `pthread_atfork` handlers that keep the pools'
 /// locks consistent across `fork`.
-fn install_fork_handlers() {
+pub(crate) fn install_fork_handlers() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: the handlers are `extern "C"` functions without arguments that only

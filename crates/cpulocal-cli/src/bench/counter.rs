@@ -22,6 +22,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     targets: &TARGETS,
     records_per_s: false,
     note: None,
+    untimed: None,
 };
 
 thread_local! {
@@ -202,6 +203,83 @@ impl Subject for CounterAdd {
     }
 }
 
+/// `Counter::sum` of a counter holding 1 (class 1): one 16-byte slot read per CPU. Each
+/// thread adds up what it read, so the check sees every sum was 1.
+struct CounterSum {
+    counter: Counter,
+    total: AtomicU64,
+}
+
+impl Default for CounterSum {
+    fn default() -> Self {
+        let counter = Counter::new();
+        counter.add(1);
+        CounterSum {
+            counter,
+            total: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Subject for CounterSum {
+    #[inline(never)]
+    fn work(&self, ops: u64) {
+        let mut total = 0u64;
+        for _ in 0..ops {
+            total += black_box(&self.counter).sum();
+        }
+        self.total.fetch_add(total, Ordering::Relaxed);
+    }
+
+    fn reset(&mut self, _threads: usize, _ops: u64) {
+        *self.total.get_mut() = 0;
+    }
+
+    fn check(&mut self, expected: u64) -> Result<(), String> {
+        sum_check("the sums read", *self.total.get_mut(), expected)
+    }
+}
+
+/// The floor of class 1, and the layout before the per-CPU pool: one cache-padded
+/// `(local, remote)` pair per possible CPU, both words read, as `Counter::sum` did then.
+struct PaddedSum {
+    slots: Box<[CachePadded<[AtomicU64; 2]>]>,
+    total: AtomicU64,
+}
+
+impl Default for PaddedSum {
+    fn default() -> Self {
+        let slots = per_cpu_slots::<[AtomicU64; 2]>();
+        slots[0][0].store(1, Ordering::Relaxed);
+        PaddedSum {
+            slots,
+            total: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Subject for PaddedSum {
+    #[inline(never)]
+    fn work(&self, ops: u64) {
+        let mut total = 0u64;
+        for _ in 0..ops {
+            total += black_box(&self.slots).iter().fold(0u64, |acc, s| {
+                acc.wrapping_add(s[1].load(Ordering::Acquire))
+                    .wrapping_add(s[0].load(Ordering::Relaxed))
+            });
+        }
+        self.total.fetch_add(total, Ordering::Relaxed);
+    }
+
+    fn reset(&mut self, _threads: usize, _ops: u64) {
+        *self.total.get_mut() = 0;
+    }
+
+    fn check(&mut self, expected: u64) -> Result<(), String> {
+        sum_check("the sums read", *self.total.get_mut(), expected)
+    }
+}
+
 /// The hand-written reference: `ops::add` on per-CPU words, retried until it commits.
 /// The primitive without the structure (no slow path, no remote slot).
 struct RseqAdd {
@@ -297,11 +375,13 @@ fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
         Row::new("mutex", Locked::default()),
         Row::new("ThreadLocal<Cell>", ThreadLocalAdd::default()),
         Row::new("tls_add", TlsAdd::default()),
+        Row::cpulocal("Counter::sum", CounterSum::default()).in_class(1),
+        Row::new("padded_sum", PaddedSum::default()).in_class(1),
     ]
 }
 
 /// What each row name stands for, for the legend under the table.
-const LEGEND: [(&str, &str); 8] = [
+const LEGEND: [(&str, &str); 10] = [
     ("Counter::add", "cpulocal::Counter::add"),
     (
         "rseq_add",
@@ -327,6 +407,14 @@ const LEGEND: [(&str, &str); 8] = [
     (
         "tls_add",
         "const thread_local! Cell<u64> increment (the floor)",
+    ),
+    (
+        "Counter::sum",
+        "cpulocal::Counter::sum of a counter (one 16-byte pool slot per CPU; its own class)",
+    ),
+    (
+        "padded_sum",
+        "sum of one 128-byte padded (local, remote) pair per CPU: Counter::sum's layout before the pool (the floor of Counter::sum)",
     ),
 ];
 

@@ -17,6 +17,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     targets: &TARGETS,
     records_per_s: false,
     note: None,
+    untimed: None,
 };
 
 thread_local! {

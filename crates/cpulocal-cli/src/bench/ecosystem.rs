@@ -27,6 +27,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     targets: &TARGETS,
     records_per_s: false,
     note: None,
+    untimed: None,
 };
 
 /// A `metrics::Counter` handle and the value behind it, read back by `check`.

@@ -24,6 +24,9 @@ pub(crate) struct GroupDef {
     pub(crate) records_per_s: bool,
     /// A note for every row of the group (e.g. the remote scheme).
     pub(crate) note: Option<fn() -> String>,
+    /// For a group measured once instead of timed per thread count (`memory`): runs it
+    /// (`true`: the quick version) and returns its report as text and as one JSON line.
+    pub(crate) untimed: Option<fn(bool) -> (String, String)>,
 }
 
 /// A target: the ratio `numerator ns / denominator ns` of two rows of the group at

@@ -23,6 +23,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     targets: &TARGETS,
     records_per_s: false,
     note: None,
+    untimed: None,
 };
 
 /// `PerCpu::with_cpu` adding 1 to the calling thread's slot.

@@ -43,6 +43,7 @@ mod counter;
 mod cpu_number;
 mod ecosystem;
 mod lock;
+pub mod memory;
 mod remote;
 mod ring;
 mod stack;
@@ -64,6 +65,7 @@ impl Group {
         Group(&remote::GROUP),
         Group(&ring::GROUP),
         Group(&ecosystem::GROUP),
+        Group(&memory::GROUP),
     ];
 
     /// The name used on the command line and in the output.
@@ -202,6 +204,8 @@ pub struct Config {
     pub runs: usize,
     /// Wall time one run of one row aims at.
     pub target_run: Duration,
+    /// The quick version (for CI): fewer, shorter runs, smaller memory scenarios.
+    pub quick: bool,
 }
 
 impl Config {
@@ -218,6 +222,7 @@ impl Config {
             } else {
                 Duration::from_millis(20)
             },
+            quick,
         }
     }
 }
@@ -462,6 +467,17 @@ pub fn targets(results: &[RowResult]) -> Vec<TargetReport> {
                 }),
             }
         })
+        .collect()
+}
+
+/// The reports of the configured groups that are measured once rather than timed
+/// (`memory`): `(text, JSON line)` each.
+pub fn untimed_reports(config: &Config) -> Vec<(String, String)> {
+    config
+        .groups
+        .iter()
+        .filter_map(|g| g.0.untimed)
+        .map(|report| report(config.quick))
         .collect()
 }
 

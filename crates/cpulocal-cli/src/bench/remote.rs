@@ -32,6 +32,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     targets: &TARGETS,
     records_per_s: false,
     note: Some(scheme_note),
+    untimed: None,
 };
 
 /// The next CPU after `*next` that is not `me` (unless there is only one), advancing

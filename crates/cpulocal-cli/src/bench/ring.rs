@@ -48,6 +48,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     targets: &TARGETS,
     records_per_s: true,
     note: None,
+    untimed: None,
 };
 
 /// The payload sizes measured.

@@ -32,6 +32,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     targets: &TARGETS,
     records_per_s: false,
     note: None,
+    untimed: None,
 };
 
 /// What the stack group moves.

@@ -1,4 +1,5 @@
-//! `cpulocal bench --group memory`: what per-CPU data costs in resident memory.
+//! The `memory` group (`cpulocal bench --group memory`): what per-CPU data costs in
+//! resident memory. Measured once, not timed per thread count.
 //!
 //! # Method
 //!
@@ -24,6 +25,40 @@ use std::process::Command;
 
 use cpulocal::Counter;
 use serde::{Deserialize, Serialize};
+
+use super::harness::GroupDef;
+
+/// The group, as [`super::Group::ALL`] lists it: no timed rows, one report.
+pub(crate) const GROUP: GroupDef = GroupDef {
+    name: "memory",
+    uses_remote_scheme: false,
+    rows: |_| Vec::new(),
+    legend: &[],
+    targets: &[],
+    records_per_s: false,
+    note: None,
+    untimed: Some(report),
+};
+
+/// Runs the scenarios (100,000 live counters and 1,000,000 created and dropped; a tenth
+/// of that when `quick`) and returns the report as text and as one JSON line.
+fn report(quick: bool) -> (String, String) {
+    let (live, churn) = if quick {
+        (10_000, 100_000)
+    } else {
+        (100_000, 1_000_000)
+    };
+    match measure(live, churn) {
+        Ok(r) => (
+            r.to_string(),
+            serde_json::to_string(&r).expect("a report serialises"),
+        ),
+        Err(e) => (
+            format!("memory: not measured: {e}"),
+            serde_json::json!({ "group": "memory", "error": e }).to_string(),
+        ),
+    }
+}
 
 /// The environment variable that makes this executable run one memory scenario and exit.
 pub const PROBE_ENV: &str = "CPULOCAL_MEMORY_PROBE";
@@ -157,16 +192,17 @@ fn pin_to(cpu: usize) -> bool {
     }
     // SAFETY: `cpu` is below CPU_SETSIZE, the bits a cpu_set_t holds.
     unsafe { libc::CPU_SET(cpu, &mut one) };
-    // SAFETY: `one` is a live cpu_set_t of `size` bytes; pid 0 is the calling thread.
-    let pinned = unsafe { libc::sched_setaffinity(0, size, &one) } == 0;
     // The CPU number the thread caches is refreshed on its next return to user space,
-    // which the system call just was.
-    pinned
+    // which this system call is.
+    // SAFETY: `one` is a live cpu_set_t of `size` bytes; pid 0 is the calling thread.
+    unsafe { libc::sched_setaffinity(0, size, &one) == 0 }
 }
 
 /// The memory report: the children's probes and the computed figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// Always "memory" (for the JSON line).
+    pub group: &'static str,
     /// The possible CPUs of this machine.
     pub possible_cpus: usize,
     /// `size_of::<Counter>()`: the handle, wherever the caller keeps it.
@@ -208,6 +244,7 @@ pub fn measure(live_n: usize, churn_n: usize) -> Result<Report, String> {
         probes.push(probe);
     }
     Ok(Report {
+        group: "memory",
         possible_cpus: cpulocal::possible_cpus(),
         handle_bytes: core::mem::size_of::<Counter>(),
         bytes_per_cpu: Counter::BYTES_PER_CPU,
