@@ -42,7 +42,7 @@ timeout 300 cargo test -p cpulocal --target "$TARGET" --lib --release -- arch::
 echo "== aarch64: the primitives' model and the structures' stress tests under qemu-user (fallback)"
 export CPULOCAL_TEST_VALGRIND=1
 timeout 300 cargo test -p cpulocal --target "$TARGET" --lib -- \
-    arch:: sys:: tests::counter_basics tests::model
+    arch:: sys:: tests::counter_basics tests::model tests::pool
 timeout 600 cargo test -p cpulocal --target "$TARGET" --all-features \
     --test stack_stress --test percpu_remote --test ring_stress -- \
     --skip locked --skip without_rseq --skip ignore_the_cpu_lock
