@@ -124,6 +124,8 @@ pub mod ring;
 mod stack;
 pub mod sys;
 pub mod thread;
+#[cfg(feature = "tracing")]
+pub mod tracing;
 
 #[cfg(any(test, feature = "__test-hooks"))]
 pub mod test_hooks;

@@ -1326,7 +1326,7 @@ fn claim(ring: &Ring, consumed: usize) -> bool {
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds (the vDSO: no system call).
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -128,6 +128,8 @@ pub(crate) struct Row {
     pub(crate) cpulocal: bool,
     /// The rows whose ratios are taken to the same cpulocal row share a class.
     pub(crate) class: usize,
+    /// One operation is one record: the row reports records per second.
+    pub(crate) records: bool,
     pub(crate) subject: Box<dyn Subject>,
 }
 
@@ -137,6 +139,7 @@ impl Row {
             name,
             cpulocal: false,
             class: 0,
+            records: false,
             subject: Box::new(subject),
         }
     }
@@ -150,6 +153,14 @@ impl Row {
 
     pub(crate) fn in_class(self, class: usize) -> Row {
         Row { class, ..self }
+    }
+
+    /// The row reports records per second (its group's other rows need not).
+    pub(crate) fn per_record(self) -> Row {
+        Row {
+            records: true,
+            ..self
+        }
     }
 }
 

@@ -249,8 +249,9 @@ pub struct RowResult {
     pub runs: usize,
     /// Operations each thread performed in each run.
     pub ops_per_thread: u64,
-    /// Records per second, all threads together (`threads × 10⁹ / ns_per_op`): the
-    /// `ring` group's rows only.
+    /// Records per second, all threads together (`threads × 10⁹ / ns_per_op`): the rows
+    /// whose operation is one record only (the `ring` group, and the end-to-end rows of
+    /// the `ecosystem` group).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub records_per_s: Option<f64>,
     /// For rows that count something besides their time (records refused by a full
@@ -393,9 +394,7 @@ fn measure_group(group: Group, threads: usize, config: &Config) -> Vec<RowResult
                 ratio_to_cpulocal: medians[i] / base(row.class),
                 runs: config.runs,
                 ops_per_thread: ops[i],
-                records_per_s: group
-                    .0
-                    .records_per_s
+                records_per_s: (group.0.records_per_s || row.records)
                     .then(|| threads as f64 * 1e9 / medians[i]),
                 events: events[i].map(|(n, _)| n),
                 note: (!note.is_empty()).then(|| note.join("; ")),
