@@ -5,7 +5,7 @@
 //! the event into a short binary record — the callsite (which gives level, target,
 //! name, file, line and field names), the spans in scope (id and callsite), and the
 //! field values — and writes it with one reserve and one commit into its CPU's
-//! [`RingBuffer`](crate::ring::RingBuffer), stamped with `CLOCK_MONOTONIC`. A writer
+//! [`RingBuffer`], stamped with `CLOCK_MONOTONIC`. A writer
 //! thread reads the rings, orders each batch by time, formats the records in the
 //! `tracing-subscriber` fmt style ([`Format::Full`]) or as JSON lines
 //! ([`Format::Json`]), and writes them to any `io::Write`.
