@@ -90,6 +90,10 @@ pub const RSEQ_SIG: u32 = 0;
 pub mod membarrier {
     /// Ask which commands the kernel supports.
     pub const CMD_QUERY: i32 = 0;
+    /// A full memory barrier on every CPU running a thread of the process.
+    pub const CMD_PRIVATE_EXPEDITED: i32 = 1 << 3;
+    /// Register the process for [`CMD_PRIVATE_EXPEDITED`].
+    pub const CMD_REGISTER_PRIVATE_EXPEDITED: i32 = 1 << 4;
     /// Restart the rseq critical sections running on the target CPUs.
     pub const CMD_PRIVATE_EXPEDITED_RSEQ: i32 = 1 << 7;
     /// Register the process for [`CMD_PRIVATE_EXPEDITED_RSEQ`].

@@ -89,9 +89,10 @@
 //!   (a lock and maybe `mmap`), so use a counter once (`add(0)`) before a handler can.
 //! - The other structures' operations may wait for a per-CPU lock (their slow paths,
 //!   `with_cpu`, `steal`, `flush`). A handler that uses the *same* structure as the code
-//!   it interrupted can meet a lock its own thread holds, and would wait forever.
-//!   Different structures are independent: a handler may use any structure the
-//!   interrupted code is not inside.
+//!   it interrupted can meet a lock its own thread holds: [`PerCpu`] detects that and
+//!   panics (which aborts the process: a panic cannot unwind out of a handler); the
+//!   others would wait forever. Different structures are independent: a handler may use
+//!   any structure the interrupted code is not inside.
 //!
 //! # Debuggers
 //!

@@ -9,10 +9,10 @@ use core::marker::PhantomData;
 use core::mem::MaybeUninit;
 use core::ops::{Deref, DerefMut};
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use crate::pool::{self, Item, Pool};
-use crate::remote::{CpuLock, InvalidCpu};
+use crate::remote::{self, CpuLock, InvalidCpu};
 use crate::{cpu, sys};
 
 /// How a [`PerCpu`] picks the calling thread's slot.
@@ -56,10 +56,10 @@ pub type Lock = PerCpu<()>;
 /// One CPU's slot, in the pool: the lock word right next to the data it guards.
 #[repr(C)]
 struct Slot<T> {
+    /// The slot's lock; its [`flag`](CpuLock::flag) says whether `value` holds a `T`: set
+    /// once, under the lock, for lazily created slots; at construction for the others.
+    /// Zero (false) in a fresh pool item.
     lock: CpuLock,
-    /// Whether `value` holds a `T`: set once, under the lock, for lazily created slots;
-    /// at construction for the others. Zero (false) in a fresh pool item.
-    ready: AtomicBool,
     value: UnsafeCell<MaybeUninit<T>>,
 }
 
@@ -87,6 +87,28 @@ struct Slot<T> {
 ///
 /// `PerCpu<T>` is `Send` and `Sync` when `T: Send`, like a `Mutex<T>`: a slot's `T` is
 /// only reached through its lock, from one thread at a time.
+///
+/// # Waiting
+///
+/// A thread that needs a slot somebody holds spins briefly (not at all for its own
+/// CPU's slot, whose holder then cannot be running beside it), yields a few times, and
+/// then sleeps on a futex until the holder releases; a release makes a system call only
+/// when somebody sleeps (see [`crate::remote`], "Waiting").
+///
+/// # Panics and poisoning
+///
+/// A panic inside [`with_cpu`](PerCpu::with_cpu), [`on_cpu`](PerCpu::on_cpu),
+/// [`for_each`](PerCpu::for_each), or while a [`PerCpuGuard`] lives, releases the slot as
+/// it unwinds. There is no poisoning, as in `parking_lot`: the slot keeps whatever the
+/// panicking code left in it, and the next holder gets it as it is. Keep a slot's `T`
+/// valid at every point where your code can panic, or catch the panic and repair it.
+///
+/// # Nesting
+///
+/// A thread may hold slots of several `PerCpu`s at once, but never two slots of one
+/// `PerCpu`: every locking method panics when asked to (see their "Panics"), rather
+/// than deadlocking. The check is free while the thread holds no `PerCpu` slot; nested
+/// inside another `PerCpu`'s slot, it reads this `PerCpu`'s lock words once.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -177,7 +199,7 @@ impl<T> PerCpu<T> {
             // SAFETY: as above: nobody else reaches the slot.
             unsafe { (*slot.value.get()).write(init(cpu)) };
             // Relaxed: the `PerCpu` is not shared yet; sharing it synchronises.
-            slot.ready.store(true, Ordering::Relaxed);
+            slot.lock.flag().store(true, Ordering::Relaxed);
         }
         per_cpu
     }
@@ -301,31 +323,24 @@ impl<T> PerCpu<T> {
     #[inline(always)]
     fn ensure_ready(&self, slot: &Slot<T>) {
         // Relaxed: written under the lock we hold.
-        if !slot.ready.load(Ordering::Relaxed) {
+        if !slot.lock.flag().load(Ordering::Relaxed) {
             self.fill(slot);
         }
     }
 
+    /// Creates the `T` of a slot whose guard the caller holds: if `init` panics, that
+    /// guard releases the lock as the panic unwinds, and the slot stays without a `T`.
     #[cold]
     #[inline(never)]
     fn fill(&self, slot: &Slot<T>) {
-        /// Releases the lock if `init` panics, so the slot is not locked forever.
-        struct UnlockOnUnwind<'a>(&'a CpuLock);
-        impl Drop for UnlockOnUnwind<'_> {
-            fn drop(&mut self) {
-                self.0.unlock();
-            }
-        }
         let init = self
             .init
             .expect("a PerCpu made by `with_index` has every slot ready");
-        let unlock = UnlockOnUnwind(&slot.lock);
         let value = init();
-        core::mem::forget(unlock);
         // SAFETY: we hold the slot's lock and it has no `T` yet.
         unsafe { (*slot.value.get()).write(value) };
         // Release: for `for_each`, which reads the flag without the lock before locking.
-        slot.ready.store(true, Ordering::Release);
+        slot.lock.flag().store(true, Ordering::Release);
     }
 
     /// The number of slots (the possible CPUs).
@@ -348,8 +363,16 @@ impl<T> PerCpu<T> {
     /// Locks the calling thread's slot and returns a guard that derefs to its `T`.
     ///
     /// The thread may migrate while it holds the guard: the slot stays locked, so
-    /// nothing is lost, and the next thread on that CPU waits (spinning, then yielding)
-    /// until the guard drops. Keep critical sections short. The guard is not `Send`.
+    /// nothing is lost, and the next thread on that CPU waits until the guard drops
+    /// (see [waiting](PerCpu#waiting)). Keep critical sections short. The guard is not
+    /// `Send`. A panic while the guard lives releases the slot when the guard drops.
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread already holds a slot of this `PerCpu` (any slot: it may
+    /// have migrated since it took it), because nesting would never finish: on the same
+    /// slot the thread would wait for itself, and two threads nesting on two CPUs would
+    /// wait for each other. Nest different `PerCpu`s instead.
     ///
     /// ```
     /// let counts = cpulocal::PerCpu::new(|_| 0u64);
@@ -359,6 +382,14 @@ impl<T> PerCpu<T> {
     /// ```
     #[inline]
     pub fn lock(&self) -> PerCpuGuard<'_, T> {
+        self.lock_current("lock")
+    }
+
+    /// [`lock`](PerCpu::lock), for the public method `method` (named in the re-entry
+    /// panic).
+    #[inline]
+    fn lock_current(&self, method: &'static str) -> PerCpuGuard<'_, T> {
+        remote::check_not_held(self.locks(), method);
         let (base, slots) = self.base_and_len();
         let index = match self.index {
             Index::Cpu => CpuLock::lock_current(slots, |i| {
@@ -376,16 +407,44 @@ impl<T> PerCpu<T> {
             }
         };
         // SAFETY: `index < slots`.
-        let slot = unsafe { self.slot(base, index) };
-        self.ensure_ready(slot);
-        PerCpuGuard {
+        self.guard(unsafe { self.slot(base, index) }, index)
+    }
+
+    /// The guard of `slot` (slot `index`), whose lock the calling thread has just taken;
+    /// creates the slot's `T` first if it has none (under the guard, which releases the
+    /// lock should `init` panic).
+    #[inline]
+    fn guard<'a>(&'a self, slot: &'a Slot<T>, index: usize) -> PerCpuGuard<'a, T> {
+        remote::note_held();
+        let guard = PerCpuGuard {
             slot,
             index,
             _not_send: PhantomData,
-        }
+        };
+        self.ensure_ready(slot);
+        guard
     }
 
-    /// Runs `f` on the calling thread's slot, under its lock.
+    /// Every slot's lock (none before a lazy `PerCpu`'s first use), for the re-entry
+    /// check.
+    #[inline]
+    fn locks(&self) -> impl Iterator<Item = &CpuLock> + '_ {
+        let base = self.base();
+        let n = if base.is_null() { 0 } else { self.len() };
+        // SAFETY: `base` is non-null when `n > 0`, and `i < n = len`.
+        (0..n).map(move |i| unsafe { &self.slot(base, i).lock })
+    }
+
+    /// Runs `f` on the calling thread's slot, under its lock. If `f` panics, the lock is
+    /// released as the panic unwinds, and the slot keeps what `f` had written (no
+    /// poisoning).
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread already holds a slot of this `PerCpu` (any slot: it may
+    /// have migrated since it took it), because nesting would never finish: on the same
+    /// slot the thread would wait for itself, and two threads nesting on two CPUs would
+    /// wait for each other. Nest different `PerCpu`s instead.
     ///
     /// ```
     /// let sums = cpulocal::PerCpu::new(|_| 0u64);
@@ -396,21 +455,42 @@ impl<T> PerCpu<T> {
     /// ```
     #[inline]
     pub fn with_cpu<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        let mut guard = self.lock();
+        let mut guard = self.lock_current("with_cpu");
         f(&mut guard)
     }
 
     /// Locks slot `cpu` from any thread, without changing the caller's affinity, and
     /// returns a guard. Every fast path on that CPU waits (or restarts) until it drops.
+    /// A panic while the guard lives releases the slot when the guard drops.
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread already holds a slot of this `PerCpu` (any slot: it may
+    /// have migrated since it took it), because nesting would never finish: on the same
+    /// slot the thread would wait for itself, and two threads nesting on two CPUs would
+    /// wait for each other. Nest different `PerCpu`s instead.
+    ///
+    /// Also if the kernel refuses this thread the membarrier fence that excludes the
+    /// CPU's sequences (a seccomp filter on this thread only); the slot stays free.
     ///
     /// # Errors
     ///
     /// [`InvalidCpu`] when `cpu` is not below [`len`](PerCpu::len).
     pub fn lock_cpu(&self, cpu: usize) -> Result<PerCpuGuard<'_, T>, InvalidCpu> {
+        self.lock_chosen(cpu, "lock_cpu")
+    }
+
+    /// [`lock_cpu`](PerCpu::lock_cpu), for the public method `method`.
+    fn lock_chosen(
+        &self,
+        cpu: usize,
+        method: &'static str,
+    ) -> Result<PerCpuGuard<'_, T>, InvalidCpu> {
         let slots = self.len();
         if cpu >= slots {
             return Err(InvalidCpu { cpu, slots });
         }
+        remote::check_not_held(self.locks(), method);
         let (base, _) = self.base_and_len();
         // SAFETY: `cpu < slots`.
         let slot = unsafe { self.slot(base, cpu) };
@@ -418,16 +498,21 @@ impl<T> PerCpu<T> {
             Index::Cpu => slot.lock.lock_remote(cpu as u32),
             Index::MmCid => slot.lock.lock_atomic(),
         }
-        self.ensure_ready(slot);
-        Ok(PerCpuGuard {
-            slot,
-            index: cpu,
-            _not_send: PhantomData,
-        })
+        Ok(self.guard(slot, cpu))
     }
 
     /// Runs `f` on slot `cpu`, from any thread, atomically with respect to every other
-    /// access to that slot, without changing the caller's affinity.
+    /// access to that slot, without changing the caller's affinity. If `f` panics, the
+    /// lock is released as the panic unwinds (no poisoning).
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread already holds a slot of this `PerCpu` (any slot: it may
+    /// have migrated since it took it), because nesting would never finish: on the same
+    /// slot the thread would wait for itself, and two threads nesting on two CPUs would
+    /// wait for each other. Nest different `PerCpu`s instead.
+    ///
+    /// Also as [`lock_cpu`](PerCpu::lock_cpu) when the membarrier fence is refused.
     ///
     /// # Errors
     ///
@@ -446,7 +531,7 @@ impl<T> PerCpu<T> {
     /// assert_eq!(err.cpu, q.len());
     /// ```
     pub fn on_cpu<R>(&self, cpu: usize, f: impl FnOnce(&mut T) -> R) -> Result<R, InvalidCpu> {
-        let mut guard = self.lock_cpu(cpu)?;
+        let mut guard = self.lock_chosen(cpu, "on_cpu")?;
         Ok(f(&mut guard))
     }
 
@@ -454,6 +539,17 @@ impl<T> PerCpu<T> {
     /// update) that is exact per slot while other threads keep working. The slots of a
     /// lazy `PerCpu` that were never used are skipped (they would hold `init()`), so
     /// visiting creates nothing and populates no page.
+    /// If `f` panics, the slot it was given is released as the panic unwinds (no
+    /// poisoning) and the remaining slots are not visited.
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread already holds a slot of this `PerCpu` (any slot: it may
+    /// have migrated since it took it), because nesting would never finish: on the same
+    /// slot the thread would wait for itself, and two threads nesting on two CPUs would
+    /// wait for each other. Nest different `PerCpu`s instead.
+    ///
+    /// Also as [`lock_cpu`](PerCpu::lock_cpu) when the membarrier fence is refused.
     pub fn for_each(&self, mut f: impl FnMut(usize, &mut T)) {
         let base = self.base();
         if base.is_null() {
@@ -463,10 +559,10 @@ impl<T> PerCpu<T> {
             // SAFETY: `cpu < len`.
             let slot = unsafe { self.slot(base, cpu) };
             // Acquire: pairs with the Release in `fill` (a hint; the lock orders the data).
-            if !slot.ready.load(Ordering::Acquire) {
+            if !slot.lock.flag().load(Ordering::Acquire) {
                 continue;
             }
-            let mut guard = self.lock_cpu(cpu).expect("cpu < len");
+            let mut guard = self.lock_chosen(cpu, "for_each").expect("cpu < len");
             f(cpu, &mut guard);
         }
     }
@@ -481,7 +577,7 @@ impl<T> PerCpu<T> {
             // the iterator's life and every `cpu` is visited once, so the `&mut T`s
             // are disjoint.
             let slot = unsafe { &*base.wrapping_byte_add(cpu << Self::SHIFT) };
-            if slot.ready.load(Ordering::Relaxed) {
+            if slot.lock.flag().load(Ordering::Relaxed) {
                 // SAFETY: as above, and the slot holds a `T`.
                 Some(unsafe { (*slot.value.get()).assume_init_mut() })
             } else {
@@ -501,8 +597,8 @@ impl<T> PerCpu<T> {
                 }
                 // SAFETY: `base` is ours and non-null, `cpu < len`, `self` is owned.
                 let slot = unsafe { self.slot(base, cpu) };
-                if slot.ready.swap(false, Ordering::Relaxed) {
-                    // SAFETY: the slot holds a `T`, which we move out; `ready` is now
+                if slot.lock.flag().swap(false, Ordering::Relaxed) {
+                    // SAFETY: the slot holds a `T`, which we move out; its flag is now
                     // false, so `Drop` will not drop it again.
                     unsafe { (*slot.value.get()).assume_init_read() }
                 } else {
@@ -524,7 +620,7 @@ impl<T> Drop for PerCpu<T> {
         for cpu in 0..self.len() {
             // SAFETY: `base` is ours and non-null, `cpu < len`, `&mut self`.
             let slot = unsafe { self.slot(base.as_ptr(), cpu) };
-            if slot.ready.load(Ordering::Relaxed) {
+            if slot.lock.flag().load(Ordering::Relaxed) {
                 // SAFETY: the slot holds a `T`, nobody else can reach it (`&mut self`).
                 unsafe { (*slot.value.get()).assume_init_drop() };
             }
@@ -578,7 +674,7 @@ impl<T> Deref for PerCpuGuard<'_, T> {
     #[inline]
     fn deref(&self) -> &T {
         // SAFETY: we hold the slot's lock, so no other reference to its `T` exists, and
-        // the slot is ready (`ensure_ready` ran before the guard was made).
+        // the slot is ready (`ensure_ready` ran before the guard was returned).
         unsafe { (*self.slot.value.get()).assume_init_ref() }
     }
 }
@@ -596,6 +692,7 @@ impl<T> Drop for PerCpuGuard<'_, T> {
     #[inline]
     fn drop(&mut self) {
         self.slot.lock.unlock();
+        remote::note_released();
     }
 }
 

@@ -32,10 +32,53 @@
 //! acquisition is the atomic compare-exchange, and structures do all their work under
 //! the lock: slower (a `lock cmpxchg` per operation) but correct with nothing from the
 //! kernel.
+//!
+//! Tokens are the address of a thread-local with its lowest bit set: unique among live
+//! threads, and their low 32 bits are never 0 (the futex below compares those).
+//!
+//! # Waiting
+//!
+//! A thread that finds the word held spins briefly (not at all when the slot is its own
+//! CPU's: the holder then is not running, or not on this CPU, and spinning only delays
+//! it), yields a few times, then sleeps on a futex on the word's low 32 bits. Beside
+//! the word, `sleepers` counts the threads that are (about to be) asleep. The release
+//! must learn of sleepers without slowing the uncontended case, which is a plain store;
+//! so the two sides form an *asymmetric* Dekker pair:
+//!
+//! | releaser (every unlock) | sleeper (only when it waits) |
+//! |---|---|
+//! | R1 store `word = 0` (Release) | S1 `sleepers += 1` |
+//! | R2 compiler fence only | S2 `membarrier(PRIVATE_EXPEDITED)`: a full barrier on every CPU running a thread of ours |
+//! | R3 load `sleepers`; if non-zero, R4 wake every sleeper | S3 load `word`; if non-zero, S4 `futex_wait(word, low 32 bits seen)` |
+//!
+//! The membarrier puts a full barrier into the releaser's program order (or the
+//! releaser was not running, and its context switch was one). If that barrier falls
+//! before R3, R3 sees S1 and wakes; if after, R1 came before it and S3 sees 0 (or a
+//! newer holder's token, whose own release repeats the argument). The futex compares
+//! and queues atomically, and a token's low 32 bits are never 0, so a wake that comes
+//! between S3 and S4 makes S4 return at once. Sleepers are counted beside the word, not
+//! in it, because a local sequence may overwrite a remote owner's token (above): a flag
+//! in the word would be lost with it. Every wake wakes all sleepers; they re-check and
+//! go back to sleep if another thread took the lock first.
+//!
+//! Without the membarrier command (the locked scheme, older kernels) the release pays
+//! a `SeqCst` fence instead of the compiler fence: those acquisitions are atomic
+//! read-modify-writes already. A thread whose membarrier a sandbox refuses yields
+//! instead of sleeping.
+//!
+//! # Held locks
+//!
+//! A thread that asks for a slot of a [`crate::PerCpu`] while it holds one of the same
+//! `PerCpu` — on its own CPU or, after a migration, on another — must panic instead of
+//! waiting for itself (or, on two CPUs, for another nested thread) forever. The
+//! thread-local whose address is the token counts the `PerCpu` slots the thread holds.
+//! While it is 0 (nearly always) there is nothing to check; otherwise the `PerCpu`'s lock
+//! words are searched for the thread's token, which only the holder of a slot (or a
+//! thread in the middle of taking it remotely) leaves there.
 
 use core::cell::Cell;
 use core::fmt;
-use core::sync::atomic::{fence, AtomicUsize, Ordering};
+use core::sync::atomic::{compiler_fence, fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use crate::abi::membarrier as mb;
@@ -121,12 +164,23 @@ fn decide() -> Scheme {
     }
     match membarrier_rseq_available() {
         Ok(()) => match sys::membarrier(mb::CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0) {
-            Ok(_) => Scheme::Membarrier,
+            Ok(_) => {
+                // Waiters fence with membarrier, releasers with a compiler fence (module
+                // docs, "Waiting"). Relaxed: published by SCHEME's initialisation, which
+                // every lock user passes through before it releases or waits.
+                let asymmetric = sys::membarrier(mb::CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0);
+                ASYMMETRIC.store(asymmetric.is_ok(), Ordering::Relaxed);
+                Scheme::Membarrier
+            }
             Err(e) => Scheme::Locked(LockedReason::NoMembarrier(e)),
         },
         Err(e) => Scheme::Locked(LockedReason::NoMembarrier(e)),
     }
 }
+
+/// Whether sleepers fence with `membarrier(PRIVATE_EXPEDITED)`, so that releases need
+/// only a compiler fence (false: both sides use `SeqCst` fences).
+static ASYMMETRIC: AtomicBool = AtomicBool::new(false);
 
 /// Whether the kernel offers `MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ` (without
 /// registering for it).
@@ -140,14 +194,59 @@ pub fn membarrier_rseq_available() -> Result<(), Errno> {
 }
 
 thread_local! {
-    /// Its address is the thread's lock token: non-zero and unique among live threads.
-    static TOKEN: Cell<u8> = const { Cell::new(0) };
+    /// Its address is the thread's lock token; its value, how many [`crate::PerCpu`]
+    /// slot locks the thread holds (see "Held locks" in the module docs).
+    static HELD: Cell<usize> = const { Cell::new(0) };
 }
 
 /// The calling thread's lock token.
 #[inline]
 fn token() -> usize {
-    TOKEN.with(|t| t as *const Cell<u8> as usize)
+    // `| 1`: the address is at least 8-aligned, so this stays unique, and the low 32
+    // bits (which the futex compares) can never be 0.
+    HELD.with(|h| h as *const Cell<usize> as usize | 1)
+}
+
+/// Panics if the calling thread holds one of `locks` (the slot locks of one
+/// `PerCpu`): asking for another would wait forever for itself (on the same slot), or
+/// deadlock with another thread doing the same on a second CPU. `method` is the public
+/// method asked, for the message.
+///
+/// A thread that holds no `PerCpu` lock at all (the usual case) pays one thread-local
+/// load and a predicted branch; one that holds some reads the lock words of `locks`,
+/// looking for its token.
+#[inline(always)]
+pub(crate) fn check_not_held<'a>(locks: impl Iterator<Item = &'a CpuLock>, method: &str) {
+    if HELD.get() != 0 {
+        check_not_held_nested(locks, method);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn check_not_held_nested<'a>(mut locks: impl Iterator<Item = &'a CpuLock>, method: &str) {
+    let me = token();
+    // Relaxed: only this thread ever stores its own token.
+    if locks.any(|l| l.word.load(Ordering::Relaxed) == me) {
+        panic!(
+            "PerCpu::{method} called by a thread that already holds a slot of the same PerCpu \
+             (nested with_cpu/lock/on_cpu/lock_cpu/for_each, or a signal handler interrupting \
+             one): it would wait for itself forever, or deadlock with another thread nesting on \
+             another CPU. Release the first slot before taking another, or use two PerCpus"
+        );
+    }
+}
+
+/// Counts a `PerCpu` slot lock the calling thread has just taken.
+#[inline(always)]
+pub(crate) fn note_held() {
+    HELD.set(HELD.get() + 1);
+}
+
+/// Counts a `PerCpu` slot lock the calling thread has just released.
+#[inline(always)]
+pub(crate) fn note_released() {
+    HELD.set(HELD.get() - 1);
 }
 
 /// An invalid CPU number was passed.
@@ -175,14 +274,32 @@ impl std::error::Error for InvalidCpu {}
 #[derive(Debug, Default)]
 pub(crate) struct CpuLock {
     word: AtomicUsize,
+    /// Threads asleep (or about to sleep) on the word; see "Waiting" in the module docs.
+    sleepers: AtomicU32,
+    /// A flag of the structure that owns the lock, kept here because it costs no room:
+    /// the word's alignment leaves these bytes as padding anyway (see [`CpuLock::flag`]).
+    flag: AtomicBool,
 }
+
+// The pool packs slots without padding: the lock must stay 16 bytes with its flag.
+const _: () = assert!(core::mem::size_of::<CpuLock>() == 16);
 
 impl CpuLock {
     /// A free lock.
     pub(crate) const fn new() -> Self {
         CpuLock {
             word: AtomicUsize::new(0),
+            sleepers: AtomicU32::new(0),
+            flag: AtomicBool::new(false),
         }
+    }
+
+    /// A flag for the structure's own use (e.g. "this slot holds a value"), which the lock
+    /// itself never reads. It lives in what would be the lock's padding, so a slot that
+    /// needs one costs no more than the lock.
+    #[inline(always)]
+    pub(crate) fn flag(&self) -> &AtomicBool {
+        &self.flag
     }
 
     /// The word, for sequences that check it as their guard.
@@ -226,7 +343,7 @@ impl CpuLock {
         }
         let me = token();
         loop {
-            self.acquire_word(me);
+            self.acquire_word(me, Some(cpu));
             // Restart every sequence in flight on `cpu`: any that read the word as free
             // before our exchange either committed already or never will.
             if let Err(refused) = fence_sequences_on(cpu) {
@@ -249,25 +366,28 @@ impl CpuLock {
             }
             // A local compare-and-store committed before the fence: that thread owns the
             // lock now (it overwrote our token). Wait for its release, then try again.
-            wait_while_held(self);
+            self.wait_while_held(Some(cpu));
         }
     }
 
     /// Takes the lock with a compare-exchange alone: for slots that no sequence ever
     /// locks (mm_cid-indexed slots, [`Scheme::Locked`]).
     pub(crate) fn lock_atomic(&self) {
-        self.acquire_word(token());
+        // Decided before any lock is taken: releases and waits read ASYMMETRIC.
+        scheme();
+        self.acquire_word(token(), None);
     }
 
-    /// Compare-exchanges the word from 0 to `me`, spinning then yielding while it is held.
-    fn acquire_word(&self, me: usize) {
+    /// Compare-exchanges the word from 0 to `me`, waiting while it is held. `cpu`: the
+    /// CPU whose slot this is (`None` for mm_cid slots).
+    fn acquire_word(&self, me: usize, cpu: Option<u32>) {
         // Acquire: pairs with the Release store of the previous owner.
         while self
             .word
             .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            wait_while_held(self);
+            self.wait_while_held(cpu);
         }
     }
 
@@ -281,7 +401,7 @@ impl CpuLock {
             match lock.try_lock_local(rseq, cpu) {
                 Outcome::Committed(()) => Attempt::Done(cpu as usize),
                 Outcome::CompareFailed => {
-                    wait_while_held(lock);
+                    lock.wait_while_held(Some(cpu));
                     Attempt::Retry
                 }
                 Outcome::Aborted => Attempt::Aborted,
@@ -303,21 +423,94 @@ impl CpuLock {
     #[inline]
     pub(crate) fn aborted<R>(&self) -> Attempt<R> {
         if self.is_held() {
-            wait_while_held(self);
+            // The fast paths run on the slot's own CPU.
+            self.wait_while_held(Some(crate::cpu::current_cpu()));
         }
         Attempt::Aborted
     }
 
-    /// Releases the lock.
+    /// Releases the lock, and wakes its sleepers if there are any (no system call
+    /// otherwise). See "Waiting" in the module docs for the fences.
     #[inline]
     pub(crate) fn unlock(&self) {
-        // Release: pairs with the Acquire of the next owner.
+        // R1. Release: pairs with the Acquire of the next owner.
         self.word.store(0, Ordering::Release);
+        // R2: R3 must not be hoisted above R1. Relaxed: ASYMMETRIC is fixed before any
+        // lock is taken (module docs).
+        if ASYMMETRIC.load(Ordering::Relaxed) {
+            compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
+        // R3. Relaxed: ordered by the fences of both sides (module docs).
+        if self.sleepers.load(Ordering::Relaxed) != 0 {
+            self.wake_sleepers();
+        }
     }
 
-    /// Wakes the threads waiting for this lock (none sleep yet: waiters spin and yield).
-    #[inline]
-    fn wake_sleepers(&self) {}
+    /// R4: wakes every thread asleep on this lock.
+    #[cold]
+    #[inline(never)]
+    fn wake_sleepers(&self) {
+        // An error (EFAULT cannot happen: the word is ours) leaves nobody asleep that a
+        // later release would not wake either way; sleepers re-check in any case.
+        let _ = sys::futex_wake_low_half(&self.word, i32::MAX);
+    }
+
+    /// Waits until the lock looks free: spins (unless the slot is the calling thread's
+    /// own CPU's, `cpu`, where the holder cannot be running alongside), yields a few
+    /// times, then sleeps until a release wakes it.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn wait_while_held(&self, cpu: Option<u32>) {
+        let holder_elsewhere = cpu != Some(crate::cpu::current_cpu());
+        let spins = if holder_elsewhere { SPINS } else { 0 };
+        for _ in 0..spins {
+            if !self.is_held() {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+        for _ in 0..YIELDS {
+            if !self.is_held() {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        while self.is_held() {
+            if !self.sleep() {
+                // Our fence is refused: we may not sleep, as a release could miss us.
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// S1–S4 of "Waiting" (module docs): sleeps once, unless the lock is free by then.
+    /// Returns false, without sleeping, if the membarrier fence is refused to this
+    /// thread.
+    fn sleep(&self) -> bool {
+        // S1. SeqCst: with the fence below, ordered before S3.
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        // S2. Relaxed: ASYMMETRIC is fixed before any lock is taken.
+        let fenced = if ASYMMETRIC.load(Ordering::Relaxed) {
+            sys::membarrier(mb::CMD_PRIVATE_EXPEDITED, 0, 0).is_ok()
+        } else {
+            fence(Ordering::SeqCst);
+            true
+        };
+        if fenced {
+            // S3. Relaxed: ordered after S1 by the fence; the caller re-reads the word
+            // before it acts on it.
+            let held = self.word.load(Ordering::Relaxed);
+            if held != 0 {
+                // S4. EAGAIN (the word changed), EINTR, or a wake: the caller re-checks.
+                let _ = sys::futex_wait_low_half(&self.word, held as u32);
+            }
+        }
+        // Relaxed: only a release that raced S1 needed to see it.
+        self.sleepers.fetch_sub(1, Ordering::Relaxed);
+        fenced
+    }
 }
 
 /// `membarrier(PRIVATE_EXPEDITED_RSEQ)` on `cpu` (or, should the per-CPU form fail, on
@@ -409,16 +602,10 @@ pub(crate) fn on_current_cpu<R>(
     None
 }
 
-/// Spins, then yields, until `lock` looks free.
-#[cold]
-pub(crate) fn wait_while_held(lock: &CpuLock) {
-    let mut spins = 0u32;
-    while lock.is_held() {
-        spins += 1;
-        if spins < 32 {
-            core::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
-}
+/// How many times a waiter spins before yielding, when the holder may run on another
+/// CPU: per-CPU critical sections are short, so a holder that runs releases within a
+/// few hundred nanoseconds.
+const SPINS: u32 = 100;
+/// How many times a waiter yields before it sleeps: a preempted holder on the waiter's
+/// own CPU gets to run and release.
+const YIELDS: u32 = 3;

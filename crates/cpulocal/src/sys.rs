@@ -83,6 +83,66 @@ pub fn membarrier(cmd: i32, flags: u32, cpu: i32) -> Result<i64, Errno> {
     }
 }
 
+/// The address of the low 32 bits of `word`: the futex of a word wider than a futex.
+fn low_half(word: &core::sync::atomic::AtomicUsize) -> *const u32 {
+    let p = word.as_ptr().cast::<u32>();
+    if cfg!(target_endian = "big") {
+        p.wrapping_add(1)
+    } else {
+        p
+    }
+}
+
+/// [`futex_wait`] on the low 32 bits of a `usize` word (a lock word): sleeps while they
+/// hold `expected`, until a [`futex_wake_low_half`] on the same word (or a signal, or a
+/// spurious wake-up: callers re-check). The kernel compares and queues atomically, so a
+/// wake that follows a change of those bits cannot be missed.
+///
+/// # Errors
+///
+/// `EAGAIN` when the bits did not hold `expected`; `EINTR` when a signal woke the
+/// thread.
+pub fn futex_wait_low_half(
+    word: &core::sync::atomic::AtomicUsize,
+    expected: u32,
+) -> Result<(), Errno> {
+    // SAFETY: FUTEX_WAIT reads the live, aligned u32 inside `word` and writes no user
+    // memory; the timeout pointer is null (no time limit).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            low_half(word),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            core::ptr::null::<libc::timespec>(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// [`futex_wake`] for [`futex_wait_low_half`]: wakes up to `n` threads asleep on the low
+/// 32 bits of `word`; returns how many it woke.
+pub fn futex_wake_low_half(word: &core::sync::atomic::AtomicUsize, n: i32) -> Result<usize, Errno> {
+    // SAFETY: FUTEX_WAKE uses the address as a key only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            low_half(word),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            n,
+        )
+    };
+    if r >= 0 {
+        Ok(r as usize)
+    } else {
+        Err(Errno::last())
+    }
+}
+
 /// The `getcpu` system call itself (not the vDSO): `(cpu, node)`.
 pub fn getcpu_syscall() -> Result<(u32, u32), Errno> {
     let mut cpu: u32 = 0;
