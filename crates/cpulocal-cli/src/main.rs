@@ -3,7 +3,7 @@
 //! arguments and prints; the work is in the library.
 #![deny(unsafe_code)]
 
-use std::io::{IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -36,7 +36,8 @@ enum Command {
         /// Print one JSON object per row and line (header and targets go to stderr).
         #[arg(long)]
         json: bool,
-        /// Few, short runs: the whole bench in a few seconds (for CI).
+        /// Few, short runs: the whole bench in a few seconds (for CI). Thread counts are
+        /// capped at 4 per online CPU (at least 8), and the header says so.
         #[arg(long)]
         quick: bool,
         #[arg(long, value_name = "NAME", help = bench::group_help())]
@@ -70,7 +71,7 @@ struct StressArgs {
     #[arg(long, value_name = "K", default_value_t = 100, requires = "yield_")]
     yield_every: u64,
     /// Sleep this many microseconds inside an operation's window every --sleep-every
-    /// operations.
+    /// operations (cut short when --duration is over).
     #[arg(long, value_name = "N")]
     sleep_us: Option<u64>,
     /// Operations of a worker between two sleeps.
@@ -160,6 +161,28 @@ impl StressArgs {
     }
 }
 
+/// `println!` that ends the program quietly (status 0) when stdout is a pipe whose
+/// reader has gone (`cpulocal bench | head`), instead of panicking on `EPIPE`: Rust
+/// ignores `SIGPIPE`, so the write reports the closed pipe as an error.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        written(writeln!(io::stdout(), $($arg)*))
+    };
+}
+
+/// Ends the program on a failed write to stdout or stderr: quietly (status 0) when
+/// the reader closed the pipe, with a message (status 1) otherwise.
+fn written(result: io::Result<()>) {
+    match result {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
     // A child of the memory group, running one scenario.
     if bench::memory::probe_if_asked() {
@@ -169,9 +192,9 @@ fn main() {
         Command::Info { json } => {
             let info = Info::gather();
             if json {
-                println!("{}", info.to_json());
+                out!("{}", info.to_json());
             } else {
-                println!("{info}");
+                out!("{info}");
             }
         }
         Command::Bench {
@@ -193,7 +216,7 @@ fn run_stress(args: &StressArgs) {
         }
     };
     if !args.json {
-        println!("{}", stress::header(&config));
+        out!("{}", stress::header(&config));
     }
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
         let (len, template) = match config.amount {
@@ -233,9 +256,9 @@ fn run_stress(args: &StressArgs) {
         }
     };
     if args.json {
-        println!("{}", report.to_json());
+        out!("{}", report.to_json());
     } else {
-        println!("{report}");
+        out!("{report}");
     }
     std::process::exit(if report.passed { 0 } else { 1 });
 }
@@ -248,46 +271,49 @@ fn run_bench(config: bench::Config, json: bool) {
         Box::new(std::io::stdout())
     };
     let started = Instant::now();
-    writeln!(text, "{}", bench::header(&config)).ok();
+    written(writeln!(text, "{}", bench::header(&config)));
     for &group in &config.groups {
         for note in bench::skipped_rows(group) {
-            writeln!(text, "skipped: {note}").ok();
+            written(writeln!(text, "skipped: {note}"));
         }
     }
     if !json {
-        writeln!(text, "{}", RowResult::table_heading()).ok();
+        written(writeln!(text, "{}", RowResult::table_heading()));
     }
     let results = bench::run(&config, |rows| {
         for row in rows {
             if json {
-                println!("{}", row.to_json());
+                out!("{}", row.to_json());
             } else {
-                println!("{}", row.table_line());
+                out!("{}", row.table_line());
             }
         }
     });
     if !json {
-        writeln!(
+        written(writeln!(
             text,
             "\n* the group's cpulocal row; vs cpulocal = row ns/op / cpulocal ns/op"
-        )
-        .ok();
+        ));
         for (name, what) in bench::legend() {
             if results.iter().any(|r| r.name == name) {
-                writeln!(text, "  {name:<18} {what}").ok();
+                written(writeln!(text, "  {name:<18} {what}"));
             }
         }
     }
     for (report, json_line) in bench::untimed_reports(&config) {
         if json {
-            println!("{json_line}");
+            out!("{json_line}");
         } else {
-            writeln!(text, "\n{report}").ok();
+            written(writeln!(text, "\n{report}"));
         }
     }
-    writeln!(text, "\ntargets (reported, not asserted):").ok();
+    written(writeln!(text, "\ntargets (reported, not asserted):"));
     for target in bench::targets(&results) {
-        writeln!(text, "  {target}").ok();
+        written(writeln!(text, "  {target}"));
     }
-    writeln!(text, "measured in {:.1} s", started.elapsed().as_secs_f64()).ok();
+    written(writeln!(
+        text,
+        "measured in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
 }

@@ -300,3 +300,119 @@ fn assert_measured(row: &serde_json::Value) {
     assert!(row["runs"].as_u64().unwrap() >= 1, "{row}");
     assert!(row["ops_per_thread"].as_u64().unwrap() >= 1, "{row}");
 }
+
+/// Runs `cpulocal args` with its stdout a pipe whose reader is closed at once, as
+/// `cpulocal … | head -0` would; returns the status and stderr.
+fn with_closed_stdout(args: &[&str]) -> (std::process::ExitStatus, String) {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cpulocal"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the cpulocal binary runs");
+    drop(child.stdout.take()); // the reader goes away before the first line
+    let out = child.wait_with_output().expect("cpulocal ends");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Exit 0, or killed by SIGPIPE (what C tools do), and no panic message.
+fn assert_quiet_end(args: &[&str]) {
+    use std::os::unix::process::ExitStatusExt;
+    let (status, err) = with_closed_stdout(args);
+    assert!(
+        status.success() || status.signal() == Some(libc::SIGPIPE),
+        "cpulocal {args:?} into a closed pipe: {status}\n{err}"
+    );
+    assert!(!err.contains("panicked"), "cpulocal {args:?}: {err}");
+}
+
+#[test]
+fn bench_into_a_closed_pipe_ends_quietly() {
+    assert_quiet_end(&[
+        "bench",
+        "--quick",
+        "--threads",
+        "1",
+        "--group",
+        "cpu-number",
+    ]);
+    assert_quiet_end(&[
+        "bench",
+        "--quick",
+        "--json",
+        "--threads",
+        "1",
+        "--group",
+        "cpu-number",
+    ]);
+}
+
+#[test]
+fn info_into_a_closed_pipe_ends_quietly() {
+    assert_quiet_end(&["info"]);
+    assert_quiet_end(&["info", "--json"]);
+}
+
+/// `--sleep-us` longer than the whole run: the run still ends at its `--duration`
+/// (before, every worker finished its 60 s sleep first).
+#[test]
+fn stress_ends_at_its_duration_whatever_sleep_us_says() {
+    let start = std::time::Instant::now();
+    let o = cpulocal(&[
+        "stress",
+        "--structure",
+        "counter",
+        "--threads",
+        "2",
+        "--duration",
+        "0.5",
+        "--sleep-us",
+        "60000000",
+        "--sleep-every",
+        "1",
+    ]);
+    let took = start.elapsed();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "a 0.5 s run took {took:?}: it waited for the 60 s sleeps"
+    );
+}
+
+/// `--quick` caps the thread counts (and says so), so a CI run stays short whatever
+/// `--threads` asks for.
+#[test]
+fn quick_bench_caps_the_thread_counts_and_says_so() {
+    let cap = (4 * cpulocal::sys::online_cpus()).clamp(8, 4096);
+    let o = cpulocal(&[
+        "bench",
+        "--quick",
+        "--json",
+        "--threads",
+        "1,4096",
+        "--group",
+        "cpu-number",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let threads: Vec<u64> = stdout(&o)
+        .lines()
+        .map(|l| {
+            let row: serde_json::Value = serde_json::from_str(l).expect("a JSON row");
+            row["threads"].as_u64().expect("threads")
+        })
+        .collect();
+    assert!(
+        threads.contains(&1) && threads.contains(&(cap as u64)),
+        "{threads:?}"
+    );
+    assert!(threads.iter().all(|&t| t <= cap as u64), "{threads:?}");
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("4096 threads capped at {cap}")),
+        "{err}"
+    );
+}

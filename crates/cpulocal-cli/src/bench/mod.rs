@@ -206,15 +206,39 @@ pub struct Config {
     pub target_run: Duration,
     /// The quick version (for CI): fewer, shorter runs, smaller memory scenarios.
     pub quick: bool,
+    /// Thread counts of the command line that `--quick` lowered to [`quick_threads`].
+    pub capped: Vec<usize>,
+}
+
+/// The most threads a `--quick` run starts per row: 4 per online CPU (at least 8).
+/// Every run starts its threads anew and gives each at least a thousand operations, so
+/// thousands of threads would take minutes; `--quick` is for CI, which needs seconds.
+pub fn quick_threads() -> usize {
+    (4 * sys::online_cpus()).clamp(8, MAX_THREADS)
 }
 
 impl Config {
     /// The settings of the command line: `threads` defaults to [`default_threads`],
-    /// `group` to all; `quick` (for CI) cuts the runs and their length so the whole
-    /// bench takes well under a few seconds.
+    /// `group` to all; `quick` (for CI) cuts the runs and their length, and caps the
+    /// thread counts at [`quick_threads`] (listed in `capped`, and said in the
+    /// [`header`]), so the whole bench takes a few seconds whatever `threads` says.
     pub fn new(threads: Option<Vec<usize>>, quick: bool, group: Option<Group>) -> Config {
+        let mut threads = threads.unwrap_or_else(default_threads);
+        let mut capped = Vec::new();
+        if quick {
+            let cap = quick_threads();
+            capped = threads.iter().copied().filter(|&t| t > cap).collect();
+            let mut lowered = Vec::new();
+            for t in threads.iter().map(|&t| t.min(cap)) {
+                if !lowered.contains(&t) {
+                    lowered.push(t);
+                }
+            }
+            threads = lowered;
+        }
         Config {
-            threads: threads.unwrap_or_else(default_threads),
+            threads,
+            capped,
             groups: group.map_or_else(|| Group::ALL.to_vec(), |g| vec![g]),
             runs: if quick { 3 } else { 7 },
             target_run: if quick {
@@ -320,6 +344,14 @@ pub fn header(config: &Config) -> String {
     );
     if config.groups.iter().any(|g| g.uses_remote_scheme()) {
         header += &format!("\nremote scheme: {}", cpulocal::remote_scheme());
+    }
+    if !config.capped.is_empty() {
+        let list: Vec<String> = config.capped.iter().map(ToString::to_string).collect();
+        header += &format!(
+            "\n--quick: {} threads capped at {} (4 per online CPU, at least 8); measure them without --quick",
+            list.join(","),
+            quick_threads()
+        );
     }
     header
 }

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cpulocal::ring::RingBuffer;
 use cpulocal::{sys, Counter, Node, PerCpu, Stack};
@@ -330,8 +330,23 @@ impl Shared {
         }
         if let Some(s) = self.config.sleep {
             if i % s.every == s.every - 1 {
-                std::thread::sleep(s.duration);
+                self.sleep_unless_stopped(s.duration);
             }
+        }
+    }
+
+    /// Sleeps `duration` in slices of at most a millisecond, returning early once the
+    /// run is stopped: a run ends at its `--duration` whatever `--sleep-us` says.
+    fn sleep_unless_stopped(&self, duration: Duration) {
+        const SLICE: Duration = Duration::from_millis(1);
+        let end = Instant::now() + duration;
+        // Relaxed: a flag polled between slices.
+        while !self.stop.load(Ordering::Relaxed) {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(SLICE));
         }
     }
 
