@@ -146,8 +146,9 @@ fn lock_group_compares_with_cpu_with_global_and_per_cpu_mutexes() {
     let rows = quick_json_rows_of("lock");
     assert_eq!(row(&rows, "PerCpu::with_cpu")["ratio_to_cpulocal"], 1.0);
     row(&rows, "global_mutex");
+    row(&rows, "parking_lot_mutex");
     row(&rows, "percpu_mutex");
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The `lock` group: a short critical section per operation: `PerCpu::with_cpu` against
-//! a global `Mutex` and one `Mutex` per CPU.
+//! a global `Mutex` (std's and `parking_lot`'s) and one `Mutex` per CPU.
 //!
 //! One operation is a critical section that adds 1 to a `u64`: under the calling
 //! thread's `PerCpu` slot lock (a restartable compare-and-store to take it, a store to
@@ -59,6 +59,29 @@ pub(super) fn percpu_sum(slots: &PerCpu<u64>) -> u64 {
     sum
 }
 
+/// One global `parking_lot::Mutex<u64>`.
+#[derive(Default)]
+struct ParkingLotMutex {
+    value: parking_lot::Mutex<u64>,
+}
+
+impl Subject for ParkingLotMutex {
+    #[inline(never)]
+    fn work(&self, ops: u64) {
+        for _ in 0..ops {
+            *self.value.lock() += black_box(1);
+        }
+    }
+
+    fn reset(&mut self, _threads: usize, _ops: u64) {
+        *self.value.get_mut() = 0;
+    }
+
+    fn check(&mut self, expected: u64) -> Result<(), String> {
+        sum_check("the parking_lot mutex", *self.value.get_mut(), expected)
+    }
+}
+
 /// One cache-padded `Mutex<u64>` per possible CPU, picked with `current_cpu()`.
 struct PerCpuMutex {
     slots: Box<[CachePadded<Mutex<u64>>]>,
@@ -96,6 +119,7 @@ fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
             },
         ),
         Row::new("global_mutex", Locked::default()),
+        Row::new("parking_lot_mutex", ParkingLotMutex::default()),
         Row::new(
             "percpu_mutex",
             PerCpuMutex {
@@ -106,12 +130,16 @@ fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
 }
 
 /// What each row name stands for, for the legend under the table.
-const LEGEND: [(&str, &str); 3] = [
+const LEGEND: [(&str, &str); 4] = [
     (
         "PerCpu::with_cpu",
         "cpulocal::PerCpu<u64>::with_cpu(|v| *v += 1)",
     ),
     ("global_mutex", "one Mutex<u64>: lock, += 1"),
+    (
+        "parking_lot_mutex",
+        "one parking_lot::Mutex<u64>: lock, += 1",
+    ),
     (
         "percpu_mutex",
         "Mutex<u64> per CPU at current_cpu(): lock, += 1",
