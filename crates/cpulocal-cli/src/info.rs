@@ -31,13 +31,13 @@ pub struct Info {
     /// CPUs online now.
     pub online_cpus: usize,
     /// The calling thread's CPU.
-    pub cpu: u32,
+    pub cpu: usize,
     /// The calling thread's NUMA node.
     pub node: u32,
     /// Where `node` came from: `"rseq node_id"` or `"getcpu system call"`.
     pub node_source: &'static str,
     /// The calling thread's concurrency id.
-    pub mm_cid: u32,
+    pub mm_cid: usize,
     /// Where `mm_cid` came from: `"rseq mm_cid"` or `"current_cpu() (substitute)"`.
     pub mm_cid_source: &'static str,
     /// Whether the calling thread uses rseq.
@@ -324,7 +324,7 @@ mod tests {
         let info = Info::gather();
         assert_eq!(info.mechanism, cpulocal::mechanism().to_string());
         assert!(info.possible_cpus >= info.online_cpus);
-        assert!((info.cpu as usize) < info.possible_cpus);
+        assert!(info.cpu < info.possible_cpus);
         assert!(!info.node_id_filled || info.usable_size >= 24);
         assert!(!info.mm_cid_filled || info.node_id_filled);
         assert_eq!(

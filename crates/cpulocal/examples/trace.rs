@@ -101,7 +101,7 @@ fn record(ring: &RingBuffer, thread: u32, cpus: &[usize]) {
             // Hop to another CPU than the reserving one: the commit becomes remote.
             let other = *cpus.iter().find(|&&c| c != r.cpu()).expect("two CPUs");
             run_on(&[other]);
-            committed_from = cpulocal::current_cpu();
+            committed_from = cpulocal::current_cpu() as u32;
         }
         let payload = r.payload_mut();
         payload[0..4].copy_from_slice(&thread.to_le_bytes());
@@ -131,7 +131,7 @@ fn main() {
         let consumer = s.spawn(|| {
             let mut events = Vec::new();
             let drain = |events: &mut Vec<Event>| {
-                for cpu in 0..ring.cpus() {
+                for cpu in 0..ring.slots() {
                     ring.consume(cpu, |rec| {
                         let ts = rec.timestamp.expect("the ring keeps timestamps");
                         events.push(Event::parse(rec.cpu, ts, rec.data));
@@ -145,7 +145,7 @@ fn main() {
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
             // The producers are done: hand over the partly filled sub-buffers too.
-            for cpu in 0..ring.cpus() {
+            for cpu in 0..ring.slots() {
                 ring.flush(cpu).expect("cpu < cpus");
             }
             drain(&mut events);
@@ -211,7 +211,7 @@ fn main() {
         hops,
         stats.discarded,
         stats.abandoned,
-        ring.cpus(),
+        ring.slots(),
         cpulocal::mechanism(),
         started.elapsed()
     );

@@ -249,7 +249,7 @@ impl Counter {
     /// The update without a sequence: an atomic add to the current CPU's `remote`.
     fn add_slow(&self, n: u64) {
         let base = self.base_or_alloc().as_ptr();
-        let cpu = cpu::current_cpu() as usize % pool::ranges();
+        let cpu = cpu::current_cpu() % pool::ranges();
         // SAFETY: `base` is ours and non-null, `cpu < ranges`; atomics only.
         let slot = unsafe { &*Self::slot_at(base, cpu) };
         // Relaxed: a counter orders nothing; `sum` is exact once writers are joined.

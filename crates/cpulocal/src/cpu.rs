@@ -38,13 +38,13 @@ pub(crate) fn cpu_id_start(rseq: core::ptr::NonNull<crate::abi::Rseq>) -> u32 {
 ///
 /// ```
 /// let cpu = cpulocal::current_cpu();
-/// assert!((cpu as usize) < cpulocal::possible_cpus());
+/// assert!(cpu < cpulocal::possible_cpus());
 /// ```
 #[inline]
-pub fn current_cpu() -> u32 {
+pub fn current_cpu() -> usize {
     match thread::current() {
-        Some(rseq) => cpu_id_start(rseq),
-        None => fallback_cpu(),
+        Some(rseq) => cpu_id_start(rseq) as usize,
+        None => fallback_cpu() as usize,
     }
 }
 
@@ -85,15 +85,15 @@ pub fn current_node() -> u32 {
 ///
 /// ```
 /// let cid = cpulocal::current_mm_cid();
-/// assert!((cid as usize) < cpulocal::possible_cpus());
+/// assert!(cid < cpulocal::possible_cpus());
 /// ```
 #[inline]
-pub fn current_mm_cid() -> u32 {
+pub fn current_mm_cid() -> usize {
     if let Some(rseq) = thread::current() {
         if thread::usable_size_now() >= abi::MM_CID_END {
             // SAFETY: `rseq` is the calling thread's live area, and the kernel fills
             // `mm_cid` (the usable size covers it).
-            return unsafe { load_u32(&raw const (*rseq.as_ptr()).mm_cid) };
+            return unsafe { load_u32(&raw const (*rseq.as_ptr()).mm_cid) } as usize;
         }
     }
     current_cpu()

@@ -5,7 +5,7 @@
 //!
 //! // Which CPU am I on? One load from the thread's `struct rseq`.
 //! let cpu = cpulocal::current_cpu();
-//! assert!((cpu as usize) < cpulocal::possible_cpus());
+//! assert!(cpu < cpulocal::possible_cpus());
 //!
 //! // A counter many threads bump without `lock`-prefixed instructions.
 //! let requests = Arc::new(cpulocal::Counter::new());

@@ -30,7 +30,9 @@
 //! for _attempt in 0..8 {
 //!     let cpu = cpulocal::current_cpu();
 //!     // SAFETY: every write to `words[cpu]` is made by a primitive that expects `cpu`.
-//!     match unsafe { ops::add(words[cpu as usize].as_ptr(), 5, cpu) } {
+//!     // (Primitives take the CPU as the kernel's `u32`, which they compare with
+//!     // `cpu_id_start`; the structures' APIs take `usize`, like `current_cpu()`.)
+//!     match unsafe { ops::add(words[cpu].as_ptr(), 5, cpu as u32) } {
 //!         Outcome::Committed(()) => {
 //!             committed = true;
 //!             break;

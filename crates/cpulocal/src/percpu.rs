@@ -311,7 +311,7 @@ impl<T> PerCpu<T> {
     /// # Safety
     ///
     /// `base` is this `PerCpu`'s non-null CPU-0 slot and `cpu` is below
-    /// [`len`](PerCpu::len).
+    /// [`slots`](PerCpu::slots).
     #[inline(always)]
     unsafe fn slot(&self, base: *mut Slot<T>, cpu: usize) -> &Slot<T> {
         // SAFETY: the caller's contract: a live slot of ours, which lives as long as
@@ -343,16 +343,13 @@ impl<T> PerCpu<T> {
         slot.lock.flag().store(true, Ordering::Release);
     }
 
-    /// The number of slots (the possible CPUs).
+    /// The number of slots (the possible CPUs): every CPU number below it is valid, and
+    /// [`current_cpu`](crate::current_cpu) is always below it. The same name as
+    /// [`Stack::slots`](crate::Stack::slots) and
+    /// [`RingBuffer::slots`](crate::ring::RingBuffer::slots).
     #[inline]
-    pub fn len(&self) -> usize {
+    pub fn slots(&self) -> usize {
         sys::possible_cpus()
-    }
-
-    /// Always false: there is at least one CPU.
-    #[inline]
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// How the calling thread's slot is picked.
@@ -378,7 +375,7 @@ impl<T> PerCpu<T> {
     /// let counts = cpulocal::PerCpu::new(|_| 0u64);
     /// let mut slot = counts.lock();
     /// *slot += 1;
-    /// assert!(slot.cpu() < counts.len());
+    /// assert!(slot.cpu() < counts.slots());
     /// ```
     #[inline]
     pub fn lock(&self) -> PerCpuGuard<'_, T> {
@@ -397,7 +394,7 @@ impl<T> PerCpu<T> {
                 unsafe { &self.slot(base, i).lock }
             }),
             Index::MmCid => {
-                let mut i = cpu::current_mm_cid() as usize;
+                let mut i = cpu::current_mm_cid();
                 if i >= slots {
                     i %= slots; // cannot happen: the kernel keeps mm_cids below the CPUs
                 }
@@ -430,7 +427,7 @@ impl<T> PerCpu<T> {
     #[inline]
     fn locks(&self) -> impl Iterator<Item = &CpuLock> + '_ {
         let base = self.base();
-        let n = if base.is_null() { 0 } else { self.len() };
+        let n = if base.is_null() { 0 } else { self.slots() };
         // SAFETY: `base` is non-null when `n > 0`, and `i < n = len`.
         (0..n).map(move |i| unsafe { &self.slot(base, i).lock })
     }
@@ -475,7 +472,7 @@ impl<T> PerCpu<T> {
     ///
     /// # Errors
     ///
-    /// [`InvalidCpu`] when `cpu` is not below [`len`](PerCpu::len).
+    /// [`InvalidCpu`] when `cpu` is not below [`slots`](PerCpu::slots).
     pub fn lock_cpu(&self, cpu: usize) -> Result<PerCpuGuard<'_, T>, InvalidCpu> {
         self.lock_chosen(cpu, "lock_cpu")
     }
@@ -486,7 +483,7 @@ impl<T> PerCpu<T> {
         cpu: usize,
         method: &'static str,
     ) -> Result<PerCpuGuard<'_, T>, InvalidCpu> {
-        let slots = self.len();
+        let slots = self.slots();
         if cpu >= slots {
             return Err(InvalidCpu { cpu, slots });
         }
@@ -516,19 +513,19 @@ impl<T> PerCpu<T> {
     ///
     /// # Errors
     ///
-    /// [`InvalidCpu`] when `cpu` is not below [`len`](PerCpu::len); `f` is not run.
+    /// [`InvalidCpu`] when `cpu` is not below [`slots`](PerCpu::slots); `f` is not run.
     ///
     /// ```
     /// let q = cpulocal::PerCpu::new(|_| Vec::<u32>::new());
     /// q.with_cpu(|v| v.push(1));
     /// // Drain every CPU's slot from this thread (e.g. after a cpuset shrink):
     /// let mut drained = Vec::new();
-    /// for cpu in 0..q.len() {
+    /// for cpu in 0..q.slots() {
     ///     q.on_cpu(cpu, |v| drained.append(v)).unwrap();
     /// }
     /// assert_eq!(drained, [1]);
-    /// let err = q.on_cpu(q.len(), |_| ()).unwrap_err();
-    /// assert_eq!(err.cpu, q.len());
+    /// let err = q.on_cpu(q.slots(), |_| ()).unwrap_err();
+    /// assert_eq!(err.cpu, q.slots());
     /// ```
     pub fn on_cpu<R>(&self, cpu: usize, f: impl FnOnce(&mut T) -> R) -> Result<R, InvalidCpu> {
         let mut guard = self.lock_chosen(cpu, "on_cpu")?;
@@ -555,7 +552,7 @@ impl<T> PerCpu<T> {
         if base.is_null() {
             return;
         }
-        for cpu in 0..self.len() {
+        for cpu in 0..self.slots() {
             // SAFETY: `cpu < len`.
             let slot = unsafe { self.slot(base, cpu) };
             // Acquire: pairs with the Release in `fill` (a hint; the lock orders the data).
@@ -571,7 +568,7 @@ impl<T> PerCpu<T> {
     /// `&mut self` proves nobody else holds one.
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> + '_ {
         let base = *self.slots.get_mut();
-        let n = if base.is_null() { 0 } else { self.len() };
+        let n = if base.is_null() { 0 } else { self.slots() };
         (0..n).filter_map(move |cpu| {
             // SAFETY: `base` is ours and non-null, `cpu < len`; `&mut self` is held for
             // the iterator's life and every `cpu` is visited once, so the `&mut T`s
@@ -590,7 +587,7 @@ impl<T> PerCpu<T> {
     /// `PerCpu`).
     pub fn into_vec(mut self) -> Vec<T> {
         let base = *self.slots.get_mut();
-        (0..self.len())
+        (0..self.slots())
             .map(|cpu| {
                 if base.is_null() {
                     return (self.init.expect("only lazy PerCpus have no slots"))();
@@ -617,7 +614,7 @@ impl<T> Drop for PerCpu<T> {
         let Some(base) = NonNull::new(*self.slots.get_mut()) else {
             return;
         };
-        for cpu in 0..self.len() {
+        for cpu in 0..self.slots() {
             // SAFETY: `base` is ours and non-null, `cpu < len`, `&mut self`.
             let slot = unsafe { self.slot(base.as_ptr(), cpu) };
             if slot.lock.flag().load(Ordering::Relaxed) {
@@ -634,6 +631,13 @@ impl<T> Drop for PerCpu<T> {
     }
 }
 
+/// ```
+/// let hist: cpulocal::PerCpu<[u64; 4]> = Default::default();
+/// hist.with_cpu(|h| h[1] += 1);
+/// let mut total = 0;
+/// hist.for_each(|_, h| total += h[1]);
+/// assert_eq!(total, 1);
+/// ```
 impl<T: Default> Default for PerCpu<T> {
     /// `PerCpu::new(|_| T::default())`.
     fn default() -> Self {
@@ -644,7 +648,7 @@ impl<T: Default> Default for PerCpu<T> {
 impl<T: fmt::Debug> fmt::Debug for PerCpu<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PerCpu")
-            .field("slots", &self.len())
+            .field("slots", &self.slots())
             .field("lazy", &self.init.is_some())
             .field("index", &self.index)
             .finish_non_exhaustive()

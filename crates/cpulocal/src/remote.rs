@@ -343,7 +343,7 @@ impl CpuLock {
         }
         let me = token();
         loop {
-            self.acquire_word(me, Some(cpu));
+            self.acquire_word(me, Some(cpu as usize));
             // Restart every sequence in flight on `cpu`: any that read the word as free
             // before our exchange either committed already or never will.
             if let Err(refused) = fence_sequences_on(cpu) {
@@ -366,7 +366,7 @@ impl CpuLock {
             }
             // A local compare-and-store committed before the fence: that thread owns the
             // lock now (it overwrote our token). Wait for its release, then try again.
-            self.wait_while_held(Some(cpu));
+            self.wait_while_held(Some(cpu as usize));
         }
     }
 
@@ -380,7 +380,7 @@ impl CpuLock {
 
     /// Compare-exchanges the word from 0 to `me`, waiting while it is held. `cpu`: the
     /// CPU whose slot this is (`None` for mm_cid slots).
-    fn acquire_word(&self, me: usize, cpu: Option<u32>) {
+    fn acquire_word(&self, me: usize, cpu: Option<usize>) {
         // Acquire: pairs with the Release store of the previous owner.
         while self
             .word
@@ -401,7 +401,7 @@ impl CpuLock {
             match lock.try_lock_local(rseq, cpu) {
                 Outcome::Committed(()) => Attempt::Done(cpu as usize),
                 Outcome::CompareFailed => {
-                    lock.wait_while_held(Some(cpu));
+                    lock.wait_while_held(Some(cpu as usize));
                     Attempt::Retry
                 }
                 Outcome::Aborted => Attempt::Aborted,
@@ -412,7 +412,7 @@ impl CpuLock {
         }
         // The slow path: no successful sequence needed. Slot `i` belongs to CPU `i`, so
         // the fence goes to the CPU whose sequences use the slot we lock.
-        let index = crate::cpu::current_cpu() as usize % slots;
+        let index = crate::cpu::current_cpu() % slots;
         lock_of(index).lock_remote(index as u32);
         index
     }
@@ -462,7 +462,7 @@ impl CpuLock {
     /// times, then sleeps until a release wakes it.
     #[cold]
     #[inline(never)]
-    pub(crate) fn wait_while_held(&self, cpu: Option<u32>) {
+    pub(crate) fn wait_while_held(&self, cpu: Option<usize>) {
         let holder_elsewhere = cpu != Some(crate::cpu::current_cpu());
         let spins = if holder_elsewhere { SPINS } else { 0 };
         for _ in 0..spins {

@@ -346,7 +346,7 @@ impl Drop for Mapping {
 /// ring.write(b"world").unwrap();
 ///
 /// let mut seen = Vec::new();
-/// for cpu in 0..ring.cpus() {
+/// for cpu in 0..ring.slots() {
 ///     ring.flush(cpu).unwrap(); // hand over the partly filled sub-buffer too
 ///     ring.consume(cpu, |rec| seen.push(rec.data.to_vec())).unwrap();
 /// }
@@ -471,8 +471,9 @@ impl RingBuffer {
         self.config
     }
 
-    /// The number of rings (the possible CPUs).
-    pub fn cpus(&self) -> usize {
+    /// The number of rings (the possible CPUs): every CPU number below it is valid. The
+    /// same name as [`PerCpu::slots`](crate::PerCpu::slots).
+    pub fn slots(&self) -> usize {
         self.rings.len()
     }
 
@@ -835,7 +836,7 @@ impl RingBuffer {
     ///
     /// # Errors
     ///
-    /// [`InvalidCpu`] when `cpu` is not below [`cpus`](RingBuffer::cpus).
+    /// [`InvalidCpu`] when `cpu` is not below [`slots`](RingBuffer::slots).
     ///
     /// ```
     /// use cpulocal::ring::{RingBuffer, RingConfig};
@@ -849,7 +850,7 @@ impl RingBuffer {
     ///     cpu
     /// };
     /// ring.write(b"x").unwrap(); // usually the same CPU; a migration only splits them
-    /// for cpu in 0..ring.cpus() {
+    /// for cpu in 0..ring.slots() {
     ///     ring.flush(cpu).unwrap();
     /// }
     /// let panicked = catch_unwind(AssertUnwindSafe(|| {
@@ -857,7 +858,7 @@ impl RingBuffer {
     /// }));
     /// assert!(panicked.is_err());
     /// let mut rest = 0;
-    /// for cpu in 0..ring.cpus() {
+    /// for cpu in 0..ring.slots() {
     ///     rest += ring.consume(cpu, |_| {}).unwrap();
     /// }
     /// assert_eq!(rest, 1); // the record after the one that panicked
@@ -944,7 +945,7 @@ impl RingBuffer {
     ///     });
     ///     while !ring.wait(Duration::from_secs(10)) {}
     /// });
-    /// let read: usize = (0..ring.cpus()).map(|cpu| ring.consume(cpu, |_| {}).unwrap()).sum();
+    /// let read: usize = (0..ring.slots()).map(|cpu| ring.consume(cpu, |_| {}).unwrap()).sum();
     /// assert!(read >= 2);
     /// ```
     pub fn wait(&self, timeout: Duration) -> bool {
@@ -1009,7 +1010,7 @@ impl RingBuffer {
     ///
     /// # Errors
     ///
-    /// [`InvalidCpu`] when `cpu` is not below [`cpus`](RingBuffer::cpus).
+    /// [`InvalidCpu`] when `cpu` is not below [`slots`](RingBuffer::slots).
     pub fn flush(&self, cpu: usize) -> Result<(), InvalidCpu> {
         let ring = self.ring(cpu)?;
         let sub = self.config.sub_buffer_size;
@@ -1084,7 +1085,7 @@ impl RingBuffer {
     /// })
     /// .unwrap();
     /// let mut got = Vec::new();
-    /// for cpu in 0..ring.cpus() {
+    /// for cpu in 0..ring.slots() {
     ///     ring.flush(cpu).unwrap();
     ///     ring.consume(cpu, |rec| got.push(rec.data.to_vec())).unwrap();
     /// }
@@ -1186,7 +1187,7 @@ impl Reservation<'_> {
     /// r.truncate(n);
     /// r.commit();
     /// let mut got = Vec::new();
-    /// for cpu in 0..ring.cpus() {
+    /// for cpu in 0..ring.slots() {
     ///     ring.flush(cpu).unwrap();
     ///     ring.consume(cpu, |rec| got.push(rec.data.to_vec())).unwrap();
     /// }

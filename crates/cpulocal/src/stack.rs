@@ -79,7 +79,15 @@ struct Slot {
     head: AtomicUsize,
 }
 
-/// Per-CPU LIFO lists of boxed [`Node`]s.
+/// Per-CPU LIFO lists, of values or of boxed [`Node`]s.
+///
+/// Two ways in and out: the nodes themselves ([`push`](Stack::push),
+/// [`pop`](Stack::pop), [`steal`](Stack::steal), [`pop_or_steal`](Stack::pop_or_steal)),
+/// for object caches that keep their objects in nodes and never allocate; and values
+/// ([`push_value`](Stack::push_value), [`pop_value`](Stack::pop_value),
+/// [`pop_or_steal_value`](Stack::pop_or_steal_value)), which box each value in a node
+/// on the way in and free the node on the way out. The short names go to the nodes
+/// because they are what a per-CPU cache is for: a value round trip allocates.
 ///
 /// [`push`](Stack::push) and [`pop`](Stack::pop) work on the calling thread's CPU's list
 /// with one restartable sequence each: a compare-and-store for push, and a
@@ -99,13 +107,11 @@ struct Slot {
 /// use cpulocal::{Node, Stack};
 /// let cache = Stack::new();
 /// cache.push(Node::new(1u32));
-/// cache.push(Node::new(2u32));
-/// // This CPU's list, unless the thread migrated in between: then another CPU has it.
+/// cache.push_value(2u32);
+/// // This CPU's list first, then the others' (the thread may have migrated in between).
 /// let mut got: Vec<u32> = Vec::new();
-/// for cpu in 0..cache.cpus() {
-///     while let Some(n) = cache.steal(cpu).unwrap() {
-///         got.push(n.into_inner());
-///     }
+/// while let Some(v) = cache.pop_or_steal_value() {
+///     got.push(v);
 /// }
 /// got.sort();
 /// assert_eq!(got, [1, 2]);
@@ -137,9 +143,59 @@ impl<T> Stack<T> {
         }
     }
 
-    /// The number of lists (the possible CPUs).
-    pub fn cpus(&self) -> usize {
+    /// The number of lists (the possible CPUs): every CPU number below it is valid.
+    pub fn slots(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Pushes `value` onto the calling thread's CPU's list, in a node allocated for it.
+    ///
+    /// ```
+    /// let stack = cpulocal::Stack::new();
+    /// stack.push_value("a");
+    /// assert_eq!(stack.pop_or_steal_value(), Some("a"));
+    /// ```
+    #[inline]
+    pub fn push_value(&self, value: T) {
+        self.push(Node::new(value));
+    }
+
+    /// Pops the most recently pushed value of the calling thread's CPU's list (freeing
+    /// its node); `None` when that list is empty (see
+    /// [`pop_or_steal_value`](Stack::pop_or_steal_value)).
+    #[inline]
+    pub fn pop_value(&self) -> Option<T> {
+        self.pop().map(Node::into_inner)
+    }
+
+    /// [`pop_or_steal`](Stack::pop_or_steal), for values (freeing the node).
+    pub fn pop_or_steal_value(&self) -> Option<T> {
+        self.pop_or_steal().map(Node::into_inner)
+    }
+
+    /// Pops from the calling thread's CPU's list, or, when it is empty, steals from the
+    /// other CPUs' lists in turn (the next CPU first): `None` only when every list was
+    /// empty as it was visited. The fallback a buffer pool wants: use the local cache,
+    /// and take from another CPU's before allocating. No CPU number, so no error.
+    ///
+    /// ```
+    /// use cpulocal::{Node, Stack};
+    /// let pool = Stack::new();
+    /// pool.push(Node::new(vec![0u8; 64]));
+    /// let buf = pool.pop_or_steal().unwrap_or_else(|| Node::new(vec![0u8; 64]));
+    /// assert_eq!(buf.len(), 64);
+    /// assert!(pool.pop_or_steal().is_none());
+    /// ```
+    pub fn pop_or_steal(&self) -> Option<Box<Node<T>>> {
+        if let Some(node) = self.pop() {
+            return Some(node);
+        }
+        let slots = self.slots();
+        let here = crate::cpu::current_cpu();
+        (1..=slots).find_map(|i| {
+            let cpu = (here + i) % slots;
+            self.steal(cpu).expect("cpu < slots")
+        })
     }
 
     /// Pushes `node` onto the calling thread's CPU's list.
@@ -194,7 +250,7 @@ impl<T> Stack<T> {
 
     /// Pops the most recently pushed node of the calling thread's CPU's list; `None`
     /// when that list is empty (other CPUs' lists may not be: see
-    /// [`steal`](Stack::steal)).
+    /// [`steal`](Stack::steal), [`pop_or_steal`](Stack::pop_or_steal)).
     #[inline]
     pub fn pop(&self) -> Option<Box<Node<T>>> {
         let popped = remote::on_current_cpu(self.slots.len(), |rseq, cpu| {
@@ -240,7 +296,7 @@ impl<T> Stack<T> {
     ///
     /// # Errors
     ///
-    /// [`InvalidCpu`] when `cpu` is not below [`cpus`](Stack::cpus).
+    /// [`InvalidCpu`] when `cpu` is not below [`slots`](Stack::slots).
     pub fn steal(&self, cpu: usize) -> Result<Option<Box<Node<T>>>, InvalidCpu> {
         let slot = self.slot(cpu)?;
         slot.lock.lock_remote(cpu as u32);
@@ -265,7 +321,7 @@ impl<T> Stack<T> {
     ///
     /// # Errors
     ///
-    /// [`InvalidCpu`] when `cpu` is not below [`cpus`](Stack::cpus).
+    /// [`InvalidCpu`] when `cpu` is not below [`slots`](Stack::slots).
     pub fn pop_all_on(&self, cpu: usize) -> Result<NodeList<T>, InvalidCpu> {
         let slot = self.slot(cpu)?;
         slot.lock.lock_remote(cpu as u32);

@@ -576,7 +576,7 @@ impl<W: Write> Writer<W> {
 
     /// Closes every CPU's sub-buffer being filled, so that its records can be read.
     fn flush_rings(&self) {
-        for cpu in 0..self.shared.ring.cpus() {
+        for cpu in 0..self.shared.ring.slots() {
             self.shared.ring.flush(cpu).expect("cpu below the rings");
         }
     }
@@ -587,7 +587,7 @@ impl<W: Write> Writer<W> {
         self.bytes.clear();
         self.batch.clear();
         let (bytes, batch) = (&mut self.bytes, &mut self.batch);
-        for cpu in 0..self.shared.ring.cpus() {
+        for cpu in 0..self.shared.ring.slots() {
             self.shared
                 .ring
                 .consume(cpu, |record| {

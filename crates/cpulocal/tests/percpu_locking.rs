@@ -69,7 +69,7 @@ fn nested_use_panics(index: Index, nested: Nested, name: &'static str) {
                 p.on_cpu(0, |_| n(p)).unwrap();
             }),
             ("lock_cpu", |p, n| {
-                let _g = p.lock_cpu(p.len() - 1).unwrap();
+                let _g = p.lock_cpu(p.slots() - 1).unwrap();
                 n(p);
             }),
             ("for_each", |p, n| {
@@ -88,7 +88,7 @@ fn nested_use_panics(index: Index, nested: Nested, name: &'static str) {
             );
             // The outer slot was released by the unwind.
             percpu.with_cpu(|v| *v += 1);
-            for cpu in 0..percpu.len() {
+            for cpu in 0..percpu.slots() {
                 percpu.on_cpu(cpu, |v| *v += 1).unwrap();
             }
         }
@@ -107,7 +107,7 @@ fn nested_on_cpu_of_the_current_cpu_panics_instead_of_hanging() {
     let _serial = serial();
     nested_use_panics(
         Index::Cpu,
-        |p| p.on_cpu(cpulocal::current_cpu() as usize, |v| *v).unwrap(),
+        |p| p.on_cpu(cpulocal::current_cpu(), |v| *v).unwrap(),
         "on_cpu(current_cpu())",
     );
 }
@@ -143,7 +143,7 @@ fn nesting_after_a_migration_panics_too() {
         // Now on another CPU: its slot is free, so without the check this would lock it
         // and return (and hang only when the thread did not migrate).
         set_affinity(0, &[cpus[1]]).unwrap();
-        assert_eq!(cpulocal::current_cpu() as usize, cpus[1]);
+        assert_eq!(cpulocal::current_cpu(), cpus[1]);
         let err = catch_unwind(AssertUnwindSafe(|| drop(percpu.lock())))
             .expect_err("a second slot of one PerCpu must panic after a migration too");
         assert!(message(&*err).contains("already holds a slot"));
@@ -161,7 +161,7 @@ fn different_percpus_nest() {
         let b = PerCpu::new(|_| 0u64);
         a.with_cpu(|x| {
             b.with_cpu(|y| *y += 1);
-            for cpu in 0..b.len() {
+            for cpu in 0..b.slots() {
                 b.on_cpu(cpu, |y| *y += 1).unwrap();
             }
             *x += 1;
@@ -178,7 +178,7 @@ fn different_percpus_nest() {
             b.for_each(|_, y| tb += *y);
         });
         assert_eq!(ta, 2);
-        assert_eq!(tb, (1 + b.len() as u64) * a.len() as u64);
+        assert_eq!(tb, (1 + b.slots() as u64) * a.slots() as u64);
     });
 }
 
@@ -217,7 +217,7 @@ fn a_panic_releases_the_slot_without_poisoning() {
             ("for_each", |p| {
                 p.for_each(|cpu, v| {
                     *v += 1;
-                    if cpu + 1 == p.len() {
+                    if cpu + 1 == p.slots() {
                         panic!("inside for_each")
                     }
                 })
@@ -228,7 +228,7 @@ fn a_panic_releases_the_slot_without_poisoning() {
             catch_unwind(AssertUnwindSafe(|| panicking(&percpu)))
                 .expect_err("the closure panicked");
             expected += if method == "for_each" {
-                percpu.len() as u64
+                percpu.slots() as u64
             } else {
                 1
             };
@@ -330,4 +330,50 @@ fn waiters_sleep_with_the_locked_scheme() {
 fn waiters_sleep_without_rseq() {
     let _serial = serial();
     in_fallback_child("waiters_sleep_without_rseq", assert_waiters_sleep);
+}
+
+/// One CPU number type and one name for the slot count across the structures: what
+/// `current_cpu()` returns is what `on_cpu`, `lock_cpu`, `steal` and `consume` take, and
+/// it is always below `slots()`.
+#[test]
+fn one_cpu_type_and_one_slot_count_everywhere() {
+    let _serial = serial();
+    let percpu: PerCpu<u64> = PerCpu::default();
+    let stack = cpulocal::Stack::<u32>::new();
+    let ring = cpulocal::ring::RingBuffer::new(cpulocal::ring::RingConfig::default()).unwrap();
+    assert_eq!(percpu.slots(), stack.slots());
+    assert_eq!(stack.slots(), ring.slots());
+    assert_eq!(ring.slots(), cpulocal::possible_cpus());
+    let cpu: usize = cpulocal::current_cpu();
+    assert!(cpu < percpu.slots());
+    percpu.on_cpu(cpu, |v| *v += 1).unwrap();
+    drop(percpu.lock_cpu(cpu).unwrap());
+    assert!(stack.steal(cpu).unwrap().is_none());
+    assert_eq!(ring.consume(cpu, |_| ()).unwrap(), 0);
+    let mid: usize = cpulocal::current_mm_cid();
+    assert!(mid < percpu.slots());
+}
+
+/// `Stack`'s value API, and `pop_or_steal` finding what another CPU's list holds.
+#[test]
+fn pop_or_steal_takes_from_other_cpus_when_the_local_list_is_empty() {
+    let _serial = serial();
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 {
+        println!("skipped: one allowed CPU");
+        return;
+    }
+    within_10s("pop_or_steal", move || {
+        let stack = cpulocal::Stack::new();
+        set_affinity(0, &[cpus[0]]).unwrap();
+        stack.push_value(String::from("made on the first CPU"));
+        set_affinity(0, &[cpus[1]]).unwrap();
+        assert_eq!(stack.pop_value(), None, "the second CPU's list is empty");
+        assert_eq!(
+            stack.pop_or_steal_value().as_deref(),
+            Some("made on the first CPU")
+        );
+        assert_eq!(stack.pop_or_steal_value(), None);
+        set_affinity(0, &cpus).unwrap();
+    });
 }

@@ -98,7 +98,7 @@ fn run(index: Index, workers: usize, duration: Duration) -> Report {
     HANDLED.store(0, Ordering::Relaxed);
     let mut report = Report {
         index,
-        slots: per_cpu.len(),
+        slots: per_cpu.slots(),
         ..Report::default()
     };
 
@@ -153,7 +153,7 @@ fn run(index: Index, workers: usize, duration: Duration) -> Report {
                     torn.fetch_add(1, Ordering::Relaxed);
                 }
                 updates += 1;
-                cpu = (cpu + 1) % per_cpu.len();
+                cpu = (cpu + 1) % per_cpu.slots();
             }
             updates
         });
@@ -285,7 +285,7 @@ fn per_cpu_is_exact_without_rseq() {
 fn on_cpu_and_lock_cpu_refuse_an_invalid_cpu() {
     for index in [Index::Cpu, Index::MmCid] {
         let per_cpu = PerCpu::with_index(index, |cpu| cpu);
-        let len = per_cpu.len();
+        let len = per_cpu.slots();
         assert_eq!(len, cpulocal::possible_cpus());
         assert_eq!(per_cpu.index(), index);
         let mut ran = false;

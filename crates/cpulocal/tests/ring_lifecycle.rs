@@ -51,7 +51,7 @@ fn config(mode: Mode) -> RingConfig {
 /// Every record of every ring, flushed first.
 fn drain(ring: &RingBuffer) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
-    for cpu in 0..ring.cpus() {
+    for cpu in 0..ring.slots() {
         ring.flush(cpu).expect("cpu < cpus");
         ring.consume(cpu, |rec| got.push(rec.data.to_vec()))
             .expect("cpu < cpus");
@@ -333,7 +333,7 @@ fn a_sleeping_consumer_is_woken_when_a_sub_buffer_fills() {
                 if ready {
                     rounds += 1;
                 }
-                for cpu in 0..ring.cpus() {
+                for cpu in 0..ring.slots() {
                     records += ring.consume(cpu, |_| {}).expect("cpu < cpus");
                 }
             }

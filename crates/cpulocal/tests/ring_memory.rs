@@ -32,7 +32,7 @@ fn untouched_rings_and_sub_buffers_cost_no_resident_memory() {
         ring.write(&[7; 100]).expect("room");
     }
     let after_writes = rss_kib();
-    let total_mib = ring.cpus() as u64 * 64;
+    let total_mib = ring.slots() as u64 * 64;
     println!(
         "{total_mib} MiB of rings: RSS +{} KiB after new, +{} KiB after 1000 writes",
         after_new.saturating_sub(before),

@@ -129,7 +129,7 @@ impl Checker {
 
     /// Reads every complete sub-buffer of every CPU; returns the records read.
     fn consume_all(&mut self, ring: &RingBuffer) -> usize {
-        (0..ring.cpus())
+        (0..ring.slots())
             .map(|cpu| {
                 ring.consume(cpu, |rec| self.check(rec))
                     .expect("cpu < cpus")
@@ -275,14 +275,14 @@ fn run(mode: Mode, producers: usize, per_producer: usize) -> Report {
             })
             .collect();
         let consumer = s.spawn(|| {
-            let mut checker = Checker::new(producers, per_producer, ring.cpus());
+            let mut checker = Checker::new(producers, per_producer, ring.slots());
             let mut pass = 0u64;
             // Relaxed: a stop request; the join synchronises.
             while producing.load(Ordering::Relaxed) {
                 pass += 1;
                 if pass.is_multiple_of(64) {
                     // A flush takes each CPU's lock remotely, racing the reserves.
-                    for cpu in 0..ring.cpus() {
+                    for cpu in 0..ring.slots() {
                         ring.flush(cpu).expect("cpu < cpus");
                     }
                 }
@@ -326,7 +326,7 @@ fn run(mode: Mode, producers: usize, per_producer: usize) -> Report {
 
     // Every producer is done: hand over the partial sub-buffers and read the rest.
     loop {
-        for cpu in 0..ring.cpus() {
+        for cpu in 0..ring.slots() {
             ring.flush(cpu).expect("cpu < cpus");
         }
         if checker.consume_all(&ring) == 0 {
@@ -507,7 +507,7 @@ fn ring_is_exact_without_rseq() {
 /// Reads every record of every CPU (after a flush), as payloads.
 fn drain(ring: &RingBuffer) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    for cpu in 0..ring.cpus() {
+    for cpu in 0..ring.slots() {
         ring.flush(cpu).expect("cpu < cpus");
         ring.consume(cpu, |rec| out.push(rec.data.to_vec()))
             .expect("cpu < cpus");

@@ -98,7 +98,7 @@ fn child(
     // SAFETY: raise only sends a signal to ourselves.
     unsafe { libc::raise(END) };
 
-    for cpu in 0..stack.cpus() {
+    for cpu in 0..stack.slots() {
         while let Ok(Some(_)) = stack.steal(cpu) {
             popped += 1;
         }

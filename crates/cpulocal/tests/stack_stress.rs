@@ -355,7 +355,7 @@ fn worker(shared: &Shared, phases: &Phases, w: usize, mut end: WorkerEnd) -> Wor
 fn thief(shared: &Shared, phases: &Phases) -> ThiefEnd {
     cpulocal::register_current_thread();
     phases.go.wait();
-    let cpus = shared.stack.cpus();
+    let cpus = shared.stack.slots();
     let mut end = ThiefEnd::default();
     let mut i = 0usize;
     // Relaxed: a stop request; the scope's join synchronises.
@@ -475,7 +475,7 @@ fn run(config: Config) -> Report {
 
     // The final drain: every CPU's list, from this thread.
     let mut drained = Vec::new();
-    for cpu in 0..shared.stack.cpus() {
+    for cpu in 0..shared.stack.slots() {
         let list = shared.stack.pop_all_on(cpu).expect("cpu < cpus");
         report.drained_at_end += shared.take_list(list, &mut drained);
     }
@@ -647,7 +647,7 @@ fn a_stack_whose_sequences_ignore_the_cpu_lock_loses_or_duplicates_nodes() {
 #[test]
 fn steal_and_pop_all_on_refuse_a_cpu_beyond_the_last() {
     let stack = Stack::<u8>::new();
-    let cpus = stack.cpus();
+    let cpus = stack.slots();
     assert_eq!(cpus, cpulocal::possible_cpus());
     let err = stack.steal(cpus).expect_err("steal(cpus)");
     assert_eq!((err.cpu, err.slots), (cpus, cpus));

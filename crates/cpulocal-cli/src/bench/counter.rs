@@ -108,7 +108,7 @@ impl PerCpuAtomic {
     #[inline(always)]
     fn fetch_add_loop(&self, ops: u64) {
         for _ in 0..ops {
-            self.slots[cpulocal::current_cpu() as usize].fetch_add(black_box(1), Ordering::Relaxed);
+            self.slots[cpulocal::current_cpu()].fetch_add(black_box(1), Ordering::Relaxed);
         }
     }
 
@@ -116,7 +116,7 @@ impl PerCpuAtomic {
     fn cas_loop(&self, ops: u64) {
         for _ in 0..ops {
             loop {
-                let slot = &self.slots[cpulocal::current_cpu() as usize];
+                let slot = &self.slots[cpulocal::current_cpu()];
                 let old = slot.load(Ordering::Relaxed);
                 let new = old.wrapping_add(black_box(1));
                 if slot
@@ -296,7 +296,7 @@ impl Subject for RseqAdd {
         for _ in 0..ops {
             let mut aborts = 0u32;
             loop {
-                let cpu = cpulocal::current_cpu();
+                let cpu = cpulocal::current_cpu() as u32;
                 let word = self.words[cpu as usize].as_ptr();
                 // SAFETY: (contract of `cpulocal::ops`) 1. `words[cpu]` is written only
                 // here, by `ops::add` naming `cpu`; 2. `check` reads the words

@@ -75,7 +75,7 @@ fn getcpu_syscall() -> u32 {
 fn rows(notes: &mut Vec<String>) -> Vec<Row> {
     let mut rows = vec![Row::cpulocal(
         "current_cpu",
-        CpuSource(cpulocal::current_cpu),
+        CpuSource(|| cpulocal::current_cpu() as u32),
     )];
     match sys::sched_getcpu() {
         Ok(_) => rows.push(Row::new("sched_getcpu", CpuSource(glibc_sched_getcpu))),

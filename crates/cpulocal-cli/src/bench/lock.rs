@@ -91,7 +91,7 @@ impl Subject for PerCpuMutex {
     #[inline(never)]
     fn work(&self, ops: u64) {
         for _ in 0..ops {
-            let slot = &self.slots[cpulocal::current_cpu() as usize % self.slots.len()];
+            let slot = &self.slots[cpulocal::current_cpu() % self.slots.len()];
             *slot.lock().expect("bench mutex poisoned") += black_box(1);
         }
     }

@@ -174,7 +174,7 @@ fn allowed_cpus() -> Vec<usize> {
     let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
     // SAFETY: `set` is a live cpu_set_t of `size` bytes; pid 0 is the calling thread.
     if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
-        return vec![cpulocal::current_cpu() as usize];
+        return vec![cpulocal::current_cpu()];
     }
     (0..libc::CPU_SETSIZE as usize)
         // SAFETY: `cpu` is below CPU_SETSIZE; `set` is live.

@@ -55,10 +55,10 @@ struct OnCpu {
 impl Subject for OnCpu {
     #[inline(never)]
     fn work(&self, ops: u64) {
-        let cpus = self.slots.len();
+        let cpus = self.slots.slots();
         let mut next = 0;
         for _ in 0..ops {
-            let cpu = next_other_cpu(&mut next, cpulocal::current_cpu() as usize, cpus);
+            let cpu = next_other_cpu(&mut next, cpulocal::current_cpu(), cpus);
             self.slots
                 .on_cpu(cpu, |v| *v += black_box(1))
                 .expect("cpu < len");
@@ -102,11 +102,11 @@ struct Steal {
 impl Subject for Steal {
     #[inline(never)]
     fn work(&self, ops: u64) {
-        let cpus = self.stack.cpus();
+        let cpus = self.stack.slots();
         let mut next = 0;
         let mut empty = 0;
         for _ in 0..ops {
-            let cpu = next_other_cpu(&mut next, cpulocal::current_cpu() as usize, cpus);
+            let cpu = next_other_cpu(&mut next, cpulocal::current_cpu(), cpus);
             match self.stack.steal(cpu).expect("cpu < cpus") {
                 Some(node) => self.stack.push(black_box(node)),
                 None => empty += 1,
@@ -120,7 +120,7 @@ impl Subject for Steal {
         let mut nodes = core::mem::take(self.spare.get_mut().expect("bench mutex poisoned"));
         self.stack.drain(&mut nodes);
         let per_cpu = (threads as u64).saturating_mul(ops).min(STEAL_PREFILL_MAX);
-        let cpus = self.stack.cpus();
+        let cpus = self.stack.slots();
         while (nodes.len() as u64) < per_cpu * cpus as u64 {
             nodes.push(Node::new(self.created));
             self.created += 1;

@@ -148,7 +148,7 @@ impl Subject for Ring {
             self.consumed.load(Ordering::Relaxed),
             self.bad.load(Ordering::Relaxed),
         );
-        for cpu in 0..self.ring.cpus() {
+        for cpu in 0..self.ring.slots() {
             self.ring.flush(cpu).expect("cpu < cpus");
             let (r, b) = self.consume(cpu);
             read += r;

@@ -69,11 +69,11 @@ impl Container for Stack<u64> {
 
     fn pop_elsewhere(&self) -> Option<Item> {
         Stack::pop(self)
-            .or_else(|| (0..self.cpus()).find_map(|cpu| self.steal(cpu).expect("cpu < cpus")))
+            .or_else(|| (0..self.slots()).find_map(|cpu| self.steal(cpu).expect("cpu < cpus")))
     }
 
     fn drain(&self, into: &mut Vec<Item>) {
-        for cpu in 0..self.cpus() {
+        for cpu in 0..self.slots() {
             into.extend(self.pop_all_on(cpu).expect("cpu < cpus"));
         }
     }
@@ -117,7 +117,7 @@ impl PerCpuMutexVec {
 
     #[inline(always)]
     fn mine(&self) -> &Mutex<Vec<Item>> {
-        &self.0[cpulocal::current_cpu() as usize % self.0.len()]
+        &self.0[cpulocal::current_cpu() % self.0.len()]
     }
 }
 

@@ -353,7 +353,7 @@ impl Shared {
     /// A CPU to reach remotely, preferably not the caller's.
     pub(super) fn victim(&self, rng: &mut Rng) -> usize {
         let i = rng.below(self.cpus.len());
-        if self.cpus.len() > 1 && self.cpus[i] == cpulocal::current_cpu() as usize {
+        if self.cpus.len() > 1 && self.cpus[i] == cpulocal::current_cpu() {
             self.cpus[(i + 1) % self.cpus.len()]
         } else {
             self.cpus[i]
@@ -362,7 +362,7 @@ impl Shared {
 
     pub(super) fn new_tally(&self) -> Tally {
         Tally {
-            lock_slots: vec![0; self.lock.as_ref().map_or(0, PerCpu::len)],
+            lock_slots: vec![0; self.lock.as_ref().map_or(0, PerCpu::slots)],
             // Relaxed: a unique id is all that is needed.
             writer: self.next_writer.fetch_add(1, Ordering::Relaxed),
             ..Tally::default()

@@ -68,7 +68,7 @@ pub(super) fn remote_op(shared: &Shared, victim: usize, t: &mut Tally) {
 pub(super) fn check(shared: &Shared, tallies: &[Tally]) -> Option<LockCheck> {
     let sum = |f: &dyn Fn(&Tally) -> u64| tallies.iter().map(f).sum::<u64>();
     let lock = shared.lock.as_ref().map(|lock| {
-        let mut expected = vec![0u64; lock.len()];
+        let mut expected = vec![0u64; lock.slots()];
         for t in tallies {
             for (e, n) in expected.iter_mut().zip(&t.lock_slots) {
                 *e += n;

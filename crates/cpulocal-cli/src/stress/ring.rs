@@ -198,7 +198,7 @@ pub(super) fn consumer(shared: Arc<Shared>) -> RingSeen {
         let last = shared.consumer_stop.load(Ordering::Acquire);
         if last || last_flush.elapsed() >= FLUSH_EVERY {
             let cpus: Vec<usize> = if last {
-                (0..ring.cpus()).collect()
+                (0..ring.slots()).collect()
             } else {
                 shared.cpus.clone()
             };
@@ -209,7 +209,7 @@ pub(super) fn consumer(shared: Arc<Shared>) -> RingSeen {
             last_flush = Instant::now();
         }
         let mut read = 0;
-        for cpu in 0..ring.cpus() {
+        for cpu in 0..ring.slots() {
             read += ring
                 .consume(cpu, |rec| {
                     // Relaxed: a writer takes its id before it reserves, and the record

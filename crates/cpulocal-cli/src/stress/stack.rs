@@ -209,7 +209,7 @@ pub(super) fn check(shared: &Shared, tallies: &[Tally]) -> Option<StackCheck> {
 fn drain_stack(stack: &Stack<Item>, nodes: usize, s: &mut StackCheck) {
     let mut times = vec![0u8; nodes];
     let mut kept = Vec::with_capacity(nodes);
-    for cpu in 0..stack.cpus() {
+    for cpu in 0..stack.slots() {
         let mut list = stack.pop_all_on(cpu).expect("cpu below the stack's CPUs");
         while let Some(node) = list.next() {
             match times.get_mut(node.id) {

@@ -77,7 +77,7 @@ fn a_signal_inside_a_sequence_restarts_it_and_the_retry_lands_once() {
                 let mut outcomes = Vec::with_capacity(64);
                 entering.store(true, Ordering::SeqCst);
                 while outcomes.len() < 64 {
-                    let cpu = crate::current_cpu();
+                    let cpu = crate::current_cpu() as u32;
                     // SAFETY: (1) `rseq` is this thread's area; (2) `slots[cpu]` is
                     // written only by this add naming `cpu`, and read atomically.
                     let outcome =

@@ -96,7 +96,7 @@ extern "C" fn use_a_stack(_: libc::c_int) {
         // the lists.
         let node = stack
             .pop()
-            .or_else(|| (0..stack.cpus()).find_map(|cpu| stack.steal(cpu).unwrap()));
+            .or_else(|| (0..stack.slots()).find_map(|cpu| stack.steal(cpu).unwrap()));
         if let Some(node) = node {
             stack.push(node);
         }
@@ -153,7 +153,7 @@ fn register_current_thread_decides_everything_a_handler_could_meet() {
         let until = Instant::now() + Duration::from_millis(200);
         while Instant::now() < until {
             stack.push(crate::Node::new(1u32));
-            for cpu in 0..stack.cpus() {
+            for cpu in 0..stack.slots() {
                 while stack.steal(cpu).unwrap().is_some() {}
             }
             percpu.with_cpu(|v| *v += 1);

@@ -50,7 +50,7 @@ fn a_refused_fence_releases_the_lock_and_frees_the_node() {
         let percpu = Arc::new(PerCpu::new(|_| 0u64));
         let stack = Arc::new(Stack::<Tracked>::new());
         let drops = Arc::new(AtomicUsize::new(0));
-        let slots = percpu.len();
+        let slots = percpu.slots();
 
         let sandboxed = {
             let (percpu, stack, drops) = (percpu.clone(), stack.clone(), drops.clone());

@@ -105,12 +105,12 @@ pub(crate) fn expected_mechanism() -> Mechanism {
 /// Whether `current_cpu()` agrees with glibc's `sched_getcpu()`. The thread can migrate
 /// between the two reads, so a reading counts only when the CPU is the same before and
 /// after; a few attempts are allowed.
-pub(crate) fn current_cpu_agrees_with_sched_getcpu() -> Result<u32, (u32, u32)> {
+pub(crate) fn current_cpu_agrees_with_sched_getcpu() -> Result<usize, (usize, usize)> {
     let mut last = (0, 0);
     for _ in 0..100 {
         let before = crate::current_cpu();
-        let Ok(theirs) = crate::sys::sched_getcpu() else {
-            return Err((before, u32::MAX));
+        let Ok(theirs) = crate::sys::sched_getcpu().map(|c| c as usize) else {
+            return Err((before, usize::MAX));
         };
         let after = crate::current_cpu();
         if before == theirs && theirs == after {

@@ -48,7 +48,7 @@ const BUF: usize = 64;
 /// Pins the calling thread to the CPU it runs on, so the primitives' expected CPU
 /// stays right (the thread is the only writer of its words anyway). Best effort.
 fn pin_to_current_cpu() {
-    let cpu = crate::current_cpu() as usize;
+    let cpu = crate::current_cpu();
     // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
     // SAFETY: `cpu` is below the possible CPUs, far below CPU_SETSIZE (1024).
@@ -60,7 +60,7 @@ fn pin_to_current_cpu() {
 /// Runs `op` until it does not abort (bounded), with the CPU read afresh each time.
 fn retry(aborts: &mut u64, mut op: impl FnMut(u32) -> Outcome<usize>) -> Outcome<usize> {
     for _ in 0..100_000 {
-        match op(crate::current_cpu()) {
+        match op(crate::current_cpu() as u32) {
             Outcome::Aborted => *aborts += 1,
             done => return done,
         }

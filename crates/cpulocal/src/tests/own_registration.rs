@@ -307,7 +307,7 @@ unsafe extern "C" fn late_key_destructor(probe: *mut libc::c_void) {
     let word = core::sync::atomic::AtomicUsize::new(0);
     // SAFETY: `word` is a local written only through this primitive.
     out.primitive_aborted =
-        unsafe { ops::add(word.as_ptr(), 1, crate::current_cpu()) } == Outcome::Aborted;
+        unsafe { ops::add(word.as_ptr(), 1, crate::current_cpu() as u32) } == Outcome::Aborted;
     out.cpu_agrees = current_cpu_agrees_with_sched_getcpu().is_ok();
     out.done = true;
 }

@@ -67,7 +67,7 @@ impl Slots {
     ) {
         let rseq = thread::current().expect("the tiny counters need rseq");
         loop {
-            let cpu = crate::current_cpu();
+            let cpu = crate::current_cpu() as u32;
             // SAFETY: (1) `rseq` is this thread's area; (2) the word of `cpu` is
             // written only by adds naming `cpu` (atomically only if `add` restarts).
             match unsafe {
