@@ -42,6 +42,9 @@ enum Command {
         quick: bool,
         #[arg(long, value_name = "NAME", help = bench::group_help())]
         group: Option<Group>,
+        /// Also draw the run as an SVG chart into FILE (ns/op per row, log scale).
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<std::path::PathBuf>,
     },
     /// Torture a structure (preemption, signals, migrations, thread churn) and check it
     /// exactly: exits 1 if anything was lost, duplicated or corrupted.
@@ -202,7 +205,12 @@ fn main() {
             json,
             quick,
             group,
-        } => run_bench(bench::Config::new(threads.map(|t| t.0), quick, group), json),
+            plot,
+        } => run_bench(
+            bench::Config::new(threads.map(|t| t.0), quick, group),
+            json,
+            plot.as_deref(),
+        ),
         Command::Stress(args) => run_stress(&args),
     }
 }
@@ -263,7 +271,7 @@ fn run_stress(args: &StressArgs) {
     std::process::exit(if report.passed { 0 } else { 1 });
 }
 
-fn run_bench(config: bench::Config, json: bool) {
+fn run_bench(config: bench::Config, json: bool, plot: Option<&std::path::Path>) {
     // Text goes to stdout; with --json, stdout carries the rows alone.
     let mut text: Box<dyn Write> = if json {
         Box::new(std::io::stderr())
@@ -316,4 +324,19 @@ fn run_bench(config: bench::Config, json: bool) {
         "measured in {:.1} s",
         started.elapsed().as_secs_f64()
     ));
+    if let Some(path) = plot {
+        let title = format!(
+            "cpulocal bench: {}; {} online CPUs; kernel {}",
+            cpulocal::mechanism(),
+            cpulocal::sys::online_cpus(),
+            cpulocal::sys::kernel_release()
+        );
+        match bench::plot(&results, &title, path) {
+            Ok(()) => written(writeln!(text, "plot: {}", path.display())),
+            Err(e) => {
+                let _ = writeln!(io::stderr(), "error: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
 }

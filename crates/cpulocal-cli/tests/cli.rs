@@ -417,3 +417,44 @@ fn quick_bench_caps_the_thread_counts_and_says_so() {
         "{err}"
     );
 }
+
+#[test]
+fn plot_draws_the_run_into_an_svg_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.svg");
+    let o = cpulocal(&[
+        "bench",
+        "--quick",
+        "--group",
+        "counter",
+        "--threads",
+        "1,2",
+        "--plot",
+        path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&format!("plot: {}", path.display())));
+    let svg = std::fs::read_to_string(&path).unwrap();
+    for text in [
+        "<svg",
+        "counter: Counter::add",
+        "counter: mutex",
+        "1 thread",
+        "2 threads",
+    ] {
+        assert!(svg.contains(text), "no {text:?} in the plot");
+    }
+
+    let o = cpulocal(&[
+        "bench",
+        "--quick",
+        "--group",
+        "counter",
+        "--threads",
+        "1",
+        "--plot",
+        "/nonexistent-dir/x.svg",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot draw"), "{}", stderr(&o));
+}

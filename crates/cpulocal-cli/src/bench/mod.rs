@@ -36,6 +36,7 @@ use cpulocal::sys;
 use serde::Serialize;
 
 use harness::{calibrate, checked_run, median, GroupDef};
+pub use plot::plot;
 
 mod harness;
 
@@ -44,6 +45,7 @@ mod cpu_number;
 mod ecosystem;
 mod lock;
 pub mod memory;
+mod plot;
 mod remote;
 mod ring;
 mod stack;
