@@ -41,8 +41,8 @@ pub enum Index {
 }
 
 /// A bare per-CPU lock: a [`PerCpu`] with nothing in its slots. Guard your own per-CPU
-/// data with it when it cannot live inside a `PerCpu` (seed 004: "if you can construct a
-/// per-cpu lock, that can be used to construct arbitrary logic").
+/// data with it when it cannot live inside a `PerCpu`: a per-CPU lock is enough to
+/// build any per-CPU logic.
 ///
 /// ```
 /// let lock = cpulocal::Lock::new(|_| ());
@@ -69,7 +69,7 @@ struct Slot<T> {
 ///
 /// [`with_cpu`](PerCpu::with_cpu) runs a closure on the calling thread's slot under
 /// that slot's lock; [`on_cpu`](PerCpu::on_cpu) on any chosen slot, from any thread,
-/// without touching the caller's affinity (the job `cpu_opv` was proposed for). The lock
+/// without touching the caller's affinity. The lock
 /// is taken with one restartable sequence when the thread is on the slot's CPU; see
 /// [`crate::remote`] for how a remote owner excludes those sequences.
 ///

@@ -1,6 +1,6 @@
 //! Operating on a chosen CPU's data: the per-CPU lock word, its local and remote
-//! acquisition, and the process-wide choice of scheme. This is the user-space answer to
-//! `cpu_opv`, the system call that was proposed for it and never merged.
+//! acquisition, and the process-wide choice of scheme: how a thread works on another
+//! CPU's data without moving there, with no help from the kernel beyond `membarrier`.
 //!
 //! # The lock word
 //!

@@ -1,6 +1,6 @@
 //! `RingBuffer`: per-CPU ring buffers for tracing, with a migration-safe commit.
 //!
-//! # The protocol (seed 004)
+//! # The protocol
 //!
 //! Each CPU has a ring of `sub_buffers` sub-buffers of `sub_buffer_size` bytes. Positions
 //! are byte counts that only grow; position `p` lives at `p % capacity`.
@@ -14,7 +14,7 @@
 //! - **Commit** adds the record's size to its sub-buffer's commit count, *on the ring of
 //!   the reserve* even if the thread migrated in between: with a restartable add to the
 //!   sub-buffer's `commit_local` when the thread is still on that CPU, otherwise with an
-//!   atomic add to its `commit_remote` (Peter Zijlstra's answer in seed 004). A `Release`
+//!   atomic add to its `commit_remote` (as proposed on the kernel list for rseq). A `Release`
 //!   fence before the add publishes the record's bytes.
 //! - The **consumer** sums both counts: a sub-buffer is complete when `commit_local +
 //!   commit_remote` reaches the bytes of every lap it has served, `(lap + 1) *
