@@ -300,6 +300,13 @@ impl<T> PerCpu<T> {
         (base, len)
     }
 
+    /// The address of slot `cpu` (taking the slots from the pool if needed), for tests.
+    #[cfg(test)]
+    pub(crate) fn slot_address(&self, cpu: usize) -> usize {
+        let (base, _) = self.base_and_len();
+        self.slot_at(base, cpu) as usize
+    }
+
     /// The slot of `cpu` given CPU 0's (pure arithmetic).
     #[inline(always)]
     fn slot_at(&self, base: *mut Slot<T>, cpu: usize) -> *mut Slot<T> {

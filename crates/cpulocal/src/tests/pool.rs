@@ -427,3 +427,64 @@ fn fork_children_keep_live_items_and_can_allocate() {
         "the children's adds stay in the children"
     );
 }
+
+/// Whether the page holding `p` is resident (`mincore`).
+fn resident(p: usize) -> bool {
+    let page = crate::sys::page_size();
+    let mut v = 0u8;
+    // SAFETY: the page-aligned address lies in a live pool mapping; `v` receives one byte
+    // for the one page asked about.
+    let r = unsafe { libc::mincore((p & !(page - 1)) as *mut libc::c_void, 1, &mut v) };
+    assert_eq!(r, 0, "mincore: {:?}", crate::sys::Errno::last());
+    v & 1 == 1
+}
+
+/// Pins the calling thread to `cpu`; false when the kernel refuses.
+fn pin_to(cpu: usize) -> bool {
+    // SAFETY: cpu_set_t is an array of integers: all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked by the caller's small numbers).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a live cpu_set_t; pid 0 is the calling thread.
+    unsafe { libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
+}
+
+/// A page of its own per CPU, so residency tells which CPUs wrote.
+#[repr(C, align(4096))]
+struct OwnPage([u8; 4096]);
+
+/// A thread pinned to one CPU populates that CPU's range only: the other CPUs' copies of
+/// its items stay unpopulated pages.
+#[test]
+fn cpus_that_never_use_a_per_cpu_cost_no_resident_memory() {
+    let _delay = delay_shared();
+    std::thread::spawn(|| {
+        if !pin_to(0) {
+            return; // a cpuset without CPU 0: nothing to show
+        }
+        let p: PerCpu<OwnPage> = PerCpu::new_lazy(|| OwnPage([0; 4096]));
+        p.with_cpu(|page| page.0[100] = 1);
+        assert!(resident(p.slot_address(0)), "CPU 0 wrote its slot");
+        for cpu in 1..crate::possible_cpus() {
+            assert!(
+                !resident(p.slot_address(cpu)),
+                "CPU {cpu}'s slot was populated"
+            );
+        }
+    })
+    .join()
+    .expect("pinned thread");
+}
+
+/// mm_cid indexing: one thread populates the range of one mm_cid at a time, whatever CPU
+/// it runs on.
+#[test]
+fn a_lazy_mm_cid_per_cpu_used_by_one_thread_populates_one_range() {
+    let _delay = delay_shared();
+    let p: PerCpu<OwnPage> = PerCpu::with_index_lazy(Index::MmCid, || OwnPage([0; 4096]));
+    p.with_cpu(|page| page.0[7] = 1);
+    let populated = (0..crate::possible_cpus())
+        .filter(|&cid| resident(p.slot_address(cid)))
+        .count();
+    assert_eq!(populated, 1);
+}
