@@ -111,7 +111,10 @@ fn run(index: Index, workers: usize, duration: Duration) -> Report {
                     cpulocal::register_current_thread();
                     // SAFETY: pthread_self has no preconditions.
                     let me = unsafe { libc::pthread_self() };
-                    pthreads.lock().expect("pthreads").push(me);
+                    pthreads
+                        .lock()
+                        .expect("pthreads")
+                        .push(me as std::os::unix::thread::RawPthread);
                     tids.lock().expect("tids").push(common::gettid());
                     registered.wait();
                     let mut updates = 0u64;
@@ -348,7 +351,10 @@ fn take_race(duration: Duration) {
                     cpulocal::register_current_thread();
                     // SAFETY: pthread_self has no preconditions.
                     let me = unsafe { libc::pthread_self() };
-                    pthreads.lock().expect("pthreads").push(me);
+                    pthreads
+                        .lock()
+                        .expect("pthreads")
+                        .push(me as std::os::unix::thread::RawPthread);
                     registered.wait();
                     let mut rng = Rng::new(w as u64 + 100);
                     let mut added = 0u64;

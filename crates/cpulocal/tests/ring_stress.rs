@@ -264,7 +264,10 @@ fn run(mode: Mode, producers: usize, per_producer: usize) -> Report {
                     cpulocal::register_current_thread();
                     // SAFETY: pthread_self has no preconditions.
                     let me = unsafe { libc::pthread_self() };
-                    pthreads.lock().expect("pthreads").push(me);
+                    pthreads
+                        .lock()
+                        .expect("pthreads")
+                        .push(me as std::os::unix::thread::RawPthread);
                     registered.wait();
                     let end = produce(ring, id, per_producer, deadline);
                     // Release: pairs with the Acquire poll of the main thread.

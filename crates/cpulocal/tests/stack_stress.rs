@@ -307,7 +307,7 @@ struct Phases {
     go: Barrier,
     /// Workers stopped; they wait here until the storm and the churn are over.
     done: Barrier,
-    pthreads: Mutex<Vec<libc::pthread_t>>,
+    pthreads: Mutex<Vec<std::os::unix::thread::RawPthread>>,
     tids: Arc<Mutex<Vec<libc::pid_t>>>,
 }
 
@@ -317,7 +317,11 @@ fn worker(shared: &Shared, phases: &Phases, w: usize, mut end: WorkerEnd) -> Wor
     cpulocal::register_current_thread();
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
-    phases.pthreads.lock().expect("pthreads").push(me);
+    phases
+        .pthreads
+        .lock()
+        .expect("pthreads")
+        .push(me as std::os::unix::thread::RawPthread);
     phases.tids.lock().expect("tids").push(common::gettid());
     phases.registered.wait();
     phases.go.wait();

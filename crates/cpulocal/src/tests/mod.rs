@@ -77,9 +77,21 @@ pub(crate) fn under_valgrind() -> bool {
     std::env::var_os("CPULOCAL_TEST_VALGRIND").is_some_and(|v| v == "1")
 }
 
+/// Whether the C library registers rseq for every thread: glibc ≥ 2.35 does (as on the
+/// test machines); musl, which the qemu guests' static test binaries use
+/// (`.ci/vm.sh`), has no `__rseq_*` symbols, so cpulocal registers its own area there.
+pub(crate) const LIBC_REGISTERS: bool = !cfg!(target_env = "musl");
+
+/// What `thread::glibc_rseq()` reports as the size when glibc registered nothing:
+/// `Some(0)`, or `None` where there are no glibc symbols at all (musl).
+pub(crate) fn glibc_size_when_unregistered() -> Option<u32> {
+    LIBC_REGISTERS.then_some(0)
+}
+
 /// The mechanism this process must have chosen, derived from the environment only:
-/// valgrind refuses rseq; `GLIBC_TUNABLES=glibc.pthread.rseq=0` makes glibc register
-/// nothing; otherwise glibc (≥ 2.35, as on the test machines) registered every thread.
+/// valgrind refuses rseq; `GLIBC_TUNABLES=glibc.pthread.rseq=0` (or musl) makes the C
+/// library register nothing; otherwise glibc (≥ 2.35, as on the test machines)
+/// registered every thread.
 pub(crate) fn expected_mechanism() -> Mechanism {
     if under_valgrind() {
         return Mechanism::Fallback(FallbackReason::Refused(Errno(libc::ENOSYS)));
@@ -87,8 +99,8 @@ pub(crate) fn expected_mechanism() -> Mechanism {
     if std::env::var("CPULOCAL_DISABLE_RSEQ").is_ok_and(|v| !v.is_empty() && v != "0") {
         return Mechanism::Fallback(FallbackReason::Disabled);
     }
-    let glibc_off =
-        std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.pthread.rseq=0"));
+    let glibc_off = !LIBC_REGISTERS
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.pthread.rseq=0"));
     let (registrar, registered) = if glibc_off {
         let own = crate::abi::ORIG_RSEQ_SIZE.max(crate::thread::feature_size());
         (Registrar::Own, own)

@@ -103,18 +103,20 @@ extern "C" fn raw_pthread_main(out: *mut libc::c_void) -> *mut libc::c_void {
 /// Runs `observe` on a thread made with `pthread_create` directly, not through std.
 pub(super) fn observe_on_raw_pthread() -> Seen {
     let mut out: Option<Seen> = None;
-    let mut tid: libc::pthread_t = 0;
+    let mut tid = core::mem::MaybeUninit::<libc::pthread_t>::uninit();
     // SAFETY: `tid` is a live out-parameter, default attributes, and `out` outlives the
     // thread: it is joined below before `out` is read or dropped.
     let r = unsafe {
         libc::pthread_create(
-            &mut tid,
+            tid.as_mut_ptr(),
             core::ptr::null(),
             raw_pthread_main,
             (&raw mut out).cast(),
         )
     };
     assert_eq!(r, 0, "pthread_create: {:?}", Errno(r));
+    // SAFETY: pthread_create succeeded, so it wrote `tid`.
+    let tid = unsafe { tid.assume_init() };
     // SAFETY: `tid` is a joinable thread created above, joined once.
     let r = unsafe { libc::pthread_join(tid, core::ptr::null_mut()) };
     assert_eq!(r, 0, "pthread_join: {:?}", Errno(r));

@@ -244,7 +244,8 @@ pub(crate) fn run_storm<T: Target>(target: &Arc<T>, storm: Storm) -> StormReport
             })
         })
         .collect();
-    let tids: Vec<libc::pthread_t> = workers.iter().map(|w| w.as_pthread_t()).collect();
+    let tids: Vec<std::os::unix::thread::RawPthread> =
+        workers.iter().map(|w| w.as_pthread_t()).collect();
 
     barrier.wait();
     test_hooks::set_delay_loops(storm.delay);
@@ -266,7 +267,7 @@ pub(crate) fn run_storm<T: Target>(target: &Arc<T>, storm: Storm) -> StormReport
                         break 'storm;
                     }
                     // SAFETY: every worker stays alive until the signaller is joined.
-                    if unsafe { libc::pthread_kill(tid, STORM) } == 0 {
+                    if unsafe { libc::pthread_kill(tid as libc::pthread_t, STORM) } == 0 {
                         sent += 1;
                     }
                     next += storm.signal_every;

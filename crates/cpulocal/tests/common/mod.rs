@@ -12,7 +12,7 @@
 //!   feature), and [`kernel_aborts`].
 #![allow(dead_code, reason = "each test binary uses a subset of the helpers")]
 
-use std::os::unix::thread::JoinHandleExt;
+use std::os::unix::thread::{JoinHandleExt, RawPthread};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -204,7 +204,7 @@ impl SignalStorm {
     /// Every thread of `targets` stays alive (not joined, not exited) until
     /// [`stop`](SignalStorm::stop) returns, and a handler for `signal` is installed.
     pub(crate) unsafe fn start(
-        targets: Vec<libc::pthread_t>,
+        targets: Vec<RawPthread>,
         signal: libc::c_int,
         every: Duration,
     ) -> SignalStorm {
@@ -222,7 +222,7 @@ impl SignalStorm {
                     }
                     // SAFETY: the caller keeps every target alive until `stop`
                     // has joined this thread.
-                    if unsafe { libc::pthread_kill(tid, signal) } == 0 {
+                    if unsafe { libc::pthread_kill(tid as libc::pthread_t, signal) } == 0 {
                         sent += 1;
                     }
                     std::thread::sleep(every);
@@ -238,8 +238,9 @@ impl SignalStorm {
     }
 }
 
-/// The pthread handles of `threads`, for a [`SignalStorm`].
-pub(crate) fn pthreads<T>(threads: &[JoinHandle<T>]) -> Vec<libc::pthread_t> {
+/// The pthread handles of `threads`, for a [`SignalStorm`]. Kept as std's integer
+/// `RawPthread` (musl's `libc::pthread_t` is a pointer, which is not `Send`).
+pub(crate) fn pthreads<T>(threads: &[JoinHandle<T>]) -> Vec<RawPthread> {
     threads.iter().map(|t| t.as_pthread_t()).collect()
 }
 
