@@ -20,6 +20,11 @@ pub struct Info {
     pub auxv: AuxvInfo,
     /// How many bytes of `struct rseq` the active mechanism keeps current (0: fallback).
     pub usable_size: u32,
+    /// How many bytes the registration in use registered (`None`: fallback).
+    pub registration_len: Option<u32>,
+    /// The kernel's rseq mode for that registration: `"legacy"` or `"V2"` (`None`:
+    /// fallback).
+    pub rseq_mode: Option<String>,
     /// Whether `node_id` is filled (the usable size reaches [`abi::NODE_ID_END`]).
     pub node_id_filled: bool,
     /// Whether `mm_cid` is filled (the usable size reaches [`abi::MM_CID_END`]).
@@ -133,6 +138,8 @@ impl Info {
                 rseq_align_raw: raw(abi::AT_RSEQ_ALIGN),
             },
             usable_size,
+            registration_len: thread::registration_len(),
+            rseq_mode: thread::rseq_mode().map(|m| m.to_string()),
             node_id_filled,
             mm_cid_filled,
             membarrier,
@@ -269,6 +276,14 @@ impl fmt::Display for Info {
             )
         )?;
         writeln!(f, "usable size          {} bytes", self.usable_size)?;
+        match (self.registration_len, &self.rseq_mode) {
+            (Some(len), Some(mode)) => writeln!(
+                f,
+                "rseq mode            {mode} ({len}-byte registration, feature size {})",
+                self.auxv.rseq_feature_size
+            )?,
+            _ => writeln!(f, "rseq mode            none (fallback)")?,
+        }
         writeln!(
             f,
             "node_id filled       {} (needs {} bytes)",
@@ -327,6 +342,12 @@ mod tests {
         assert!(info.cpu < info.possible_cpus);
         assert!(!info.node_id_filled || info.usable_size >= 24);
         assert!(!info.mm_cid_filled || info.node_id_filled);
+        assert_eq!(info.registration_len.is_some(), info.usable_size > 0);
+        assert_eq!(info.rseq_mode.is_some(), info.usable_size > 0);
+        // Legacy on this machine (glibc 2.36 registers 32 bytes on 6.18).
+        if info.auxv.rseq_feature_size <= 32 {
+            assert!(info.rseq_mode.as_deref().is_none_or(|m| m == "legacy"));
+        }
         assert_eq!(
             info.glibc.registered,
             info.glibc.rseq_size.is_some_and(|s| s > 0)

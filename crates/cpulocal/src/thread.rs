@@ -246,6 +246,74 @@ fn usable_size(registrar: Registrar) -> u32 {
     registered.min(feature_size())
 }
 
+/// How many bytes of `struct rseq` the mechanism's registrar registered with the kernel:
+/// glibc's reported size (2.35–2.40 register 32 bytes but report 20 or 32), or the length
+/// of cpulocal's own registration. `None` in the fallback. Decides the mechanism first,
+/// like [`mechanism`].
+pub fn registration_len() -> Option<u32> {
+    match mechanism() {
+        Mechanism::Rseq {
+            registrar: Registrar::Glibc,
+            ..
+        } => Some(match glibc_rseq().map_or(0, |g| g.size) {
+            0..=32 => abi::ORIG_RSEQ_SIZE,
+            n => n,
+        }),
+        Mechanism::Rseq {
+            registrar: Registrar::Own,
+            ..
+        } => Some(own_registration_len()),
+        Mechanism::Fallback(_) => None,
+    }
+}
+
+/// Which of the kernel's two rseq behaviours the registration in use gets (Linux 7.x,
+/// kernel docs "Optimized RSEQ V2"). cpulocal works in both: it never relies on the
+/// kernel rewriting a field, and never writes one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RseqMode {
+    /// The original behaviour: the ID fields are rewritten and `rseq_cs` checked on
+    /// every preemption, migration and signal. Every kernel before the V2 mode, and a
+    /// registration shorter than the feature size on the kernels that have it.
+    Legacy,
+    /// A registration at least as long as a feature size beyond the original 32 bytes
+    /// (33 on Debian's 7.x kernels): IDs rewritten only when they change, `rseq_cs`
+    /// checked only after the thread was scheduled out or signalled, and a write to a
+    /// kernel-owned field kills the process.
+    V2,
+}
+
+impl core::fmt::Display for RseqMode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            RseqMode::Legacy => "legacy",
+            RseqMode::V2 => "V2",
+        })
+    }
+}
+
+/// The kernel's rseq mode for the registration in use, derived from the feature size
+/// and the registration's length ([`registration_len`]); `None` in the fallback.
+///
+/// ```
+/// if let Some(mode) = cpulocal::thread::rseq_mode() {
+///     let len = cpulocal::thread::registration_len().unwrap();
+///     let v2 = cpulocal::thread::feature_size() > 32 && len >= cpulocal::thread::feature_size();
+///     assert_eq!(mode == cpulocal::thread::RseqMode::V2, v2);
+/// }
+/// ```
+pub fn rseq_mode() -> Option<RseqMode> {
+    let len = registration_len()?;
+    let feature_size = feature_size();
+    Some(
+        if feature_size > abi::ORIG_RSEQ_SIZE && len >= feature_size {
+            RseqMode::V2
+        } else {
+            RseqMode::Legacy
+        },
+    )
+}
+
 /// The process-wide decision; made by the first thread that uses cpulocal.
 static MECHANISM: OnceLock<Mechanism> = OnceLock::new();
 

@@ -99,10 +99,8 @@ fn a_signal_inside_a_sequence_restarts_it_and_the_retry_lands_once() {
         // Long enough for the worker to be deep inside the held sequence.
         std::thread::sleep(Duration::from_millis(20));
         // SAFETY: `tid` is the worker, alive until joined below.
-        assert_eq!(
-            unsafe { libc::pthread_kill(tid as libc::pthread_t, libc::SIGUSR1) },
-            0
-        );
+        let sent = unsafe { libc::pthread_kill(tid as libc::pthread_t, libc::SIGUSR1) };
+        assert_eq!(sent, 0);
         let released = wait_for(&done, Duration::from_secs(3));
         if !released {
             // Get the worker out before failing: no delay, and aborts until it commits.

@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# The VM lane: cpulocal's tests inside qemu guests that boot real kernels (x86_64 and
+# aarch64, Debian's 6.1, 6.12 and 7.x, PREEMPT_RT), with CPU hotplug and CPU sets where
+# possible != present != online. qemu-user has no rseq; these guests have the kernel's own.
+#
+#   bash .ci/vm.sh            the fast subset (what .ci/run runs): x86_64 and aarch64 on 6.1
+#   bash .ci/vm.sh --full     the whole matrix (kernels x vCPUs x flavours)
+#   bash .ci/vm.sh --only NAME[,NAME]   some guests of the matrix by name (see `--list`)
+#
+# On a fresh Debian 12 machine, as root: installs qemu (bookworm-backports), busybox-static
+# and cpio with a private apt configuration (the system's sources and architectures stay
+# as they are), downloads kernels with `apt-get download` (never installed), builds static
+# musl test binaries and the `cpulocal` binary for both architectures, packs one busybox
+# initramfs per architecture and boots each guest with TCG (`-accel tcg,thread=multi`;
+# this machine's /dev/kvm cannot run stock kernels). The guest's /init (.ci/vm-guest.sh)
+# runs the steps its kernel command line names and prints one result line on the
+# console; a guest that does not print it in time (timeout per boot) fails the lane.
+# Downloads and builds are cached in $CPULOCAL_VM_CACHE (default /var/cache/cpulocal-vm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+CACHE=${CPULOCAL_VM_CACHE:-/var/cache/cpulocal-vm}
+QEMU_NICE=${CPULOCAL_VM_NICE:-5}
+MODE=fast
+ONLY=""
+LIST=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --full) MODE=full ;;
+        --only) ONLY=$2; shift ;;
+        --list) LIST=1 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) echo "vm.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# The matrix: name arch kernel-series flavour smp(qemu) extra-kernel-args plan timeout-s.
+# kernel series: 6.1 (Debian 12: no mm_cid, feature size 20), 6.12 (bookworm-backports:
+# mm_cid), 7 (the newest 7.x in trixie-backports/sid: V2 rseq mode at the feature size).
+# Plans (what the guest runs, see .ci/vm-guest.sh): fast = the library's tests, the abort
+# path, info, every structure's stress, same-CPU preemption, hotplug under load;
+# full = fast + the integration tests and the CLI's tests; sets = CPU sets only.
+MATRIX_FAST="
+x86-6.1-8       x86_64  6.1   cloud-amd64 8,maxcpus=12  -              fast 900
+arm-6.1-8       aarch64 6.1   arm64       8             -              fast 900
+"
+MATRIX_FULL="
+x86-6.1-16      x86_64  6.1   cloud-amd64 16,maxcpus=32 -              full 1500
+x86-6.1-sets    x86_64  6.1   cloud-amd64 6,maxcpus=24  maxcpus=3      sets 600
+x86-6.1-poss    x86_64  6.1   cloud-amd64 4             possible_cpus=8 sets 600
+x86-6.12-16     x86_64  6.12  cloud-amd64 16,maxcpus=24 -              full 1500
+x86-7-32        x86_64  7     cloud-amd64 32,maxcpus=40 -              fast 1800
+x86-7-16        x86_64  7     cloud-amd64 16            -              full 1500
+x86-7rt-16      x86_64  7     rt-amd64    16            -              full 1500
+arm-6.1-16      aarch64 6.1   arm64       16            -              full 1500
+arm-6.12-8      aarch64 6.12  arm64       8             -              fast 900
+arm-7-16        aarch64 7     arm64       16            -              full 1500
+arm-7rt-8       aarch64 7     rt-arm64    8             -              fast 900
+"
+
+matrix() {
+    case "$MODE" in
+        fast) echo "$MATRIX_FAST" ;;
+        full) echo "$MATRIX_FAST"; echo "$MATRIX_FULL" ;;
+    esac | awk 'NF == 8' | if [ -n "$ONLY" ]; then
+        grep -E "^($(echo "$ONLY" | tr , '|'))[[:space:]]"
+    else
+        cat
+    fi
+}
+if [ -n "$ONLY" ]; then MODE=full; fi
+if [ "$LIST" = 1 ]; then MODE=full; matrix; exit 0; fi
+
+log() { echo "== vm: $*"; }
+started=$(date +%s)
+
+# ---------------------------------------------------------------- host packages
+APT_HOST="$CACHE/apt/host"
+APT_DL="$CACHE/apt/dl"
+apt_host() {
+    apt-get -q -o Dir::Etc::SourceList="$APT_HOST/sources.list" \
+        -o Dir::Etc::SourceParts="$CACHE/apt/empty" -o APT::Sandbox::User=root -o Dir::State::Lists="$APT_HOST/lists" \
+        -o Dir::Cache="$APT_HOST/cache" "$@"
+}
+apt_dl() {
+    apt-get -q -o Dir::Etc::SourceList="$APT_DL/sources.list" \
+        -o Dir::Etc::SourceParts="$CACHE/apt/empty" -o APT::Sandbox::User=root -o Dir::State::Lists="$APT_DL/lists" \
+        -o Dir::Cache="$APT_DL/cache" -o Dir::Etc::Preferences=/nonexistent \
+        -o Dir::Etc::PreferencesParts="$CACHE/apt/empty" \
+        -o APT::Architectures::=amd64 -o APT::Architectures::=arm64 "$@"
+}
+apt_dl_cache() {
+    apt-cache -o Dir::Etc::SourceList="$APT_DL/sources.list" \
+        -o Dir::Etc::SourceParts="$CACHE/apt/empty" -o APT::Sandbox::User=root -o Dir::State::Lists="$APT_DL/lists" \
+        -o Dir::Cache="$APT_DL/cache" -o Dir::Etc::Preferences=/nonexistent \
+        -o Dir::Etc::PreferencesParts="$CACHE/apt/empty" \
+        -o APT::Architectures::=amd64 -o APT::Architectures::=arm64 "$@"
+}
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+MIRROR=http://deb.debian.org/debian
+
+install_host_tools() {
+    mkdir -p "$CACHE/apt/empty"
+    local missing=0
+    for tool in qemu-system-x86_64 qemu-system-aarch64 cpio; do
+        command -v "$tool" >/dev/null || missing=1
+    done
+    [ -x /bin/busybox ] && file_is_static /bin/busybox || missing=1
+    if [ "$missing" = 0 ]; then return; fi
+    log "installing qemu (bookworm-backports), busybox-static, cpio"
+    mkdir -p "$APT_HOST/lists/partial" "$APT_HOST/cache/archives/partial"
+    cat >"$APT_HOST/sources.list" <<EOF
+deb [signed-by=$KEYRING] $MIRROR bookworm main
+deb [signed-by=$KEYRING] $MIRROR bookworm-updates main
+deb [signed-by=$KEYRING] $MIRROR bookworm-backports main
+deb [signed-by=$KEYRING] http://deb.debian.org/debian-security bookworm-security main
+EOF
+    apt_host update >/dev/null
+    # bookworm's qemu 7.2 would remove a preinstalled qemu-utils from backports (10.x).
+    DEBIAN_FRONTEND=noninteractive apt_host install -y --no-install-recommends \
+        -t bookworm-backports qemu-system-x86 qemu-system-arm busybox-static cpio >/dev/null
+}
+
+file_is_static() {
+    # A static ELF has no PT_INTERP: no "/lib" loader path in its first bytes.
+    ! head -c 4096 "$1" | grep -qa 'ld-linux\|ld-musl'
+}
+
+update_download_index() {
+    mkdir -p "$APT_DL/lists/partial" "$APT_DL/cache/archives/partial"
+    cat >"$APT_DL/sources.list.new" <<EOF
+deb [arch=amd64,arm64 signed-by=$KEYRING] $MIRROR bookworm main
+deb [arch=amd64,arm64 signed-by=$KEYRING] $MIRROR bookworm-backports main
+deb [arch=amd64,arm64 signed-by=$KEYRING] $MIRROR trixie-backports main
+deb [arch=amd64,arm64 signed-by=$KEYRING] $MIRROR sid main
+EOF
+    mv "$APT_DL/sources.list.new" "$APT_DL/sources.list"
+    # Refreshed at most once a day: the kernels of a day stay the same.
+    if [ -z "$(find "$APT_DL/stamp" -mmin -1440 2>/dev/null)" ]; then
+        log "apt-get update (kernel and arm64 package indices, private configuration)"
+        apt_dl update >/dev/null
+        touch "$APT_DL/stamp"
+    fi
+}
+
+# The newest package of the series for a flavour; prints its name.
+kernel_package() {
+    local series=$1 flavour=$2 re
+    case "$series" in
+        6.1) re="^linux-image-6\.1\.0-[0-9]+-$flavour\$" ;;
+        6.12) re="^linux-image-6\.12\.[0-9]+\+deb1[23]-$flavour\$" ;;
+        7) re="^linux-image-7\.[0-9]+\.[0-9]+\+deb1[3-9]-$flavour\$" ;;
+        *) echo "unknown kernel series $series" >&2; return 1 ;;
+    esac
+    apt_dl_cache pkgnames linux-image- | grep -E "$re" | sort -V | tail -n 1
+}
+
+# Downloads and unpacks a kernel; prints the directory holding `kernel` and `config`.
+fetch_kernel() {
+    local arch=$1 series=$2 flavour=$3 debarch pkg dir
+    debarch=$([ "$arch" = x86_64 ] && echo amd64 || echo arm64)
+    pkg=$(kernel_package "$series" "$flavour")
+    if [ -z "$pkg" ]; then
+        echo "no kernel package for $series $flavour" >&2
+        return 1
+    fi
+    dir="$CACHE/kernels/$pkg"
+    if [ -s "$dir/kernel" ] && [ -s "$dir/config" ]; then
+        echo "$dir"
+        return
+    fi
+    log "downloading $pkg:$debarch" >&2
+    rm -rf "$dir" && mkdir -p "$dir/deb" "$dir/root"
+    (cd "$dir/deb" && apt_dl download "$pkg:$debarch" >/dev/null)
+    # From 7.x the image package is a shell: vmlinuz is in linux-binary-*, the config
+    # in linux-base-*.
+    local deps
+    deps=$(apt_dl_cache show "$pkg:$debarch" | sed -n 's/^Depends: //p' | head -n 1 |
+        tr ',' '\n' | sed -n 's/^ *\(linux-\(binary\|base\)-[^ ]*\).*/\1/p')
+    for dep in $deps; do
+        (cd "$dir/deb" && apt_dl download "$dep:$debarch" >/dev/null)
+    done
+    for deb in "$dir"/deb/*.deb; do dpkg-deb -x "$deb" "$dir/root"; done
+    local vmlinuz config
+    vmlinuz=$(find "$dir/root" -name 'vmlinuz-*' | head -n 1)
+    config=$(find "$dir/root" -name 'config-*' -path '*boot*' | head -n 1)
+    if [ -z "$vmlinuz" ] || [ -z "$config" ]; then
+        echo "$pkg: no vmlinuz or config in the packages" >&2
+        return 1
+    fi
+    cp "$config" "$dir/config"
+    if [ "$arch" = x86_64 ]; then
+        # An unpacked vmlinux (PVH entry) boots much faster under TCG than the bzImage,
+        # which would decompress itself in emulation.
+        extract_vmlinux "$vmlinuz" "$dir/kernel" || cp "$vmlinuz" "$dir/kernel"
+    else
+        # arm64: vmlinuz is a gzip-compressed Image.
+        if gzip -t "$vmlinuz" 2>/dev/null; then
+            gzip -dc "$vmlinuz" >"$dir/kernel"
+        else
+            cp "$vmlinuz" "$dir/kernel"
+        fi
+    fi
+    rm -rf "$dir/deb" "$dir/root"
+    echo "$dir"
+}
+
+# The ELF vmlinux inside a bzImage: the payload after the first compression magic that
+# decompresses to an ELF file.
+extract_vmlinux() {
+    local in=$1 out=$2 magic tool offset
+    for pair in '\xfd7zXZ\x00:xz' '\x28\xb5\x2f\xfd:zstd' '\x1f\x8b\x08:gzip' \
+        '\x02\x21\x4c\x18:lz4'; do
+        magic=${pair%:*}
+        tool=${pair##*:}
+        command -v "$tool" >/dev/null || continue
+        for offset in $(LC_ALL=C grep -obUaP "$magic" "$in" | head -n 4 | cut -d: -f1); do
+            tail -c "+$((offset + 1))" "$in" | "$tool" -dc 2>/dev/null >"$out.tmp" || true
+            if [ "$(head -c 4 "$out.tmp" | od -An -tx1 | tr -d ' ')" = 7f454c46 ]; then
+                mv "$out.tmp" "$out"
+                return 0
+            fi
+        done
+    done
+    rm -f "$out.tmp"
+    return 1
+}
+
+# busybox-static for the guest's architecture.
+guest_busybox() {
+    local arch=$1 dir
+    if [ "$arch" = x86_64 ]; then
+        echo /bin/busybox
+        return
+    fi
+    dir="$CACHE/busybox-arm64"
+    if [ ! -x "$dir/bin/busybox" ]; then
+        log "downloading busybox-static:arm64" >&2
+        rm -rf "$dir" && mkdir -p "$dir/deb"
+        (cd "$dir/deb" && apt_dl download busybox-static:arm64 >/dev/null)
+        dpkg-deb -x "$dir"/deb/*.deb "$dir"
+    fi
+    echo "$dir/bin/busybox"
+}
+
+# ---------------------------------------------------------------- builds
+export CARGO_TARGET_DIR="$CACHE/target"
+# Static binaries for the guests: small (no debug info, symbols kept for backtraces) and
+# optimised a little (TCG runs them 10-50x slower than the host would).
+export CARGO_PROFILE_DEV_DEBUG=false
+export CARGO_PROFILE_DEV_STRIP=debuginfo
+export CARGO_PROFILE_DEV_OPT_LEVEL=1
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
+
+# Builds every test binary and the CLI for a target; writes "<name> <path>" lines to
+# $CACHE/build/<arch>.list.
+build_for() {
+    local arch=$1 target="$1-unknown-linux-musl" list="$CACHE/build/$1.list"
+    mkdir -p "$CACHE/build"
+    if ! rustup target list --installed | grep -qx "$target"; then
+        rustup target add "$target"
+    fi
+    log "building the test binaries and cpulocal for $target"
+    local json="$CACHE/build/$arch.json"
+    nice -n 10 cargo test --workspace --all-features --no-run --target "$target" \
+        --message-format=json-render-diagnostics >"$json"
+    nice -n 10 cargo build -p cpulocal-cli --features test-hooks --target "$target"
+    # "<crate>-<target> <executable>" for every test harness ("<crate>-bin-<target>" for
+    # a binary's unit tests), from cargo's JSON messages.
+    sed -n 's/.*"package_id":"[^"]*\/\([^/#"]*\)#[^"]*".*"target":{"kind":\["\([a-z-]*\)"\][^}]*"name":"\([^"]*\)".*"profile":{[^}]*"test":true}.*"executable":"\([^"]*\)".*/\1 \2 \3 \4/p' \
+        "$json" | awk '{ print ($2 == "bin") ? $1 "-bin-" $3 : $1 "-" $3, $4 }' |
+        sort -u >"$list.tmp"
+    echo "cpulocal-bin $CARGO_TARGET_DIR/$target/debug/cpulocal" >>"$list.tmp"
+    mv "$list.tmp" "$list"
+}
+
+# Packs the initramfs of an architecture; prints its path.
+pack_initramfs() {
+    local arch=$1 root="$CACHE/initramfs/$arch" out="$CACHE/initramfs/$arch.cpio"
+    rm -rf "$root" && mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,tests,etc}
+    cp "$(guest_busybox "$arch")" "$root/bin/busybox"
+    cp .ci/vm-guest.sh "$root/init"
+    chmod 755 "$root/init"
+    local name path
+    while read -r name path; do
+        if [ "$name" = cpulocal-bin ]; then
+            cp "$path" "$root/bin/cpulocal"
+            # The CLI's tests run the binary from the path cargo compiled into them.
+            mkdir -p "$root$(dirname "$path")"
+            ln -f "$root/bin/cpulocal" "$root$path"
+        else
+            cp "$path" "$root/tests/$name"
+        fi
+    done <"$CACHE/build/$arch.list"
+    (cd "$root" && find . | cpio -o -H newc --quiet) >"$out"
+    rm -rf "$root"
+    echo "$out"
+}
+
+# ---------------------------------------------------------------- boots
+# Boots one guest; its console goes to $CACHE/logs/<name>.log. Returns non-zero unless
+# the guest printed a result line with no failed step.
+boot() {
+    local name=$1 arch=$2 series=$3 flavour=$4 smp=$5 extra=$6 plan=$7 limit=$8
+    local kdir initrd logf qemu console cpus mem
+    kdir=$(fetch_kernel "$arch" "$series" "$flavour")
+    initrd="$CACHE/initramfs/$arch.cpio"
+    logf="$CACHE/logs/$name.log"
+    mkdir -p "$CACHE/logs"
+    cpus=${smp%%,*}
+    mem=$((1024 + 64 * cpus))
+    [ "$extra" = - ] && extra=""
+    if [ "$arch" = x86_64 ]; then
+        qemu=(qemu-system-x86_64 -M q35 -cpu max)
+        console=ttyS0
+    else
+        # pauth-impdef: the architected pointer-authentication algorithm is slow in TCG.
+        qemu=(qemu-system-aarch64 -M virt,gic-version=3 -cpu max,pauth-impdef=on)
+        console=ttyAMA0
+    fi
+    log "boot $name: $arch $(basename "$kdir") -smp $smp ${extra:+($extra) }plan $plan, limit ${limit}s"
+    local t0 rc=0
+    t0=$(date +%s)
+    timeout -s KILL "$limit" nice -n "$QEMU_NICE" "${qemu[@]}" \
+        -accel tcg,thread=multi -smp "$smp" -m "$mem" \
+        -kernel "$kdir/kernel" -initrd "$initrd" \
+        -append "console=$console panic=-1 quiet loglevel=4 rdinit=/init $extra cpulocal.plan=$plan cpulocal.name=$name" \
+        -nographic -no-reboot -nodefaults -serial stdio -monitor none \
+        </dev/null >"$logf" 2>&1 || rc=$?
+    local secs=$(($(date +%s) - t0))
+    local result
+    result=$(grep -a '^CPULOCAL-VM-RESULT' "$logf" | tail -n 1 | tr -d '\r')
+    grep -a -E '^(=== VM-STEP-(OK|FAILED|SKIPPED)|CPULOCAL-VM-)' "$logf" | tr -d '\r' | sed "s/^/   [$name] /"
+    if [ -z "$result" ]; then
+        echo "   [$name] no result line (qemu exit $rc after ${secs}s: timeout or panic); last lines:"
+        tail -n 30 "$logf" | tr -d '\r' | sed "s/^/   [$name] | /"
+        return 1
+    fi
+    echo "   [$name] ${secs}s: $result"
+    case "$result" in
+        *" failed=0"*) return 0 ;;
+        *) tail -n 60 "$logf" | tr -d '\r' | sed "s/^/   [$name] | /"; return 1 ;;
+    esac
+}
+
+# ---------------------------------------------------------------- main
+if [ "$(id -u)" -ne 0 ]; then
+    echo "vm.sh: run as root (installs packages)" >&2
+    exit 2
+fi
+install_host_tools
+update_download_index
+guests=$(matrix)
+archs=$(echo "$guests" | awk '{print $2}' | sort -u)
+for arch in $archs; do
+    build_for "$arch"
+    log "initramfs for $arch: $(pack_initramfs "$arch")"
+done
+# Kernels first, so that a download failure shows before any boot.
+echo "$guests" | while read -r name arch series flavour rest; do
+    log "kernel for $name: $(fetch_kernel "$arch" "$series" "$flavour")"
+done
+
+failed=()
+while read -r name arch series flavour smp extra plan limit; do
+    boot "$name" "$arch" "$series" "$flavour" "$smp" "$extra" "$plan" "$limit" ||
+        failed+=("$name")
+done <<<"$guests"
+
+total=$(echo "$guests" | wc -l)
+log "$((total - ${#failed[@]})) passed, ${#failed[@]} failed (guests; $(($(date +%s) - started)) s)"
+if [ ${#failed[@]} -gt 0 ]; then
+    log "failed: ${failed[*]} (consoles in $CACHE/logs)"
+    exit 1
+fi
