@@ -17,6 +17,7 @@
 # console; a guest that does not print it in time (timeout per boot) fails the lane.
 # Downloads and builds are cached in $CPULOCAL_VM_CACHE (default /var/cache/cpulocal-vm).
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
@@ -125,7 +126,7 @@ EOF
 
 file_is_static() {
     # A static ELF has no PT_INTERP: no "/lib" loader path in its first bytes.
-    ! head -c 4096 "$1" | grep -qa 'ld-linux\|ld-musl'
+    ! grep -qa 'ld-linux\|ld-musl' <(head -c 4096 "$1")
 }
 
 update_download_index() {
@@ -177,15 +178,19 @@ fetch_kernel() {
     # From 7.x the image package is a shell: vmlinuz is in linux-binary-*, the config
     # in linux-base-*.
     local deps
-    deps=$(apt_dl_cache show "$pkg:$debarch" | sed -n 's/^Depends: //p' | head -n 1 |
+    deps=$(apt_dl_cache show "$pkg:$debarch" | sed -n 's/^Depends: //p' | sed -n 1p |
         tr ',' '\n' | sed -n 's/^ *\(linux-\(binary\|base\)-[^ ]*\).*/\1/p')
     for dep in $deps; do
         (cd "$dir/deb" && apt_dl download "$dep:$debarch" >/dev/null)
     done
-    for deb in "$dir"/deb/*.deb; do dpkg-deb -x "$deb" "$dir/root"; done
+    # /boot only: the modules are not needed (the guests load none).
+    for deb in "$dir"/deb/*.deb; do
+        dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$dir/root" --wildcards './boot/*' \
+            2>/dev/null || true
+    done
     local vmlinuz config
-    vmlinuz=$(find "$dir/root" -name 'vmlinuz-*' | head -n 1)
-    config=$(find "$dir/root" -name 'config-*' -path '*boot*' | head -n 1)
+    vmlinuz=$(find "$dir/root" -name 'vmlinuz-*' -print -quit)
+    config=$(find "$dir/root" -name 'config-*' -path '*boot*' -print -quit)
     if [ -z "$vmlinuz" ] || [ -z "$config" ]; then
         echo "$pkg: no vmlinuz or config in the packages" >&2
         return 1
@@ -216,7 +221,7 @@ extract_vmlinux() {
         magic=${pair%:*}
         tool=${pair##*:}
         command -v "$tool" >/dev/null || continue
-        for offset in $(LC_ALL=C grep -obUaP "$magic" "$in" | head -n 4 | cut -d: -f1); do
+        for offset in $(LC_ALL=C grep -obUaP -m 4 "$magic" "$in" | cut -d: -f1 || true); do
             tail -c "+$((offset + 1))" "$in" | "$tool" -dc 2>/dev/null >"$out.tmp" || true
             if [ "$(head -c 4 "$out.tmp" | od -An -tx1 | tr -d ' ')" = 7f454c46 ]; then
                 mv "$out.tmp" "$out"
@@ -236,13 +241,15 @@ guest_busybox() {
         return
     fi
     dir="$CACHE/busybox-arm64"
-    if [ ! -x "$dir/bin/busybox" ]; then
+    if [ ! -x "$dir/busybox" ]; then
         log "downloading busybox-static:arm64" >&2
-        rm -rf "$dir" && mkdir -p "$dir/deb"
+        rm -rf "$dir" && mkdir -p "$dir/deb" "$dir/root"
         (cd "$dir/deb" && apt_dl download busybox-static:arm64 >/dev/null)
-        dpkg-deb -x "$dir"/deb/*.deb "$dir"
+        dpkg-deb -x "$dir"/deb/*.deb "$dir/root"
+        cp "$(find "$dir/root" -type f -name busybox -path '*bin/*' -print -quit)" "$dir/busybox"
+        rm -rf "$dir/deb" "$dir/root"
     fi
-    echo "$dir/bin/busybox"
+    echo "$dir/busybox"
 }
 
 # ---------------------------------------------------------------- builds
@@ -263,8 +270,15 @@ build_for() {
         rustup target add "$target"
     fi
     log "building the test binaries and cpulocal for $target"
-    local json="$CACHE/build/$arch.json"
-    nice -n 10 cargo test --workspace --all-features --no-run --target "$target" \
+    local json="$CACHE/build/$arch.json" what
+    # The fast plan needs the library's unit tests and tests/hotplug.rs only; the full
+    # plan every test harness of the workspace.
+    if [ "$BUILD_ALL" = 1 ]; then
+        what=(--workspace)
+    else
+        what=(-p cpulocal --lib --test hotplug)
+    fi
+    nice -n 10 cargo test "${what[@]}" --all-features --no-run --target "$target" \
         --message-format=json-render-diagnostics >"$json"
     nice -n 10 cargo build -p cpulocal-cli --features test-hooks --target "$target"
     # "<crate>-<target> <executable>" for every test harness ("<crate>-bin-<target>" for
@@ -353,15 +367,18 @@ fi
 install_host_tools
 update_download_index
 guests=$(matrix)
+BUILD_ALL=$(echo "$guests" | awk '$7 == "full" { all = 1 } END { print all + 0 }')
 archs=$(echo "$guests" | awk '{print $2}' | sort -u)
 for arch in $archs; do
     build_for "$arch"
-    log "initramfs for $arch: $(pack_initramfs "$arch")"
+    initramfs=$(pack_initramfs "$arch")
+    log "initramfs for $arch: $initramfs ($(du -m "$initramfs" | cut -f1) MB)"
 done
 # Kernels first, so that a download failure shows before any boot.
-echo "$guests" | while read -r name arch series flavour rest; do
-    log "kernel for $name: $(fetch_kernel "$arch" "$series" "$flavour")"
-done
+while read -r name arch series flavour rest; do
+    kdir=$(fetch_kernel "$arch" "$series" "$flavour")
+    log "kernel for $name: $kdir"
+done <<<"$guests"
 
 failed=()
 while read -r name arch series flavour smp extra plan limit; do
