@@ -497,8 +497,33 @@ fn unregistration_key() -> Result<libc::pthread_key_t, Errno> {
     })
 }
 
-unsafe extern "C" fn unregister_own(area: *mut libc::c_void) {
-    let area = area.cast::<Rseq>();
+/// Set in the unregistration key's value once its destructor has deferred itself (the
+/// area is 64-byte aligned, so bit 0 of its address is free).
+const UNREGISTRATION_DEFERRED: usize = 1;
+
+/// The unregistration key's destructor. pthread-key destructors run in rounds, in key
+/// order within a round (glibc and musl alike), and a key created after ours — a C
+/// library's, or on musl std's own key, which runs every Rust `thread_local!` destructor
+/// (musl has no `__cxa_thread_atexit_impl`) — comes after ours. The load-time
+/// constructor registers the main thread early, so our key is usually the first. So the
+/// first call only re-arms the key, which asks for another round, and the unregistration
+/// runs then, after every destructor of the first round has used the area. (glibc runs
+/// Rust's `thread_local!` destructors before any key destructor; the extra round costs
+/// nothing there.)
+unsafe extern "C" fn unregister_own(value: *mut libc::c_void) {
+    if value.addr() & UNREGISTRATION_DEFERRED == 0 {
+        if let Ok(key) = unregistration_key() {
+            let deferred = value.map_addr(|a| a | UNREGISTRATION_DEFERRED);
+            // SAFETY: `key` is a live key; a value set from a destructor asks for one
+            // more round of destructors, which passes it back to this function.
+            if unsafe { libc::pthread_setspecific(key, deferred) } == 0 {
+                return;
+            }
+        }
+    }
+    let area = value
+        .map_addr(|a| a & !UNREGISTRATION_DEFERRED)
+        .cast::<Rseq>();
     AREA.set(UNAVAILABLE);
     // SAFETY: `area` is the area this thread registered with exactly this length and
     // signature (the length cannot change within a process).

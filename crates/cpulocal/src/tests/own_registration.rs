@@ -157,6 +157,62 @@ fn thread_local_destructor_can_still_count_at_thread_exit_with_own_registration(
     });
 }
 
+/// The destructor of a pthread key created after cpulocal's unregistration key (as a C
+/// library's, or musl's std's own key for `thread_local!` destructors, would be): adds 1
+/// and notes whether the thread was still registered.
+unsafe extern "C" fn add_from_a_later_key(value: *mut libc::c_void) {
+    // SAFETY: the value is the `Box<AddAtExit>` leaked by the thread that set it.
+    drop(unsafe { Box::from_raw(value.cast::<AddAtExit>()) });
+}
+
+/// Regression: the unregistration ran in the first round of pthread-key destructors, so a
+/// later key's destructor (on musl, every `thread_local!` destructor: the VM lane's
+/// guests found it) saw the area unregistered. Fails without the deferral in
+/// `thread::unregister_own`.
+#[test]
+fn a_later_pthread_keys_destructor_finds_the_area_registered_with_own_registration() {
+    let name =
+        test_name!(a_later_pthread_keys_destructor_finds_the_area_registered_with_own_registration);
+    in_child(name, glibc_registers_none(), || {
+        assert_eq!(crate::mechanism(), expected_mechanism());
+        // cpulocal's key exists (this thread is registered); this one comes after it.
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a live out-parameter; the destructor is a plain extern fn.
+        let r = unsafe { libc::pthread_key_create(&mut key, Some(add_from_a_later_key)) };
+        assert_eq!(r, 0);
+        const THREADS: u64 = 20;
+        let counter = Arc::new(Counter::new());
+        let tally = ExitTally::default();
+        for _ in 0..THREADS {
+            let (counter, tally) = (Arc::clone(&counter), tally.clone());
+            std::thread::spawn(move || {
+                counter.add(1);
+                let at_exit = Box::new(AddAtExit {
+                    counter,
+                    ran: tally.ran,
+                    registered: tally.registered,
+                });
+                // SAFETY: `key` is live; the destructor takes the box back.
+                let r = unsafe { libc::pthread_setspecific(key, Box::into_raw(at_exit).cast()) };
+                assert_eq!(r, 0);
+            })
+            .join()
+            .expect("thread");
+        }
+        assert_eq!(tally.ran.load(Ordering::SeqCst), THREADS);
+        assert_eq!(
+            counter.sum(),
+            2 * THREADS,
+            "every destructor's add is counted"
+        );
+        assert_eq!(
+            tally.registered.load(Ordering::SeqCst),
+            THREADS,
+            "the later key's destructors run before the unregistration"
+        );
+    });
+}
+
 #[test]
 fn threads_that_used_cpulocal_exit_cleanly_many_times() {
     in_child(
