@@ -292,7 +292,7 @@ build_for() {
 
 # Packs the initramfs of an architecture; prints its path.
 pack_initramfs() {
-    local arch=$1 root="$CACHE/initramfs/$arch" out="$CACHE/initramfs/$arch.cpio"
+    local arch=$1 root="$RUN/initramfs-$arch" out="$RUN/$arch.cpio"
     rm -rf "$root" && mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,tests,etc}
     cp "$(guest_busybox "$arch")" "$root/bin/busybox"
     cp .ci/vm-guest.sh "$root/init"
@@ -320,9 +320,8 @@ boot() {
     local name=$1 arch=$2 series=$3 flavour=$4 smp=$5 extra=$6 plan=$7 limit=$8
     local kdir initrd logf qemu console cpus mem
     kdir=$(fetch_kernel "$arch" "$series" "$flavour")
-    initrd="$CACHE/initramfs/$arch.cpio"
-    logf="$CACHE/logs/$name.log"
-    mkdir -p "$CACHE/logs"
+    initrd="$RUN/$arch.cpio"
+    logf="$RUN/$name.log"
     cpus=${smp%%,*}
     mem=$((1024 + 64 * cpus))
     [ "$extra" = - ] && extra=""
@@ -355,7 +354,12 @@ boot() {
     echo "   [$name] ${secs}s: $result"
     case "$result" in
         *" failed=0"*) return 0 ;;
-        *) tail -n 60 "$logf" | tr -d '\r' | sed "s/^/   [$name] | /"; return 1 ;;
+        *)
+            # The failing tests' own words, then the end of the console.
+            { grep -a -E -A3 'panicked at|^---- ' "$logf" || true; } | tr -d '\r' |
+                sed -n '1,80p' | sed "s/^/   [$name] ! /"
+            return 1
+            ;;
     esac
 }
 
@@ -364,6 +368,13 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "vm.sh: run as root (installs packages)" >&2
     exit 2
 fi
+mkdir -p "$CACHE"
+# Runs of this script may overlap (several worktrees' CI on one machine): the installs,
+# downloads and builds take a lock; each run packs and logs into its own directory.
+exec 9>"$CACHE/lock"
+flock 9
+find "$CACHE" -maxdepth 1 -name 'run.*' -mtime +1 -exec rm -rf {} +
+RUN=$(mktemp -d "$CACHE/run.XXXXXX")
 install_host_tools
 update_download_index
 guests=$(matrix)
@@ -380,15 +391,19 @@ while read -r name arch series flavour rest; do
     log "kernel for $name: $kdir"
 done <<<"$guests"
 
+flock -u 9
+log "consoles in $RUN"
+
 failed=()
 while read -r name arch series flavour smp extra plan limit; do
     boot "$name" "$arch" "$series" "$flavour" "$smp" "$extra" "$plan" "$limit" ||
         failed+=("$name")
 done <<<"$guests"
 
+rm -f "$RUN"/*.cpio
 total=$(echo "$guests" | wc -l)
 log "$((total - ${#failed[@]})) passed, ${#failed[@]} failed (guests; $(($(date +%s) - started)) s)"
 if [ ${#failed[@]} -gt 0 ]; then
-    log "failed: ${failed[*]} (consoles in $CACHE/logs)"
+    log "failed: ${failed[*]} (consoles in $RUN)"
     exit 1
 fi
