@@ -201,3 +201,51 @@ pub(crate) unsafe fn compare_memcpy_store_release(
     w.store(newv, Ordering::Release);
     Outcome::Committed(())
 }
+
+/// Fallback of [`crate::ops::slab_push`].
+///
+/// # Safety
+///
+/// As for [`crate::ops::slab_push`].
+pub(crate) unsafe fn slab_push(hdr: *mut usize, guard: *const usize, item: usize) -> Outcome {
+    let Some(_guard) = StripeGuard::lock(hdr) else {
+        return Outcome::Aborted;
+    };
+    // SAFETY: the caller's contract covers the header words and the guard.
+    let (current, end, lock) = unsafe { (word(hdr), word(hdr.add(1)), word(guard.cast_mut())) };
+    if lock.load(Ordering::Acquire) != 0 {
+        return Outcome::Aborted;
+    }
+    let cur = current.load(Ordering::Relaxed);
+    if cur >= end.load(Ordering::Relaxed) {
+        return Outcome::CompareFailed;
+    }
+    // SAFETY: `cur` is a free entry (below `end`), written only under this stripe.
+    unsafe { word(cur as *mut usize) }.store(item, Ordering::Relaxed);
+    current.store(cur + 8, Ordering::Release);
+    Outcome::Committed(())
+}
+
+/// Fallback of [`crate::ops::slab_pop`].
+///
+/// # Safety
+///
+/// As for [`crate::ops::slab_pop`].
+pub(crate) unsafe fn slab_pop(hdr: *mut usize, guard: *const usize) -> Outcome<usize> {
+    let Some(_guard) = StripeGuard::lock(hdr) else {
+        return Outcome::Aborted;
+    };
+    // SAFETY: the caller's contract covers the header words and the guard.
+    let (current, begin, lock) = unsafe { (word(hdr), word(hdr.add(2)), word(guard.cast_mut())) };
+    if lock.load(Ordering::Acquire) != 0 {
+        return Outcome::Aborted;
+    }
+    let cur = current.load(Ordering::Relaxed);
+    if cur <= begin.load(Ordering::Relaxed) {
+        return Outcome::CompareFailed;
+    }
+    // SAFETY: `cur - 8` is an entry holding an item, written only under this stripe.
+    let item = unsafe { word((cur - 8) as *mut usize) }.load(Ordering::Relaxed);
+    current.store(cur - 8, Ordering::Release);
+    Outcome::Committed(item)
+}

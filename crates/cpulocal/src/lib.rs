@@ -55,6 +55,7 @@
 //! | [`PerCpu`] | any `T` per CPU (or per mm_cid) behind a per-CPU lock: [`PerCpu::with_cpu`], and [`PerCpu::on_cpu`] for a chosen CPU |
 //! | [`Stack`] | per-CPU intrusive freelists / object caches, with [`Stack::steal`] |
 //! | [`ring::RingBuffer`] | per-CPU trace buffers with a migration-safe commit; consumers sleep in [`wait`](ring::RingBuffer::wait) |
+//! | [`alloc::CpuCache`] | a per-CPU caching `GlobalAlloc` in front of the system allocator |
 //! | [`ops`] | the raw restartable primitives, for experts |
 //! | [`pool`] | where per-CPU items live: packed per CPU, pages populated only where used |
 //! | [`mechanism`], [`remote_scheme`] | what this process runs on, and why |
@@ -130,6 +131,8 @@ compile_error!("cpulocal supports 64-bit targets only");
 // Internal layers: public for the CLI and the tests, hidden from the documentation.
 #[doc(hidden)]
 pub mod abi;
+// Public and documented: the allocator front-end.
+pub mod alloc;
 mod arch;
 mod cache_padded;
 mod counter;

@@ -13,6 +13,8 @@
 //! | [`pop`] | load, compare-not-equal, load at offset, store | the same, under the stripe lock |
 //! | [`compare_try_store_release`] | compare, try-store, store | the same, under the stripe lock |
 //! | [`compare_memcpy_store_release`] | compare, `memcpy`, store | the same, under the stripe lock |
+//! | [`slab_push`] | guard check, bound check, try-store, store | the same, under the stripe lock |
+//! | [`slab_pop`] | guard check, bound check, load, store | the same, under the stripe lock |
 //!
 //! Which column runs is decided once per process ([`crate::mechanism`]); callers never
 //! branch on it. Item 3 of the contract below is the one case where a primitive
@@ -166,5 +168,65 @@ pub unsafe fn compare_memcpy_store_release(
         },
         // SAFETY: the caller's contract.
         None => unsafe { fallback::compare_memcpy_store_release(v, expect, dst, src, len, newv) },
+    }
+}
+
+/// Per-CPU slab push on `cpu` (tcmalloc's layout): `hdr` is `{current, end, begin,
+/// guard}`; unless `guard` is non-zero ([`Outcome::Aborted`]) or `current == end`
+/// ([`Outcome::CompareFailed`], full), stores `item` at `current` and advances
+/// `current` by one word (the commit).
+///
+/// ```
+/// use cpulocal::ops::{self, Outcome};
+/// let mut entries = [0usize; 2];
+/// let begin = entries.as_mut_ptr() as usize;
+/// let mut hdr = [begin, begin + 16, begin, 0];
+/// let guard = &raw const hdr[3];
+/// let mut pushed = 0;
+/// for item in [7, 8, 9] {
+///     for _attempt in 0..8 {
+///         let cpu = cpulocal::current_cpu();
+///         // SAFETY: `hdr` and `entries` are ours, written only through these primitives.
+///         match unsafe { ops::slab_push(hdr.as_mut_ptr(), guard, item, cpu) } {
+///             Outcome::Committed(()) => { pushed += 1; break }
+///             Outcome::CompareFailed => break, // full
+///             Outcome::Aborted => continue,
+///         }
+///     }
+/// }
+/// // A single-stepping debugger could abort every attempt; otherwise two fit.
+/// assert!(pushed <= 2);
+/// ```
+///
+/// # Safety
+///
+/// The [contract](self#the-contract-every-primitive-shares) for `hdr[0]`, and: `hdr`
+/// points to four words, `guard` is readable, and the words `begin..end` are writable
+/// entries written only by these primitives on `cpu` (or under a lock that sets
+/// `guard` and excludes them).
+#[inline]
+pub unsafe fn slab_push(hdr: *mut usize, guard: *const usize, item: usize, cpu: u32) -> Outcome {
+    match thread::current() {
+        // SAFETY: `rseq` is this thread's area; the rest is the caller's contract.
+        Some(rseq) => unsafe { arch::slab_push(rseq.as_ptr(), guard, hdr, item, cpu) },
+        // SAFETY: the caller's contract.
+        None => unsafe { fallback::slab_push(hdr, guard, item) },
+    }
+}
+
+/// Per-CPU slab pop on `cpu`: unless `guard` is non-zero ([`Outcome::Aborted`]) or
+/// `current == begin` ([`Outcome::CompareFailed`], empty), moves `current` back one
+/// word (the commit) and returns the item stored there.
+///
+/// # Safety
+///
+/// As for [`slab_push`].
+#[inline]
+pub unsafe fn slab_pop(hdr: *mut usize, guard: *const usize, cpu: u32) -> Outcome<usize> {
+    match thread::current() {
+        // SAFETY: `rseq` is this thread's area; the rest is the caller's contract.
+        Some(rseq) => unsafe { arch::slab_pop(rseq.as_ptr(), guard, hdr, cpu) },
+        // SAFETY: the caller's contract.
+        None => unsafe { fallback::slab_pop(hdr, guard) },
     }
 }

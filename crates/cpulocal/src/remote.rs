@@ -159,7 +159,7 @@ fn decide() -> Scheme {
     if !matches!(thread::mechanism(), thread::Mechanism::Rseq { .. }) {
         return Scheme::Locked(LockedReason::NoRseq);
     }
-    if std::env::var_os("CPULOCAL_DISABLE_MEMBARRIER").is_some_and(|v| !v.is_empty() && v != "0") {
+    if sys::env_flag(c"CPULOCAL_DISABLE_MEMBARRIER") {
         return Scheme::Locked(LockedReason::Disabled);
     }
     match membarrier_rseq_available() {
@@ -523,7 +523,7 @@ impl CpuLock {
 /// remote owner can exclude that CPU's sequences. The caller must give the lock word
 /// back and then call [`FenceRefused::panic`]: continuing would silently break mutual
 /// exclusion, and unwinding with the word held would wedge the slot process-wide.
-fn fence_sequences_on(cpu: u32) -> Result<(), FenceRefused> {
+pub(crate) fn fence_sequences_on(cpu: u32) -> Result<(), FenceRefused> {
     let per_cpu = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, mb::CMD_FLAG_CPU, cpu as i32);
     if let Err(first) = per_cpu {
         if let Err(second) = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0) {
@@ -536,7 +536,7 @@ fn fence_sequences_on(cpu: u32) -> Result<(), FenceRefused> {
 /// The kernel refused the membarrier fence to this thread after the process registered
 /// for it.
 #[derive(Debug)]
-struct FenceRefused {
+pub(crate) struct FenceRefused {
     cpu: u32,
     first: Errno,
     second: Errno,

@@ -4,7 +4,6 @@
 //! never see a raw return code or `errno`.
 
 use core::fmt;
-use std::sync::OnceLock;
 
 use crate::abi;
 
@@ -257,19 +256,77 @@ pub fn cpu_list_count(list: &str) -> Option<usize> {
 
 /// The number of CPU ids the kernel may ever report (`/sys/.../cpu/possible`, the
 /// highest id plus one): the length of every per-CPU array. Read once per process.
+///
+/// Never allocates (the file is read into a buffer on the stack), so that a global
+/// allocator built on cpulocal ([`crate::alloc::CpuCache`]) can call it.
 pub fn possible_cpus() -> usize {
-    static POSSIBLE: OnceLock<usize> = OnceLock::new();
-    *POSSIBLE.get_or_init(|| {
-        std::fs::read_to_string("/sys/devices/system/cpu/possible")
-            .ok()
-            .and_then(|s| cpu_list_span(&s))
-            .unwrap_or_else(|| {
-                // SAFETY: sysconf has no preconditions.
-                let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-                n.max(1) as usize
-            })
-            .max(1)
-    })
+    use core::sync::atomic::{AtomicUsize, Ordering};
+    /// 0: not read yet. Racing first readers compute the same value.
+    static POSSIBLE: AtomicUsize = AtomicUsize::new(0);
+    // Relaxed: a plain value, the same whoever computed it.
+    match POSSIBLE.load(Ordering::Relaxed) {
+        0 => {
+            let mut buf = [0u8; 256];
+            let n = read_small_file(c"/sys/devices/system/cpu/possible", &mut buf)
+                .and_then(|text| cpu_list_span(text))
+                .unwrap_or_else(|| {
+                    // SAFETY: sysconf has no preconditions.
+                    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+                    n.max(1) as usize
+                })
+                .max(1);
+            POSSIBLE.store(n, Ordering::Relaxed);
+            n
+        }
+        n => n,
+    }
+}
+
+/// Reads a small text file into `buf` without allocating; `None` on any error, or when
+/// the file does not fit or is not UTF-8.
+fn read_small_file<'a>(path: &core::ffi::CStr, buf: &'a mut [u8]) -> Option<&'a str> {
+    // SAFETY: `path` is NUL-terminated; the flags ask for no file creation.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    let mut len = 0;
+    let ok = loop {
+        if len == buf.len() {
+            break false;
+        }
+        // SAFETY: `buf[len..]` is writable for `buf.len() - len` bytes; `fd` is open.
+        let r = unsafe { libc::read(fd, buf[len..].as_mut_ptr().cast(), buf.len() - len) };
+        match r {
+            0 => break true,
+            r if r > 0 => len += r as usize,
+            _ if Errno::last().0 == libc::EINTR => {}
+            _ => break false,
+        }
+    };
+    // SAFETY: `fd` is ours and open.
+    unsafe { libc::close(fd) };
+    if ok {
+        core::str::from_utf8(&buf[..len]).ok()
+    } else {
+        None
+    }
+}
+
+/// Whether the environment variable `name` is set to something other than empty or
+/// `0`. Never allocates (reads the environment with `getenv`), so registration can use
+/// it inside a global allocator.
+pub fn env_flag(name: &core::ffi::CStr) -> bool {
+    // SAFETY: `name` is NUL-terminated; getenv returns null or a NUL-terminated string
+    // that stays valid while nobody modifies the environment (cpulocal reads it only on
+    // its first use in the process, like `std::env::var_os` would).
+    let value = unsafe { libc::getenv(name.as_ptr()) };
+    if value.is_null() {
+        return false;
+    }
+    // SAFETY: non-null values from getenv are NUL-terminated strings.
+    let bytes = unsafe { core::ffi::CStr::from_ptr(value) }.to_bytes();
+    !bytes.is_empty() && bytes != b"0"
 }
 
 /// The number of CPUs online now (`/sys/.../cpu/online`).

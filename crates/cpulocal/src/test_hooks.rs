@@ -96,3 +96,19 @@ pub fn force_slow_paths(forced: bool) {
 pub(crate) fn slow_paths_forced() -> bool {
     SLOW_PATHS_FORCED.get()
 }
+
+static SLAB_POP_BROKEN: AtomicBool = AtomicBool::new(false);
+
+/// Breaks (`true`) or restores (`false`) the fast pop of
+/// [`CpuCache`](crate::alloc::CpuCache): while broken, it runs the pop's loads, the
+/// delay and its store with no critical section armed, so two threads preempted on one
+/// CPU can be handed the same block. The mutation the allocator stress test must catch.
+pub fn break_slab_pop(broken: bool) {
+    // Relaxed: a test switch, set before the workers start.
+    SLAB_POP_BROKEN.store(broken, Ordering::Relaxed);
+}
+
+#[inline(always)]
+pub(crate) fn slab_pop_broken() -> bool {
+    SLAB_POP_BROKEN.load(Ordering::Relaxed)
+}

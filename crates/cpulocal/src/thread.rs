@@ -410,7 +410,7 @@ fn decide() -> (Mechanism, Option<NonNull<Rseq>>) {
     if !arch::HAS_RSEQ {
         return (Mechanism::Fallback(FallbackReason::UnsupportedArch), None);
     }
-    if std::env::var_os("CPULOCAL_DISABLE_RSEQ").is_some_and(|v| !v.is_empty() && v != "0") {
+    if sys::env_flag(c"CPULOCAL_DISABLE_RSEQ") {
         return (Mechanism::Fallback(FallbackReason::Disabled), None);
     }
     if glibc_rseq().is_some_and(|g| g.size > 0) {

@@ -525,6 +525,255 @@ pub(crate) unsafe fn pop_guarded(
     Outcome::Committed(head)
 }
 
+/// Slab push: stores `item` in the next free slot of a per-CPU slab array and moves
+/// its `current` pointer on, unless the array is full or the CPU's slab is locked.
+///
+/// The slab header `hdr` is three words: `current` (address of the next free slot) at
+/// 0, `end` (one past the last slot) at 8, `begin` (the first slot) at 16.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *guard != 0: abort             load-acquire; the slab is locked (by a remote owner)
+/// cur = hdr->current
+/// if cur >= hdr->end: compare failed (full)
+/// *cur = item                       try-store: the slot is free, nobody reads it yet
+/// hdr->current = cur + 8            commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`add`] (for `hdr->current`), and: `guard` is readable; `hdr` is a slab
+/// header whose `begin..end` slots are writable and are read only by sequences on
+/// `cpu` (or under the guard, after the fence).
+#[inline(always)]
+pub(crate) unsafe fn slab_push(
+    rseq: *mut Rseq,
+    guard: *const usize,
+    hdr: *mut usize,
+    item: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `add`; the slot store is tentative: no sequence reads a slot at or
+    // above `current` before the commit moves `current` past it.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldar {tmp}, [{guard}]",
+            "cbnz {tmp}, {moved}",
+            "ldr {tmp}, [{hdr}]",
+            "ldr {val}, [{hdr}, #8]",
+            "cmp {tmp}, {val}",
+            "b.hs {fail}",
+            "str {item}, [{tmp}]",
+            "add {tmp}, {tmp}, #8",
+            "str {tmp}, [{hdr}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            guard = in(reg) guard,
+            hdr = in(reg) hdr,
+            item = in(reg) item,
+            tmp = out(reg) _,
+            val = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// Slab pop: takes the item below `current` of a per-CPU slab array, unless the array
+/// is empty or the CPU's slab is locked. Header layout as in [`slab_push`].
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *guard != 0: abort             load-acquire; the slab is locked (by a remote owner)
+/// cur = hdr->current
+/// if cur <= hdr->begin: compare failed (empty)
+/// item = *(cur - 8)                 load (into a local of the caller)
+/// hdr->current = cur - 8            commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`slab_push`].
+#[inline(always)]
+pub(crate) unsafe fn slab_pop(
+    rseq: *mut Rseq,
+    guard: *const usize,
+    hdr: *mut usize,
+    cpu: u32,
+) -> Outcome<usize> {
+    let mut item: usize = 0;
+    // SAFETY: as in `add`; the store before the commit goes to the local `item` only.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldar {tmp}, [{guard}]",
+            "cbnz {tmp}, {moved}",
+            "ldr {tmp}, [{hdr}]",
+            "ldr {val}, [{hdr}, #16]",
+            "cmp {tmp}, {val}",
+            "b.ls {fail}",
+            "ldr {val}, [{tmp}, #-8]",
+            "str {val}, [{out}]",
+            "sub {tmp}, {tmp}, #8",
+            "str {tmp}, [{hdr}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            guard = in(reg) guard,
+            hdr = in(reg) hdr,
+            out = in(reg) &mut item,
+            tmp = out(reg) _,
+            val = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(item)
+}
+
+/// Guarded buffer move: `if *guard == 0 && *v == expect { memcpy(dst, src, len); *v =
+/// newv }`, for moving a batch of slab slots in or out in one section.
+///
+/// ```text
+/// if rseq->cpu_id != cpu: abort
+/// if *guard != 0: abort             load-acquire; the slab is locked (by a remote owner)
+/// if *v != expect: compare failed
+/// memcpy(dst, src, len)             byte loop: tentative, restartable mid-copy
+/// *v = newv                         commit, release
+/// ```
+///
+/// # Safety
+///
+/// As for [`compare_memcpy_store_release`], and `guard` is readable.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn compare_memcpy_store_guarded(
+    rseq: *mut Rseq,
+    guard: *const usize,
+    v: *mut usize,
+    expect: usize,
+    dst: *mut u8,
+    src: *const u8,
+    len: usize,
+    newv: usize,
+    cpu: u32,
+) -> Outcome {
+    // SAFETY: as in `compare_memcpy_store_release`; the guard is only read.
+    unsafe {
+        asm!(
+            rseq_start!(),
+            "ldar {tmp}, [{guard}]",
+            "cbnz {tmp}, {moved}",
+            "ldr {tmp}, [{v}]",
+            "cmp {tmp}, {expect}",
+            "b.ne {fail}",
+            "cbz {len}, 10f",
+            "9:",
+            "ldrb {tmp:w}, [{src}], #1",
+            "strb {tmp:w}, [{dst}], #1",
+            "subs {len}, {len}, #1",
+            "b.ne 9b",
+            "10:",
+            "stlr {newv}, [{v}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            guard = in(reg) guard,
+            v = in(reg) v,
+            expect = in(reg) expect,
+            newv = in(reg) newv,
+            dst = inout(reg) dst => _,
+            src = inout(reg) src => _,
+            len = inout(reg) len => _,
+            tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// Test builds only: a deliberately *broken* slab pop — the loads, the delay and the
+/// store of [`slab_pop`] with no critical section armed, so two threads preempted on
+/// one CPU can take the same item. Exists so the allocator's stress test can show it
+/// catches a broken sequence.
+///
+/// # Safety
+///
+/// As for [`slab_pop`].
+#[cfg(any(test, feature = "__test-hooks"))]
+#[inline(always)]
+pub(crate) unsafe fn slab_pop_without_restart(
+    rseq: *mut Rseq,
+    guard: *const usize,
+    hdr: *mut usize,
+    cpu: u32,
+) -> Outcome<usize> {
+    let mut item: usize = 0;
+    // SAFETY: the same loads and stores as `slab_pop`; it is the atomicity that is
+    // missing, on purpose, and the callers are tests that detect double issues.
+    unsafe {
+        asm!(
+            "ldr {val:w}, [{rseq}, #4]",
+            "cmp {val:w}, {cpu:w}",
+            "b.ne {moved}",
+            "ldar {val}, [{guard}]",
+            "cbnz {val}, {moved}",
+            "ldr {val}, [{hdr}]",
+            "ldr {item}, [{hdr}, #16]",
+            "cmp {val}, {item}",
+            "b.ls {fail}",
+            "ldr {item}, [{val}, #-8]",
+            rseq_test_delay!(),
+            "str {item}, [{out}]",
+            "sub {val}, {val}, #8",
+            "str {val}, [{hdr}]",
+            rseq = in(reg) rseq,
+            cpu = in(reg) cpu,
+            guard = in(reg) guard,
+            hdr = in(reg) hdr,
+            out = in(reg) &mut item,
+            val = out(reg) _,
+            item = out(reg) _,
+            tmp = out(reg) _,
+            fail = label { return Outcome::CompareFailed; },
+            moved = label { return Outcome::Aborted; },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(item)
+}
+
 /// Test builds only: a deliberately *broken* add — load, delay, add, store, with no
 /// critical section armed, so a preemption or signal between the load and the store
 /// loses updates. Exists so the stress tests can show they catch a broken sequence.

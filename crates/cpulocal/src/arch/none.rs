@@ -32,4 +32,12 @@ unreachable_primitive! {
     compare_store_guarded(guard: *const usize, v: *mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome;
     pop_guarded(guard: *const usize, v: *mut usize, expect_not: usize, offset: isize, cpu: u32) -> Outcome<usize>;
     compare_memcpy_store_release(v: *mut usize, expect: usize, dst: *mut u8, src: *const u8, len: usize, newv: usize, cpu: u32) -> Outcome;
+    slab_push(guard: *const usize, hdr: *mut usize, item: usize, cpu: u32) -> Outcome;
+    slab_pop(guard: *const usize, hdr: *mut usize, cpu: u32) -> Outcome<usize>;
+    compare_memcpy_store_guarded(guard: *const usize, v: *mut usize, expect: usize, dst: *mut u8, src: *const u8, len: usize, newv: usize, cpu: u32) -> Outcome;
+}
+
+#[cfg(any(test, feature = "__test-hooks"))]
+unreachable_primitive! {
+    slab_pop_without_restart(guard: *const usize, hdr: *mut usize, cpu: u32) -> Outcome<usize>;
 }
