@@ -162,6 +162,12 @@ pub mod test_hooks;
 #[cfg(test)]
 mod tests;
 
+/// With the `__global-cpu-cache` feature the library's own tests allocate through
+/// [`alloc::CpuCache`].
+#[cfg(all(test, feature = "__global-cpu-cache"))]
+#[global_allocator]
+static TEST_GLOBAL: alloc::CpuCache = alloc::CpuCache::new();
+
 pub use cache_padded::CachePadded;
 pub use counter::Counter;
 pub use cpu::{current_cpu, current_mm_cid, current_node, possible_cpus};

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use cpulocal::alloc::CpuCache;
 
-#[global_allocator]
+/// The global allocator (with the `__global-cpu-cache` feature, `tests/common` declares
+/// an identical one, and this instance serves the direct calls only).
+#[cfg_attr(not(feature = "__global-cpu-cache"), global_allocator)]
 static GLOBAL: CpuCache = CpuCache::new();
 
 /// Allocation-heavy work with a checkable result: a map of strings, grown, read and

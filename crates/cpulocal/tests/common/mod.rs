@@ -19,6 +19,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// With the `__global-cpu-cache` feature every integration test binary allocates
+/// through `CpuCache` (then `alloc_global` uses its own instance beside it).
+#[cfg(feature = "__global-cpu-cache")]
+#[global_allocator]
+static GLOBAL_CPU_CACHE: cpulocal::alloc::CpuCache = cpulocal::alloc::CpuCache::new();
+
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Held by every test of a binary for its whole run (the parent of a child test too, so
