@@ -989,7 +989,7 @@ impl<A: GlobalAlloc> CpuCache<A> {
     }
 }
 
-// SAFETY (GlobalAlloc contract): a block handed out is either the backend's (large or
+// SAFETY: (the GlobalAlloc contract) a block handed out is either the backend's (large or
 // over-aligned requests, with the caller's layout) or a block of the request's class,
 // allocated by the backend with the class layout, whose size and alignment cover the
 // request; a cached block is in exactly one place (a slab entry below `current`, a

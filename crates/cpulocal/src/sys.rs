@@ -268,7 +268,7 @@ pub fn possible_cpus() -> usize {
         0 => {
             let mut buf = [0u8; 256];
             let n = read_small_file(c"/sys/devices/system/cpu/possible", &mut buf)
-                .and_then(|text| cpu_list_span(text))
+                .and_then(cpu_list_span)
                 .unwrap_or_else(|| {
                     // SAFETY: sysconf has no preconditions.
                     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };

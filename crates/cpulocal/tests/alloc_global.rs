@@ -130,7 +130,9 @@ fn zero_sized_and_over_aligned_layouts_are_served() {
     #[repr(align(128))]
     struct Padded(#[allow(dead_code)] u8);
     let boxes: Vec<Box<Padded>> = (0..100).map(|i| Box::new(Padded(i))).collect();
-    assert!(boxes.iter().all(|b| (&raw const **b) as usize % 128 == 0));
+    assert!(boxes
+        .iter()
+        .all(|b| ((&raw const **b) as usize).is_multiple_of(128)));
 }
 
 #[test]
