@@ -1,6 +1,6 @@
 //! Forward progress under a debugger: a child process single-stepped with
-//! `PTRACE_SINGLESTEP` through `Counter::add`, `Stack::push`/`pop` and
-//! `PerCpu::with_cpu` finishes with the right results.
+//! `PTRACE_SINGLESTEP` through `Counter::add`, `Stack::push`/`pop`,
+//! `PerCpu::with_cpu` and `CpuCache`'s `alloc`/`dealloc` finishes with the right results.
 //!
 //! Every single-step traps into the kernel and back, and the kernel aborts a critical
 //! section on every such return: without a slow path that needs no successful sequence,
@@ -8,7 +8,16 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::alloc::{GlobalAlloc, Layout};
+
+use cpulocal::alloc::CpuCache;
 use cpulocal::{Counter, Node, PerCpu, Stack};
+
+/// The blocks the child allocates from `CpuCache` (a 48-byte class).
+const BLOCK: Layout = match Layout::from_size_align(40, 8) {
+    Ok(l) => l,
+    Err(_) => panic!("a valid layout"),
+};
 
 /// The child stops itself with this signal when the region to single-step starts...
 const START: libc::c_int = libc::SIGSTOP;
@@ -38,6 +47,10 @@ fn operations_complete_when_single_stepped_through_their_sequences() {
     let nodes: Vec<Box<Node<u32>>> = (0..ROUNDS as u32).map(Node::new).collect();
     let per_cpu = PerCpu::new(|_| 0u64);
     per_cpu.with_cpu(|v| *v += 1);
+    // The allocator's region and this CPU's slab exist before the fork.
+    let cache = CpuCache::new();
+    // SAFETY: non-zero size, freed with the same layout.
+    unsafe { cache.dealloc(cache.alloc(BLOCK), BLOCK) };
     let mechanism = cpulocal::mechanism();
     let scheme = cpulocal::remote_scheme();
 
@@ -46,7 +59,7 @@ fn operations_complete_when_single_stepped_through_their_sequences() {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
-        child(counter, stack, nodes, per_cpu);
+        child(counter, stack, nodes, per_cpu, cache);
     }
 
     let reaper = KillOnDrop(pid);
@@ -75,6 +88,7 @@ fn child(
     stack: Stack<u32>,
     nodes: Vec<Box<Node<u32>>>,
     per_cpu: PerCpu<u64>,
+    cache: CpuCache,
 ) -> ! {
     // SAFETY: PTRACE_TRACEME takes no pointers; raise stops us until the tracer resumes.
     unsafe {
@@ -86,6 +100,21 @@ fn child(
         counter.add(2);
         stack.push(nodes.pop().expect("one node per round"));
         per_cpu.with_cpu(|v| *v += 1);
+    }
+    let mut blocks = [core::ptr::null_mut::<u8>(); ROUNDS];
+    for b in &mut blocks {
+        // SAFETY: non-zero size; freed below with the same layout.
+        *b = unsafe { cache.alloc(BLOCK) };
+        if !b.is_null() {
+            // SAFETY: a live block of BLOCK's size.
+            unsafe { b.write_bytes(0x5a, BLOCK.size()) };
+        }
+    }
+    let blocks_ok = blocks.iter().all(|b| !b.is_null())
+        && (1..ROUNDS).all(|i| !blocks[..i].contains(&blocks[i]));
+    for b in blocks.into_iter().filter(|b| !b.is_null()) {
+        // SAFETY: allocated above with BLOCK.
+        unsafe { cache.dealloc(b, BLOCK) };
     }
     let mut popped = 0;
     for _ in 0..ROUNDS {
@@ -111,6 +140,8 @@ fn child(
         2
     } else if per_cpu_total != 1 + ROUNDS as u64 {
         3
+    } else if !blocks_ok {
+        5
     } else if matches!(cpulocal::mechanism(), cpulocal::Mechanism::Rseq { .. })
         && counter.slow_path_sum() == 0
     {

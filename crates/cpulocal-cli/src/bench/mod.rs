@@ -40,6 +40,7 @@ pub use plot::plot;
 
 mod harness;
 
+mod alloc;
 mod counter;
 mod cpu_number;
 mod ecosystem;
@@ -68,6 +69,7 @@ impl Group {
         Group(&ring::GROUP),
         Group(&ecosystem::GROUP),
         Group(&memory::GROUP),
+        Group(&alloc::GROUP),
     ];
 
     /// The name used on the command line and in the output.
