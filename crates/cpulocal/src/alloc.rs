@@ -734,7 +734,7 @@ impl Region {
     }
 
     /// Blocks of each class cached on `cpu` and in the transfer cache (a snapshot).
-    fn cached(&self, class: usize) -> (usize, usize) {
+    pub(crate) fn cached(&self, class: usize) -> (usize, usize) {
         let mut on_cpus = 0;
         for cpu in 0..self.ranges as u32 {
             let slab = self.slab(cpu);

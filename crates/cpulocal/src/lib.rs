@@ -56,6 +56,7 @@
 //! | [`Stack`] | per-CPU intrusive freelists / object caches, with [`Stack::steal`] |
 //! | [`ring::RingBuffer`] | per-CPU trace buffers with a migration-safe commit; consumers sleep in [`wait`](ring::RingBuffer::wait) |
 //! | [`alloc::CpuCache`] | a per-CPU caching `GlobalAlloc` in front of the system allocator |
+//! | [`ObjectPool`] | reusable boxed objects (buffers): per-CPU caches, batches between CPUs |
 //! | [`ops`] | the raw restartable primitives, for experts |
 //! | [`pool`] | where per-CPU items live: packed per CPU, pages populated only where used |
 //! | [`mechanism`], [`remote_scheme`] | what this process runs on, and why |
@@ -141,6 +142,7 @@ mod fallback;
 pub mod guide;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+mod object_pool;
 pub mod ops;
 mod percpu;
 pub mod pool;
@@ -171,6 +173,7 @@ static TEST_GLOBAL: alloc::CpuCache = alloc::CpuCache::new();
 pub use cache_padded::CachePadded;
 pub use counter::Counter;
 pub use cpu::{current_cpu, current_mm_cid, current_node, possible_cpus};
+pub use object_pool::{ObjectPool, Pooled};
 pub use percpu::{Index, Lock, PerCpu, PerCpuGuard};
 pub use remote::{scheme as remote_scheme, InvalidCpu};
 pub use stack::{Node, NodeList, Stack};
