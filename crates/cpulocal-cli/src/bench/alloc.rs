@@ -233,7 +233,7 @@ impl<A: Allocator> Subject for ProdCons<A> {
         let role = self.next_role.fetch_add(1, Ordering::Relaxed);
         let pairs = self.threads / 2;
         if role / 2 < pairs {
-            if role % 2 == 0 {
+            if role.is_multiple_of(2) {
                 self.produce(role / 2, batches);
             } else {
                 self.consume(role / 2, batches);
