@@ -249,7 +249,7 @@ impl Region {
         let shift = end.next_power_of_two().max(4096).trailing_zeros();
         let ranges = sys::possible_cpus();
         let len = SLABS_OFFSET + (ranges << shift);
-        let base = sys::map_reserve(len).ok()?.cast::<Region>();
+        let base = sys::map_lazy(len).ok()?.cast::<Region>();
         // SAFETY: a fresh, zeroed, writable mapping at least `size_of::<Region>()` long
         // and page aligned; zero is a valid value of every field, and nobody else sees
         // it until it is published.
@@ -274,7 +274,7 @@ impl Region {
         // SAFETY: the caller's contract; `len` is the mapping's length.
         unsafe {
             let len = (*region.as_ptr()).len;
-            let _ = sys::unmap(region.cast(), len);
+            sys::unmap(region.cast(), len);
         }
     }
 

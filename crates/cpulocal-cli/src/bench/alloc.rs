@@ -47,6 +47,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     targets: &TARGETS,
     records_per_s: false,
     note: None,
+    untimed: None,
 };
 
 /// The `CpuCache` the rows measure (a second instance beside the program's allocator).
