@@ -185,7 +185,7 @@ pub unsafe fn compare_memcpy_store_release(
 /// let mut pushed = 0;
 /// for item in [7, 8, 9] {
 ///     for _attempt in 0..8 {
-///         let cpu = cpulocal::current_cpu();
+///         let cpu = cpulocal::current_cpu() as u32;
 ///         // SAFETY: `hdr` and `entries` are ours, written only through these primitives.
 ///         match unsafe { ops::slab_push(hdr.as_mut_ptr(), guard, item, cpu) } {
 ///             Outcome::Committed(()) => { pushed += 1; break }
