@@ -393,7 +393,7 @@ impl<T> PerCpu<T> {
     /// panic).
     #[inline]
     fn lock_current(&self, method: &'static str) -> PerCpuGuard<'_, T> {
-        remote::check_not_held(self.locks(), method);
+        remote::check_not_held(|| self.locks(), method);
         let (base, slots) = self.base_and_len();
         let index = match self.index {
             Index::Cpu => CpuLock::lock_current(slots, |i| {
@@ -494,7 +494,7 @@ impl<T> PerCpu<T> {
         if cpu >= slots {
             return Err(InvalidCpu { cpu, slots });
         }
-        remote::check_not_held(self.locks(), method);
+        remote::check_not_held(|| self.locks(), method);
         let (base, _) = self.base_and_len();
         // SAFETY: `cpu < slots`.
         let slot = unsafe { self.slot(base, cpu) };

@@ -216,9 +216,14 @@ fn token() -> usize {
 /// load and a predicted branch; one that holds some reads the lock words of `locks`,
 /// looking for its token.
 #[inline(always)]
-pub(crate) fn check_not_held<'a>(locks: impl Iterator<Item = &'a CpuLock>, method: &str) {
+pub(crate) fn check_not_held<'a, I: Iterator<Item = &'a CpuLock>>(
+    locks: impl FnOnce() -> I,
+    method: &str,
+) {
     if HELD.get() != 0 {
-        check_not_held_nested(locks, method);
+        // `locks` is only called here: finding the lock words takes loads (atomic ones,
+        // which the compiler may not move) that the usual case must not pay.
+        check_not_held_nested(locks(), method);
     }
 }
 
