@@ -937,8 +937,9 @@ impl RingBuffer {
     /// assert!(!ring.wait(Duration::from_millis(1))); // nothing yet: times out
     /// std::thread::scope(|s| {
     ///     s.spawn(|| {
-    ///         // 7 records of 8 bytes fill a 64-byte sub-buffer (8-byte headers with
-    ///         // timestamps take 16): the commit that closes it wakes the consumer.
+    ///         // A record of 8 bytes takes 24 (its header and timestamp take 16): the
+    ///         // third does not fit in a 64-byte sub-buffer, so its reserve pads and
+    ///         // closes the first one, and that commit wakes the consumer.
     ///         for _ in 0..4 {
     ///             ring.write(b"12345678").unwrap();
     ///         }
