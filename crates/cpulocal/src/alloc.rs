@@ -339,10 +339,10 @@ impl Region {
                 _ => None,
             };
         }
-        // SAFETY: (1) `rseq` is this thread's area (the caller's contract); (2) the header
-        // and its entries are written only by sequences on `cpu` and by holders of the
-        // slab's lock, which set the guard and fence `cpu` first; a zeroed header (slab
-        // not ready) makes every sequence fail its bound check without a store.
+        // The header and its entries are written only by sequences on `cpu` and by holders
+        // of the slab's lock, which set the guard and fence `cpu` first; a zeroed header
+        // (slab not ready) makes every sequence fail its bound check without a store.
+        // SAFETY: `rseq` is this thread's area (the caller's contract); see above.
         match unsafe { arch::slab_pop(rseq, Self::guard(hdr), hdr, cpu) } {
             Outcome::Committed(p) => Some(p),
             _ => None,

@@ -203,10 +203,10 @@ pub fn pin_own_object() -> bool {
     if unsafe { libc::dladdr(this, &mut info) } == 0 || info.dli_fname.is_null() {
         return false;
     }
-    // SAFETY: `dli_fname` is the NUL-terminated name the loader keeps for the object
-    // (alive while the object is loaded, which it is: we run its code). RTLD_NOLOAD
-    // loads nothing new; RTLD_NODELETE marks the object as never to be unloaded. The
-    // handle is deliberately never closed.
+    // RTLD_NOLOAD loads nothing new; RTLD_NODELETE marks the object as never to be
+    // unloaded. The handle is deliberately never closed.
+    // SAFETY: `dli_fname` is the NUL-terminated name the loader keeps for the object,
+    // alive while the object is loaded (it is: we run its code).
     let handle = unsafe {
         libc::dlopen(
             info.dli_fname,

@@ -101,10 +101,8 @@ fn run(cache: &CpuCache<Counting>, threads: usize, ops: u64, churn: bool) -> Rep
                 s.spawn(move || {
                     tids.lock().unwrap().push(common::gettid());
                     // SAFETY: pthread_self has no preconditions.
-                    pthreads
-                        .lock()
-                        .unwrap()
-                        .push(unsafe { libc::pthread_self() });
+                    let me = unsafe { libc::pthread_self() };
+                    pthreads.lock().unwrap().push(me);
                     start.wait();
                     let mut rng = Rng::new(0x9e37 + t as u64);
                     let mut held: Vec<Held> = Vec::with_capacity(128);
