@@ -273,14 +273,20 @@ build_for() {
     local json="$CACHE/build/$arch.json" what
     # The fast plan needs the library's unit tests and tests/hotplug.rs only; the full
     # plan every test harness of the workspace.
+    # Every feature but the CLI's default `peer-allocators`: mimalloc and jemalloc build C
+    # code, and there is no musl C compiler here (the guests never run `bench`).
+    local lib_features=cpulocal/metrics,cpulocal/prometheus-client,cpulocal/tracing
+    lib_features+=,cpulocal/__test-hooks,cpulocal/__global-cpu-cache
     if [ "$BUILD_ALL" = 1 ]; then
-        what=(--workspace)
+        what=(--workspace --no-default-features
+            --features "$lib_features,cpulocal-cli/test-hooks,cpulocal-cli/global-cpu-cache")
     else
-        what=(-p cpulocal --lib --test hotplug)
+        what=(-p cpulocal --lib --test hotplug --features "$lib_features")
     fi
-    nice -n 10 cargo test "${what[@]}" --all-features --no-run --target "$target" \
+    nice -n 10 cargo test "${what[@]}" --no-run --target "$target" \
         --message-format=json-render-diagnostics >"$json"
-    nice -n 10 cargo build -p cpulocal-cli --features test-hooks --target "$target"
+    nice -n 10 cargo build -p cpulocal-cli --no-default-features --features test-hooks \
+        --target "$target"
     # "<crate>-<target> <executable>" for every test harness ("<crate>-bin-<target>" for
     # a binary's unit tests), from cargo's JSON messages.
     sed -n 's/.*"package_id":"[^"]*\/\([^/#"]*\)#[^"]*".*"target":{"kind":\["\([a-z-]*\)"\][^}]*"name":"\([^"]*\)".*"profile":{[^}]*"test":true}.*"executable":"\([^"]*\)".*/\1 \2 \3 \4/p' \

@@ -53,8 +53,10 @@ pub(crate) const GROUP: GroupDef = GroupDef {
 /// The `CpuCache` the rows measure (a second instance beside the program's allocator).
 pub(crate) static CPU_CACHE: CpuCache = CpuCache::new();
 /// mimalloc, called as a value.
+#[cfg(feature = "peer-allocators")]
 pub(crate) static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// jemalloc (tikv-jemallocator, prefixed symbols: it does not replace `malloc`).
+#[cfg(feature = "peer-allocators")]
 pub(crate) static JEMALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// glibc's `malloc`, through `std::alloc::System`.
 pub(crate) static GLIBC: System = System;
@@ -502,11 +504,17 @@ fn named(name: &'static str, cpulocal: bool, subject: impl Subject + 'static) ->
     }
 }
 
-fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
+fn rows(notes: &mut Vec<String>) -> Vec<Row> {
     let mut rows = Vec::new();
     workload_rows(&CPU_CACHE, 0, &mut rows);
-    workload_rows(&MIMALLOC, 1, &mut rows);
-    workload_rows(&JEMALLOC, 2, &mut rows);
+    #[cfg(feature = "peer-allocators")]
+    {
+        let _ = notes;
+        workload_rows(&MIMALLOC, 1, &mut rows);
+        workload_rows(&JEMALLOC, 2, &mut rows);
+    }
+    #[cfg(not(feature = "peer-allocators"))]
+    notes.push("built without feature `peer-allocators`: no mimalloc or jemalloc rows".into());
     workload_rows(&GLIBC, 3, &mut rows);
     rows
 }
