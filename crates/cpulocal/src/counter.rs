@@ -185,7 +185,11 @@ impl Counter {
     /// Adds `n` (wrapping at 2^64).
     ///
     /// Lock-free; wait-free on the fast path. Safe to call from a signal handler on a
-    /// thread that has already used cpulocal.
+    /// thread that has already used cpulocal, even as the counter's first use (which
+    /// takes its slots from the pool: the pool blocks signals while it holds its lock,
+    /// and allocates without the system allocator, so a handler that interrupted the
+    /// pool runs once the pool is done, and one that interrupted `malloc` is not
+    /// blocked by it).
     #[inline]
     pub fn add(&self, n: u64) {
         // One attempt inline; the first registration, retries and the slow path stay out

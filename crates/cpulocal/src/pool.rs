@@ -58,8 +58,12 @@
 //!   address (`Item::base`) and rebuild the item with `Item::from_base`.
 //! - `unsafe Pool::free(item, layout)`: gives the offset back.
 //!
-//! Allocation and freeing take the pool's lock and may call the system allocator and
-//! `mmap`: not for signal handlers. Getting an item's address is arithmetic only.
+//! Allocation and freeing take the pool's lock, with every signal blocked while it is
+//! held: a handler that makes a counter's first use (an allocation, see
+//! [`Counter::add`](crate::Counter::add)) then runs after the lock is given back, instead
+//! of waiting forever for a lock its own thread holds. Allocation calls `mmap` for a new
+//! chunk and never the system allocator (freeing may); getting an item's address is
+//! arithmetic only.
 
 use core::alloc::Layout;
 use core::cell::UnsafeCell;
@@ -162,8 +166,11 @@ pub struct Stats {
 struct State {
     /// `ranges` of the pool (the possible CPUs), read at the first allocation.
     ranges: usize,
-    /// The base addresses of the shared chunks, oldest first.
-    chunks: Vec<usize>,
+    /// The base address of the newest shared chunk (0: none yet). Older chunks need no
+    /// record: they are never unmapped, and their freed offsets are in `free`.
+    newest_chunk: usize,
+    /// The shared chunks mapped so far.
+    chunks: usize,
     /// The first free offset of the newest chunk.
     next: usize,
     /// Freed offsets (CPU-0 addresses) by (size, alignment).
@@ -218,15 +225,19 @@ pub fn stats(index: Index) -> Stats {
     Pool::for_index(index).stats()
 }
 
-/// A held pool lock.
+/// A held pool lock, with the holder's signals blocked.
 struct Locked<'a> {
     pool: &'a Pool,
+    /// Dropped after the lock is given back (see `Drop`): a signal that arrived while it
+    /// was held is delivered then.
+    _signals: sys::SignalsBlocked,
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         // Release: pairs with the Acquire of the next holder.
         self.pool.locked.store(false, Ordering::Release);
+        // `_signals` is dropped after this body: the mask comes back with the lock free.
     }
 }
 
@@ -252,7 +263,8 @@ impl Pool {
             locked: AtomicBool::new(false),
             state: UnsafeCell::new(State {
                 ranges: 0,
-                chunks: Vec::new(),
+                newest_chunk: 0,
+                chunks: 0,
                 next: 0,
                 free: BTreeMap::new(),
                 live_items: 0,
@@ -273,9 +285,12 @@ impl Pool {
     }
 
     /// Takes the lock: spins briefly, then yields. Held for a few hundred instructions
-    /// (plus an `mmap` when a chunk is added), so it rarely waits.
+    /// (plus an `mmap` when a chunk is added), so it rarely waits. Signals are blocked
+    /// first: a handler that allocates (a counter's first use) must never interrupt the
+    /// holder, as it would wait for its own thread.
     fn lock(&self) -> Locked<'_> {
         install_fork_handlers();
+        let signals = sys::SignalsBlocked::new();
         let mut spins = 0u32;
         // Acquire: pairs with the Release in `Locked::drop`.
         while self
@@ -290,7 +305,12 @@ impl Pool {
                 std::thread::yield_now();
             }
         }
-        let mut state = Locked { pool: self };
+        let mut state = Locked {
+            pool: self,
+            _signals: signals,
+        };
+        #[cfg(any(test, feature = "__test-hooks"))]
+        crate::test_hooks::pool_lock_taken();
         if state.ranges == 0 {
             state.ranges = sys::possible_cpus();
             // Relaxed: see `ranges`; the item that makes a reader look is published
@@ -341,23 +361,19 @@ impl Pool {
                 if size <= LINE && offset / LINE != (offset + size - 1) / LINE {
                     offset = offset.next_multiple_of(LINE);
                 }
-                if state.chunks.is_empty() || offset + size > STRIDE {
+                if state.newest_chunk == 0 || offset + size > STRIDE {
                     let chunk = sys::map_lazy(STRIDE * ranges).unwrap_or_else(|e| {
                         panic!(
                             "cpulocal pool: cannot reserve {} bytes: {e}",
                             STRIDE * ranges
                         )
                     });
-                    state.chunks.push(chunk.as_ptr() as usize);
+                    state.newest_chunk = chunk.as_ptr() as usize;
+                    state.chunks += 1;
                     offset = 0;
                 }
                 state.next = offset + size;
-                state
-                    .chunks
-                    .last()
-                    .copied()
-                    .expect("a chunk was just added")
-                    + offset
+                state.newest_chunk + offset
             }
         };
         state.live_items += 1;
@@ -408,12 +424,12 @@ impl Pool {
         let state = self.lock();
         Stats {
             ranges: state.ranges,
-            chunks: state.chunks.len(),
+            chunks: state.chunks,
             large_chunks: state.large_chunks,
             live_items: state.live_items,
             live_bytes_per_cpu: state.live_bytes,
             free_items: state.free_items,
-            reserved_bytes: state.chunks.len() * STRIDE * state.ranges,
+            reserved_bytes: state.chunks * STRIDE * state.ranges,
         }
     }
 
@@ -463,9 +479,20 @@ pub(crate) fn install_fork_handlers() {
     });
 }
 
+/// The signal mask `before_fork` saved: it blocks every signal while it holds the locks,
+/// as `Pool::lock` does.
+struct ForkSignals(UnsafeCell<Option<sys::SignalsBlocked>>);
+
+// SAFETY: only the thread that holds both pools' locks (between `before_fork` and
+// `after_fork`) touches the cell.
+unsafe impl Sync for ForkSignals {}
+
+static FORK_SIGNALS: ForkSignals = ForkSignals(UnsafeCell::new(None));
+
 /// Before `fork`: takes both pools' locks (always in this order), so neither is held by
 /// a thread that will not exist in the child.
 extern "C" fn before_fork() {
+    let signals = sys::SignalsBlocked::new();
     for pool in [&BY_CPU, &BY_MM_CID] {
         // Acquire: pairs with the Release of the last holder.
         while pool
@@ -476,12 +503,18 @@ extern "C" fn before_fork() {
             std::thread::yield_now();
         }
     }
+    // SAFETY: this thread holds both locks (see `ForkSignals`).
+    unsafe { *FORK_SIGNALS.0.get() = Some(signals) };
 }
 
-/// After `fork`, in the parent and in the child: releases what `before_fork` took.
+/// After `fork`, in the parent and in the child: releases what `before_fork` took, then
+/// restores the signal mask.
 extern "C" fn after_fork() {
+    // SAFETY: this thread holds both locks (see `ForkSignals`).
+    let signals = unsafe { (*FORK_SIGNALS.0.get()).take() };
     for pool in [&BY_MM_CID, &BY_CPU] {
         // Release: pairs with the Acquire of the next holder.
         pool.locked.store(false, Ordering::Release);
     }
+    drop(signals);
 }

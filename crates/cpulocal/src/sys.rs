@@ -362,6 +362,36 @@ pub fn kernel_release() -> String {
     c.to_string_lossy().into_owned()
 }
 
+/// Every signal blocked in the calling thread until dropped (then its mask is restored):
+/// for the few places that hold a lock a signal handler may need, so that the handler
+/// runs after the lock is given back instead of waiting for it forever.
+pub(crate) struct SignalsBlocked {
+    old: libc::sigset_t,
+}
+
+impl SignalsBlocked {
+    /// Blocks every signal (SIGKILL and SIGSTOP excepted, by the kernel).
+    pub(crate) fn new() -> SignalsBlocked {
+        // SAFETY: sigset_t is plain old data; both are initialised by the calls below.
+        let mut all: libc::sigset_t = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { core::mem::zeroed() };
+        // SAFETY: `all` is a live sigset_t.
+        unsafe { libc::sigfillset(&mut all) };
+        // SAFETY: both sets are live; SIG_BLOCK with a valid set cannot fail.
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) };
+        SignalsBlocked { old }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: `old` is the mask `new` saved; restoring it cannot fail. A signal that
+        // arrived meanwhile is delivered now.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, core::ptr::null_mut()) };
+    }
+}
+
 /// Reserves `len` bytes of address space, readable and writable, whose pages the kernel
 /// populates (with zeros) only when first touched: `mmap(MAP_PRIVATE | MAP_ANONYMOUS |
 /// MAP_NORESERVE)`. Untouched pages cost no memory, and no swap is set aside for them

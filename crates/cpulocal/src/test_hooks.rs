@@ -65,6 +65,28 @@ pub(crate) fn stack_guard_broken() -> bool {
     STACK_GUARD_BROKEN.load(Ordering::Relaxed)
 }
 
+/// The signal the pool raises on itself, once, while it holds its lock (0: none).
+static SIGNAL_INSIDE_POOL_LOCK: core::sync::atomic::AtomicI32 =
+    core::sync::atomic::AtomicI32::new(0);
+
+/// Makes the next allocation or free of the per-CPU pool raise `signal` on the calling
+/// thread while it holds the pool's lock (once), so that tests can show a handler that
+/// uses a new counter there does not wait for that lock forever.
+pub fn raise_inside_pool_lock(signal: libc::c_int) {
+    // Relaxed: a test switch, set and used by the same thread.
+    SIGNAL_INSIDE_POOL_LOCK.store(signal, Ordering::Relaxed);
+}
+
+/// Called by the pool with its lock held.
+pub(crate) fn pool_lock_taken() {
+    // Relaxed: as above.
+    let signal = SIGNAL_INSIDE_POOL_LOCK.swap(0, Ordering::Relaxed);
+    if signal != 0 {
+        // SAFETY: raise has no memory preconditions.
+        unsafe { libc::raise(signal) };
+    }
+}
+
 static COUNTER_SEQUENCE_BROKEN: AtomicBool = AtomicBool::new(false);
 
 /// Breaks (`true`) or restores (`false`) [`Counter`](crate::Counter)'s add: while broken,

@@ -65,17 +65,27 @@ fn a_signal_inside_a_sequence_restarts_it_and_the_retry_lands_once() {
 
     for round in 1..=ROUNDS {
         let entering = Arc::new(AtomicBool::new(false));
+        let go = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
         let handled_before = HANDLED.load(Ordering::SeqCst);
         let kernel_aborts_before = test_hooks::kernel_aborts();
-        test_hooks::set_delay_loops(held);
         let worker = {
-            let (slots, entering, done) =
-                (Arc::clone(&slots), Arc::clone(&entering), Arc::clone(&done));
+            let (slots, entering, go, done) = (
+                Arc::clone(&slots),
+                Arc::clone(&entering),
+                Arc::clone(&go),
+                Arc::clone(&done),
+            );
             std::thread::spawn(move || {
                 let rseq = thread::current().expect("this test needs rseq");
                 let mut outcomes = Vec::with_capacity(64);
                 entering.store(true, Ordering::SeqCst);
+                // No allocation from here on: the delay holds *every* sequence, the
+                // allocator's too when `CpuCache` is the global allocator, and on an
+                // idle machine nothing preempts them.
+                while !go.load(Ordering::SeqCst) {
+                    core::hint::spin_loop();
+                }
                 while outcomes.len() < 64 {
                     let cpu = crate::current_cpu() as u32;
                     // SAFETY: (1) `rseq` is this thread's area; (2) `slots[cpu]` is
@@ -96,6 +106,9 @@ fn a_signal_inside_a_sequence_restarts_it_and_the_retry_lands_once() {
             wait_for(&entering, Duration::from_secs(5)),
             "the worker did not start"
         );
+        // The delay only once the worker's set-up (and the spawn's allocations) is done.
+        test_hooks::set_delay_loops(held);
+        go.store(true, Ordering::SeqCst);
         // Long enough for the worker to be deep inside the held sequence.
         std::thread::sleep(Duration::from_millis(20));
         // SAFETY: `tid` is the worker, alive until joined below.

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use super::child::{in_child, test_name, Setup};
 use super::delay_shared;
 use crate::pool::{self, Item, Pool, STRIDE};
 use crate::{Counter, Index, PerCpu};
@@ -455,36 +456,72 @@ struct OwnPage([u8; 4096]);
 
 /// A thread pinned to one CPU populates that CPU's range only: the other CPUs' copies of
 /// its items stay unpopulated pages.
+///
+/// In a child process: in the test process, another test may have used (and freed) the
+/// same offset on another CPU, whose page then stays resident; on 8 CPUs that happens.
 #[test]
 fn cpus_that_never_use_a_per_cpu_cost_no_resident_memory() {
-    let _delay = delay_shared();
-    std::thread::spawn(|| {
-        if !pin_to(0) {
-            return; // a cpuset without CPU 0: nothing to show
-        }
-        let p: PerCpu<OwnPage> = PerCpu::new_lazy(|| OwnPage([0; 4096]));
-        p.with_cpu(|page| page.0[100] = 1);
-        assert!(resident(p.slot_address(0)), "CPU 0 wrote its slot");
-        for cpu in 1..crate::possible_cpus() {
-            assert!(
-                !resident(p.slot_address(cpu)),
-                "CPU {cpu}'s slot was populated"
-            );
-        }
-    })
-    .join()
-    .expect("pinned thread");
+    let name = test_name!(cpus_that_never_use_a_per_cpu_cost_no_resident_memory);
+    in_child(name, Setup::default(), || {
+        std::thread::spawn(|| {
+            if !pin_to(0) {
+                return; // a cpuset without CPU 0: nothing to show
+            }
+            let p: PerCpu<OwnPage> = PerCpu::new_lazy(|| OwnPage([0; 4096]));
+            p.with_cpu(|page| page.0[100] = 1);
+            assert!(resident(p.slot_address(0)), "CPU 0 wrote its slot");
+            for cpu in 1..crate::possible_cpus() {
+                assert!(
+                    !resident(p.slot_address(cpu)),
+                    "CPU {cpu}'s slot was populated"
+                );
+            }
+        })
+        .join()
+        .expect("pinned thread")
+    });
 }
 
 /// mm_cid indexing: one thread populates the range of one mm_cid at a time, whatever CPU
-/// it runs on.
+/// it runs on. In a child process, for the reason above.
 #[test]
 fn a_lazy_mm_cid_per_cpu_used_by_one_thread_populates_one_range() {
-    let _delay = delay_shared();
-    let p: PerCpu<OwnPage> = PerCpu::with_index_lazy(Index::MmCid, || OwnPage([0; 4096]));
-    p.with_cpu(|page| page.0[7] = 1);
-    let populated = (0..crate::possible_cpus())
-        .filter(|&cid| resident(p.slot_address(cid)))
-        .count();
-    assert_eq!(populated, 1);
+    let name = test_name!(a_lazy_mm_cid_per_cpu_used_by_one_thread_populates_one_range);
+    in_child(name, Setup::default(), || {
+        let p: PerCpu<OwnPage> = PerCpu::with_index_lazy(Index::MmCid, || OwnPage([0; 4096]));
+        p.with_cpu(|page| page.0[7] = 1);
+        let populated = (0..crate::possible_cpus())
+            .filter(|&cid| resident(p.slot_address(cid)))
+            .count();
+        assert_eq!(populated, 1);
+    });
+}
+
+/// The first use of a counter from a signal handler, where the handler interrupted its
+/// own thread inside the pool's lock (a first use of another counter): the handler must
+/// run once the lock is given back, not wait for it forever. In a child process, with a
+/// watchdog: the broken version wedges the thread with the pool's lock held.
+#[test]
+fn a_counters_first_use_in_a_handler_that_interrupted_the_pool_does_not_wedge() {
+    static FIRST_USED_IN_HANDLER: Counter = Counter::new();
+    extern "C" fn first_use(_: libc::c_int) {
+        FIRST_USED_IN_HANDLER.add(1);
+    }
+    let name =
+        test_name!(a_counters_first_use_in_a_handler_that_interrupted_the_pool_does_not_wedge);
+    in_child(name, Setup::default(), || {
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_secs(20));
+            println!("wedged: the handler waited for the pool's lock");
+            // SAFETY: ends the process at once; nothing to clean up.
+            unsafe { libc::_exit(3) };
+        });
+        super::install_handler(libc::SIGUSR2, first_use);
+        crate::test_hooks::raise_inside_pool_lock(libc::SIGUSR2);
+        let counter = Counter::new();
+        counter.add(5); // allocates: the hook raises SIGUSR2 inside the pool's lock
+        assert_eq!(FIRST_USED_IN_HANDLER.sum(), 1, "the handler ran once");
+        assert_eq!(counter.sum(), 5);
+        super::ignore_signal(libc::SIGUSR2);
+    });
 }
