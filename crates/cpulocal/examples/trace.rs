@@ -131,13 +131,10 @@ fn main() {
         let consumer = s.spawn(|| {
             let mut events = Vec::new();
             let drain = |events: &mut Vec<Event>| {
-                for cpu in 0..ring.slots() {
-                    ring.consume(cpu, |rec| {
-                        let ts = rec.timestamp.expect("the ring keeps timestamps");
-                        events.push(Event::parse(rec.cpu, ts, rec.data));
-                    })
-                    .expect("cpu < cpus");
-                }
+                ring.consume_all(|rec| {
+                    let ts = rec.timestamp.expect("the ring keeps timestamps");
+                    events.push(Event::parse(rec.cpu, ts, rec.data));
+                });
             };
             // Relaxed: a stop request; the scope's join synchronises.
             while producing.load(Ordering::Relaxed) {
@@ -145,9 +142,7 @@ fn main() {
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
             // The producers are done: hand over the partly filled sub-buffers too.
-            for cpu in 0..ring.slots() {
-                ring.flush(cpu).expect("cpu < cpus");
-            }
+            ring.flush_all();
             drain(&mut events);
             events
         });

@@ -197,17 +197,12 @@
 //!             // Acquire: pairs with the Release below; the producers are done.
 //!             let last = stopping.load(Ordering::Acquire);
 //!             if !full || last {
-//!                 for cpu in 0..ring.slots() {
-//!                     ring.flush(cpu).unwrap(); // hand over partly filled sub-buffers
-//!                 }
+//!                 ring.flush_all(); // hand over partly filled sub-buffers
 //!             }
 //!             let mut batch = Vec::new();
-//!             for cpu in 0..ring.slots() {
-//!                 ring.consume(cpu, |rec| {
-//!                     batch.push((rec.timestamp.unwrap(), rec.cpu, rec.data.to_vec()))
-//!                 })
-//!                 .unwrap();
-//!             }
+//!             ring.consume_all(|rec| {
+//!                 batch.push((rec.timestamp.unwrap(), rec.cpu, rec.data.to_vec()))
+//!             });
 //!             batch.sort_by_key(|&(timestamp, _, _)| timestamp); // merge the CPUs
 //!             batches.push(batch);
 //!             if last {

@@ -346,10 +346,8 @@ impl Drop for Mapping {
 /// ring.write(b"world").unwrap();
 ///
 /// let mut seen = Vec::new();
-/// for cpu in 0..ring.slots() {
-///     ring.flush(cpu).unwrap(); // hand over the partly filled sub-buffer too
-///     ring.consume(cpu, |rec| seen.push(rec.data.to_vec())).unwrap();
-/// }
+/// ring.flush_all(); // hand over the partly filled sub-buffers too
+/// ring.consume_all(|rec| seen.push(rec.data.to_vec()));
 /// seen.sort();
 /// assert_eq!(seen, [b"hello".to_vec(), b"world".to_vec()]);
 /// ```
@@ -850,28 +848,54 @@ impl RingBuffer {
     ///     cpu
     /// };
     /// ring.write(b"x").unwrap(); // usually the same CPU; a migration only splits them
-    /// for cpu in 0..ring.slots() {
-    ///     ring.flush(cpu).unwrap();
-    /// }
+    /// ring.flush_all();
     /// let panicked = catch_unwind(AssertUnwindSafe(|| {
     ///     ring.consume(cpu, |_| panic!("a bad record")).unwrap();
     /// }));
     /// assert!(panicked.is_err());
-    /// let mut rest = 0;
-    /// for cpu in 0..ring.slots() {
-    ///     rest += ring.consume(cpu, |_| {}).unwrap();
-    /// }
-    /// assert_eq!(rest, 1); // the record after the one that panicked
+    /// assert_eq!(ring.consume_all(|_| {}), 1); // the record after the one that panicked
     /// ```
     pub fn consume(&self, cpu: usize, mut f: impl FnMut(Record<'_>)) -> Result<usize, InvalidCpu> {
         let ring = self.ring(cpu)?;
+        Ok(self.consume_ring(cpu, ring, &mut f))
+    }
+
+    /// [`consume`](RingBuffer::consume) of every CPU's ring, in CPU order: for a consumer
+    /// that reads everything (with [`flush_all`](RingBuffer::flush_all) first, when it
+    /// wants the records of the sub-buffers being filled too). Returns the records read.
+    ///
+    /// Records come in order per CPU; merge by [`Record::timestamp`] for one order
+    /// across CPUs.
+    ///
+    /// ```
+    /// use cpulocal::ring::{RingBuffer, RingConfig};
+    ///
+    /// let ring = RingBuffer::new(RingConfig::default()).unwrap();
+    /// ring.write(b"one").unwrap();
+    /// ring.write(b"two").unwrap();
+    /// ring.flush_all();
+    /// let mut seen = Vec::new();
+    /// assert_eq!(ring.consume_all(|r| seen.push(r.data.to_vec())), 2);
+    /// assert_eq!(seen.len(), 2);
+    /// assert_eq!(ring.consume_all(|_| {}), 0); // nothing twice
+    /// ```
+    pub fn consume_all(&self, mut f: impl FnMut(Record<'_>)) -> usize {
+        let mut read = 0;
+        for (cpu, ring) in self.rings.iter().enumerate() {
+            read += self.consume_ring(cpu, ring, &mut f);
+        }
+        read
+    }
+
+    /// [`consume`](RingBuffer::consume) of `cpu`'s ring, `ring`.
+    fn consume_ring(&self, cpu: usize, ring: &Ring, f: &mut impl FnMut(Record<'_>)) -> usize {
         let sub = self.config.sub_buffer_size;
         let mut read = 0;
         loop {
             // Acquire: see `has_room`.
             let consumed = ring.consumed.load(Ordering::Acquire);
             if consumed & CLAIMED != 0 || !self.is_complete(ring, consumed) {
-                return Ok(read);
+                return read;
             }
             if !claim(ring, consumed) {
                 continue;
@@ -946,8 +970,7 @@ impl RingBuffer {
     ///     });
     ///     while !ring.wait(Duration::from_secs(10)) {}
     /// });
-    /// let read: usize = (0..ring.slots()).map(|cpu| ring.consume(cpu, |_| {}).unwrap()).sum();
-    /// assert!(read >= 2);
+    /// assert!(ring.consume_all(|_| {}) >= 2);
     /// ```
     pub fn wait(&self, timeout: Duration) -> bool {
         let deadline = Instant::now().checked_add(timeout);
@@ -1014,6 +1037,20 @@ impl RingBuffer {
     /// [`InvalidCpu`] when `cpu` is not below [`slots`](RingBuffer::slots).
     pub fn flush(&self, cpu: usize) -> Result<(), InvalidCpu> {
         let ring = self.ring(cpu)?;
+        self.flush_ring(cpu, ring);
+        Ok(())
+    }
+
+    /// [`flush`](RingBuffer::flush) of every CPU's ring, so that
+    /// [`consume_all`](RingBuffer::consume_all) reads every record committed so far.
+    pub fn flush_all(&self) {
+        for (cpu, ring) in self.rings.iter().enumerate() {
+            self.flush_ring(cpu, ring);
+        }
+    }
+
+    /// [`flush`](RingBuffer::flush) of `cpu`'s ring, `ring`.
+    fn flush_ring(&self, cpu: usize, ring: &Ring) {
         let sub = self.config.sub_buffer_size;
         ring.lock.lock_remote(cpu as u32);
         let held = Held(&ring.lock);
@@ -1021,7 +1058,7 @@ impl RingBuffer {
         let old = ring.write.load(Ordering::Relaxed);
         let used = old & (sub - 1);
         if used == 0 {
-            return Ok(()); // nothing open: the sub-buffer is empty or exactly full
+            return; // nothing open: the sub-buffer is empty or exactly full
         }
         let pad = sub - used;
         ring.write.store(old + pad, Ordering::Relaxed);
@@ -1036,7 +1073,6 @@ impl RingBuffer {
         self.flushes.add(1);
         self.flush_padding_bytes.add(pad as u64);
         self.sub_buffer_closed();
-        Ok(())
     }
 
     fn ring(&self, cpu: usize) -> Result<&Ring, InvalidCpu> {
@@ -1086,10 +1122,8 @@ impl RingBuffer {
     /// })
     /// .unwrap();
     /// let mut got = Vec::new();
-    /// for cpu in 0..ring.slots() {
-    ///     ring.flush(cpu).unwrap();
-    ///     ring.consume(cpu, |rec| got.push(rec.data.to_vec())).unwrap();
-    /// }
+    /// ring.flush_all();
+    /// ring.consume_all(|rec| got.push(rec.data.to_vec()));
     /// assert_eq!(got, [b"request 17 took 250 us".to_vec()]);
     /// ```
     pub fn write_with(
@@ -1188,10 +1222,8 @@ impl Reservation<'_> {
     /// r.truncate(n);
     /// r.commit();
     /// let mut got = Vec::new();
-    /// for cpu in 0..ring.slots() {
-    ///     ring.flush(cpu).unwrap();
-    ///     ring.consume(cpu, |rec| got.push(rec.data.to_vec())).unwrap();
-    /// }
+    /// ring.flush_all();
+    /// ring.consume_all(|rec| got.push(rec.data.to_vec()));
     /// assert_eq!(got, [b"a-1".to_vec()]);
     /// ```
     pub fn truncate(&mut self, len: usize) {

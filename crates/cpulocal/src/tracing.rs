@@ -538,7 +538,7 @@ impl<W: Write> Writer<W> {
                 // read until nothing is left (a few rounds at most: a reservation still
                 // in flight keeps its sub-buffer incomplete for a moment).
                 for _ in 0..FULL_PASS_ROUNDS {
-                    self.flush_rings();
+                    self.shared.ring.flush_all();
                     if self.pass() == 0 {
                         break;
                     }
@@ -555,7 +555,7 @@ impl<W: Write> Writer<W> {
                 continue;
             }
             if last_flush.elapsed() >= self.settings.flush_interval {
-                self.flush_rings();
+                self.shared.ring.flush_all();
                 last_flush = Instant::now();
             }
             if self.pass() == 0 {
@@ -574,34 +574,22 @@ impl<W: Write> Writer<W> {
         }
     }
 
-    /// Closes every CPU's sub-buffer being filled, so that its records can be read.
-    fn flush_rings(&self) {
-        for cpu in 0..self.shared.ring.slots() {
-            self.shared.ring.flush(cpu).expect("cpu below the rings");
-        }
-    }
-
     /// Reads every complete sub-buffer of every ring, orders the records by time and
     /// writes them. Returns the records read.
     fn pass(&mut self) -> usize {
         self.bytes.clear();
         self.batch.clear();
         let (bytes, batch) = (&mut self.bytes, &mut self.batch);
-        for cpu in 0..self.shared.ring.slots() {
-            self.shared
-                .ring
-                .consume(cpu, |record| {
-                    let start = bytes.len();
-                    bytes.extend_from_slice(record.data);
-                    batch.push(Pending {
-                        timestamp: record.timestamp.unwrap_or(0),
-                        cpu: record.cpu,
-                        start,
-                        end: bytes.len(),
-                    });
-                })
-                .expect("cpu below the rings");
-        }
+        self.shared.ring.consume_all(|record| {
+            let start = bytes.len();
+            bytes.extend_from_slice(record.data);
+            batch.push(Pending {
+                timestamp: record.timestamp.unwrap_or(0),
+                cpu: record.cpu,
+                start,
+                end: bytes.len(),
+            });
+        });
         self.batch.sort_by_key(|p| p.timestamp);
         let batch = std::mem::take(&mut self.batch);
         for p in &batch {

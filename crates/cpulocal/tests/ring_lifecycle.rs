@@ -51,12 +51,40 @@ fn config(mode: Mode) -> RingConfig {
 /// Every record of every ring, flushed first.
 fn drain(ring: &RingBuffer) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
-    for cpu in 0..ring.slots() {
-        ring.flush(cpu).expect("cpu < cpus");
-        ring.consume(cpu, |rec| got.push(rec.data.to_vec()))
-            .expect("cpu < cpus");
-    }
+    ring.flush_all();
+    ring.consume_all(|rec| got.push(rec.data.to_vec()));
     got
+}
+
+/// `flush_all` + `consume_all` read every CPU's records, each tagged with the CPU whose
+/// ring held it, in order per CPU, once.
+#[test]
+fn consume_all_reads_every_cpus_records_once_in_order_per_cpu() {
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("ring");
+    let cpus = allowed_cpus();
+    std::thread::scope(|s| {
+        for (i, &cpu) in cpus.iter().enumerate() {
+            let ring = &ring;
+            s.spawn(move || {
+                set_affinity(0, &[cpu]).expect("sched_setaffinity");
+                for n in 0..5u8 {
+                    ring.write(&[i as u8, n]).expect("room");
+                }
+            });
+        }
+    });
+    ring.flush_all();
+    let mut by_writer = vec![Vec::new(); cpus.len()];
+    let read = ring.consume_all(|rec| {
+        let writer = usize::from(rec.data[0]);
+        assert_eq!(rec.cpu, cpus[writer], "the record names its ring's CPU");
+        by_writer[writer].push(rec.data[1]);
+    });
+    assert_eq!(read, 5 * cpus.len());
+    for got in &by_writer {
+        assert_eq!(got, &[0, 1, 2, 3, 4]);
+    }
+    assert_eq!(ring.consume_all(|_| {}), 0, "nothing is read twice");
 }
 
 #[test]

@@ -208,17 +208,12 @@ pub(super) fn consumer(shared: Arc<Shared>) -> RingSeen {
             }
             last_flush = Instant::now();
         }
-        let mut read = 0;
-        for cpu in 0..ring.slots() {
-            read += ring
-                .consume(cpu, |rec| {
-                    // Relaxed: a writer takes its id before it reserves, and the record
-                    // reached us through the ring's Release/Acquire, so this load sees
-                    // that id at least (coherence).
-                    seen.check(rec.data, shared.next_writer.load(Ordering::Relaxed))
-                })
-                .expect("cpu below the rings");
-        }
+        let read = ring.consume_all(|rec| {
+            // Relaxed: a writer takes its id before it reserves, and the record reached
+            // us through the ring's Release/Acquire, so this load sees that id at least
+            // (coherence).
+            seen.check(rec.data, shared.next_writer.load(Ordering::Relaxed))
+        });
         if last {
             return seen;
         }
