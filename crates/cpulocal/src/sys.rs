@@ -397,6 +397,11 @@ impl Drop for SignalsBlocked {
 /// MAP_NORESERVE)`. Untouched pages cost no memory, and no swap is set aside for them
 /// (under `vm.overcommit_memory=2` the kernel charges the whole range anyway, and may
 /// refuse it with `ENOMEM`). Release it with [`unmap`].
+///
+/// The range is marked `MADV_NOHUGEPAGE`: with transparent huge pages set to `always`
+/// (Debian's kernels), the first write into a 2 MiB-aligned region would populate all of
+/// it, that is two or more CPUs' 1 MiB ranges of the per-CPU pool, and whole rings of CPUs
+/// that never ran the process.
 pub fn map_lazy(len: usize) -> Result<core::ptr::NonNull<u8>, Errno> {
     // SAFETY: an anonymous mapping at an address of the kernel's choosing touches no
     // existing memory.
@@ -413,6 +418,9 @@ pub fn map_lazy(len: usize) -> Result<core::ptr::NonNull<u8>, Errno> {
     if p == libc::MAP_FAILED {
         return Err(Errno::last());
     }
+    // SAFETY: advice on our own fresh mapping; it changes no contents. EINVAL (a kernel
+    // without transparent huge pages) leaves nothing to avoid.
+    let _ = unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
     core::ptr::NonNull::new(p.cast()).ok_or(Errno(libc::ENOMEM))
 }
 
