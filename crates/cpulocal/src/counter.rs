@@ -14,7 +14,8 @@ use crate::remote::MAX_ABORTS;
 use crate::{cpu, thread, Index};
 
 /// One CPU's part of the sum: 16 bytes in the per-CPU pool, 16-byte aligned, so it
-/// never straddles a cache line.
+/// never straddles a cache line. `local` comes first: the add sequence commits to the
+/// slot's own address.
 #[repr(C, align(16))]
 struct Slot {
     /// Written only by restartable adds running on this slot's CPU.
@@ -30,6 +31,7 @@ const SLOT: Layout = Layout::new::<Slot>();
 
 // Counters are pooled items with the pool's stride (the fast path shifts by it).
 const _: () = assert!(pool::shift_for(SLOT) == STRIDE_SHIFT);
+const _: () = assert!(core::mem::offset_of!(Slot, local) == 0);
 
 /// A counter that many threads add to, at the cost of a thread-local increment.
 ///
@@ -189,7 +191,9 @@ impl Counter {
     /// takes its slots from the pool: the pool blocks signals while it holds its lock,
     /// and allocates without the system allocator, so a handler that interrupted the
     /// pool runs once the pool is done, and one that interrupted `malloc` is not
-    /// blocked by it).
+    /// blocked by it). For a count known at compile time, [`inc`](Counter::inc) and
+    /// [`add_const`](Counter::add_const) put the count in the instruction instead of a
+    /// register.
     #[inline]
     pub fn add(&self, n: u64) {
         // One attempt inline; the first registration, retries and the slow path stay out
@@ -202,36 +206,85 @@ impl Counter {
         self.add_retry(n);
     }
 
+    /// Adds 1: [`add`](Counter::add)`(1)`, with the count in the instruction.
+    ///
+    /// ```
+    /// let c = cpulocal::Counter::new();
+    /// c.inc();
+    /// c.inc();
+    /// assert_eq!(c.sum(), 2);
+    /// ```
+    #[inline]
+    pub fn inc(&self) {
+        self.add_const::<1>();
+    }
+
+    /// Adds `N`, a count known at compile time: [`add`](Counter::add)`(N)`, with the
+    /// count in the instruction (`add $N, (slot)` on x86_64) instead of a register. `N`
+    /// is at most `i32::MAX`, the largest immediate an add takes; a larger `N` fails to
+    /// compile.
+    ///
+    /// ```
+    /// let c = cpulocal::Counter::new();
+    /// c.add_const::<5>();
+    /// assert_eq!(c.sum(), 5);
+    /// ```
+    #[inline]
+    pub fn add_const<const N: u32>(&self) {
+        if let Some(rseq) = thread::current_if_registered() {
+            if self.try_commit(rseq, u64::from(N), |rseq, base, len| {
+                // SAFETY: the contract of `try_commit`'s closure, which `try_commit`
+                // upholds (see there).
+                unsafe { arch::add_const_on_current_cpu::<STRIDE_SHIFT, N>(rseq, base, len) }
+            }) {
+                return;
+            }
+        }
+        self.add_retry(u64::from(N));
+    }
+
     /// One restartable add to the current CPU's slot; false when it did not commit (or
     /// the counter has no slots yet).
-    ///
-    /// The shape issue #13's sequences build on: `slot = base + (cpu << STRIDE_SHIFT)`,
-    /// then one restartable add to `slot.local`.
     #[inline(always)]
     fn try_add(&self, rseq: NonNull<Rseq>, n: u64) -> bool {
-        let cpu = cpu::cpu_id_start(rseq);
+        self.try_commit(rseq, n, |rseq, base, len| {
+            // SAFETY: the contract of `try_commit`'s closure, which `try_commit` upholds.
+            unsafe { arch::add_on_current_cpu::<STRIDE_SHIFT>(rseq, base, len, n as usize) }
+        })
+    }
+
+    /// Runs `commit(rseq, base, len)`: one restartable add of `n` to `local` of the slot
+    /// of the CPU the thread runs on, `base + (cpu << STRIDE_SHIFT)`, which the sequence
+    /// reads itself (and refuses when it is not below `len`); true when it committed.
+    ///
+    /// `commit` is called with (1) `rseq`, this thread's area, and (2) `base` and `len`,
+    /// this counter's CPU-0 slot and slot count: every slot below `len` is live, its
+    /// `local` is at offset 0 and is written only by sequences on its CPU, so the
+    /// kernel serialises all its writers; readers use atomic loads. Before the first
+    /// use `len` is 0 and every CPU is refused.
+    #[inline(always)]
+    fn try_commit(
+        &self,
+        rseq: NonNull<Rseq>,
+        n: u64,
+        commit: impl FnOnce(*mut Rseq, *mut u8, usize) -> Outcome,
+    ) -> bool {
         let (base, len) = self.base();
-        // One predictable branch for both the first use (`len` is 0) and a CPU beyond
-        // the slots (cannot happen: the kernel reports CPUs below the possible count).
-        if cpu as usize >= len {
-            return false; // out of line: `add_retry` allocates, or takes the slow path
-        }
-        // SAFETY: `len > cpu`, so `base` is set, and `cpu < len`.
-        let slot = unsafe { Self::slot_at(base, cpu as usize) };
-        // SAFETY: `slot` is a live slot of this counter.
-        let local = unsafe { (*slot).local.as_ptr() };
         #[cfg(any(test, feature = "__test-hooks"))]
         if crate::test_hooks::counter_sequence_broken() {
+            let cpu = cpu::cpu_id_start(rseq);
+            if cpu as usize >= len {
+                return false;
+            }
+            // SAFETY: `len > cpu`, so `base` is set, and `cpu < len`.
+            let local = unsafe { (*Self::slot_at(base, cpu as usize)).local.as_ptr() };
             // SAFETY: as below; the mutation loses updates, it touches no other memory.
             let outcome =
                 unsafe { arch::add_without_restart(rseq.as_ptr(), local, n as usize, cpu) };
             return outcome == Outcome::Committed(());
         }
-        // SAFETY: (1) `rseq` is this thread's area; (2) `local` is written only by
-        // this sequence, always with the CPU whose slot it is, so the kernel serialises
-        // all its writers; readers use atomic loads.
-        let outcome = unsafe { arch::add(rseq.as_ptr(), local, n as usize, cpu) };
-        outcome == Outcome::Committed(())
+        let _ = n;
+        commit(rseq.as_ptr(), base.cast(), len) == Outcome::Committed(())
     }
 
     /// After an abort (or before the thread's first registration): retry a few times,

@@ -138,6 +138,27 @@ impl fmt::Display for Scheme {
 
 static SCHEME: OnceLock<Scheme> = OnceLock::new();
 
+/// Whether the scheme is [`Scheme::Membarrier`]: the fast paths of the structures read
+/// this one flag instead of the `OnceLock`. Set once, after the process registered for
+/// membarrier-rseq, and never cleared.
+static MEMBARRIER_SCHEME: AtomicBool = AtomicBool::new(false);
+
+/// The calling thread's area when the structures' guarded fast paths may run at once:
+/// the scheme is [`Scheme::Membarrier`] and the thread is registered. `None` sends the
+/// caller to its out-of-line path, which decides the scheme and registers the thread on
+/// first use ([`on_current_cpu`]).
+#[inline(always)]
+pub(crate) fn fast_path_area() -> Option<core::ptr::NonNull<crate::abi::Rseq>> {
+    // Relaxed: pairs with nothing. The flag is set after the registration for
+    // membarrier-rseq; the sequences this enables need nothing from that registration
+    // (the remote owners that fence them decide the scheme through the `OnceLock`).
+    if MEMBARRIER_SCHEME.load(Ordering::Relaxed) {
+        thread::current_if_registered()
+    } else {
+        None
+    }
+}
+
 /// The scheme of this process for reaching other CPUs' data, deciding it (and
 /// registering the process for membarrier-rseq) on first use.
 ///
@@ -170,6 +191,8 @@ fn decide() -> Scheme {
                 // every lock user passes through before it releases or waits.
                 let asymmetric = sys::membarrier(mb::CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0);
                 ASYMMETRIC.store(asymmetric.is_ok(), Ordering::Relaxed);
+                // Relaxed: see `fast_path_area`.
+                MEMBARRIER_SCHEME.store(true, Ordering::Relaxed);
                 Scheme::Membarrier
             }
             Err(e) => Scheme::Locked(LockedReason::NoMembarrier(e)),

@@ -7,6 +7,7 @@ use core::ops::{Deref, DerefMut};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::abi::Rseq;
 use crate::arch::{self, Outcome};
 use crate::cache_padded::CachePadded;
 use crate::remote::{self, Attempt, CpuLock, InvalidCpu};
@@ -72,12 +73,26 @@ impl<T: fmt::Debug> fmt::Debug for Node<T> {
 const NEXT_OFFSET: isize = offset_of!(Node<()>, next) as isize;
 const _: () = assert!(NEXT_OFFSET == 0);
 
+/// One CPU's list: the lock word and the head share a cache line, so the guard check
+/// costs no second line.
+#[repr(C)]
 struct Slot {
     /// The CPU's lock word: the guard every sequence on this list checks.
     lock: CpuLock,
     /// The first node's address, 0 when empty.
     head: AtomicUsize,
 }
+
+/// `slots[c]` is `c << SLOT_SHIFT` bytes past `slots[0]`; the sequences compute it from
+/// the CPU number they read.
+const SLOT_SHIFT: u32 = 7;
+const GUARD_OFFSET: i32 = offset_of!(Slot, lock) as i32;
+const HEAD_OFFSET: i32 = offset_of!(Slot, head) as i32;
+const _: () = assert!(core::mem::size_of::<CachePadded<Slot>>() == 1 << SLOT_SHIFT);
+const _: () = assert!(
+    HEAD_OFFSET - GUARD_OFFSET < 64,
+    "guard and head share a line"
+);
 
 /// Per-CPU LIFO lists, of values or of boxed [`Node`]s.
 ///
@@ -202,30 +217,72 @@ impl<T> Stack<T> {
     #[inline]
     pub fn push(&self, node: Box<Node<T>>) {
         let node = Box::into_raw(node);
+        // One attempt inline; the first use, retries and the locked path stay out of
+        // line, so a call site carries only the sequence itself.
+        if let Some(rseq) = remote::fast_path_area() {
+            if self.try_push(rseq.as_ptr(), node) == Outcome::Committed(()) {
+                return;
+            }
+        }
+        self.push_retry(node);
+    }
+
+    /// One restartable push onto the current CPU's list.
+    #[inline(always)]
+    fn try_push(&self, rseq: *mut Rseq, node: *mut Node<T>) -> Outcome {
+        #[cfg(any(test, feature = "__test-hooks"))]
+        if crate::test_hooks::stack_guard_broken() {
+            return self.try_push_ignoring_the_lock(rseq, node);
+        }
+        // SAFETY: (1) `rseq` is this thread's area; (2) the table has `slots.len()` slots
+        // laid out as the constants say (the sequence refuses a CPU beyond them); each
+        // head is written only by sequences on its CPU, which check its lock word, and
+        // by holders of that lock, which fence those sequences (crate::remote); (3) we
+        // own `node` until the commit publishes it, and its link is at NEXT_OFFSET (0).
+        unsafe {
+            arch::push_guarded_on_current_cpu::<SLOT_SHIFT, GUARD_OFFSET, HEAD_OFFSET>(
+                rseq,
+                self.base(),
+                self.slots.len(),
+                node.cast(),
+            )
+        }
+    }
+
+    /// The mutation of the stress tests: a push whose sequence ignores the lock word.
+    #[cfg(any(test, feature = "__test-hooks"))]
+    #[inline(never)]
+    fn try_push_ignoring_the_lock(&self, rseq: *mut Rseq, node: *mut Node<T>) -> Outcome {
+        static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
+        // SAFETY: `rseq` is the calling thread's live area.
+        let cpu = unsafe { crate::cpu::load_u32(&raw const (*rseq).cpu_id_start) };
+        let Some(slot) = self.slots.get(cpu as usize) else {
+            return Outcome::Aborted;
+        };
+        let head = slot.head.load(Ordering::Relaxed);
+        // SAFETY: we own `node` until the commit publishes it.
+        unsafe { (*node).next.store(head, Ordering::Relaxed) };
+        // SAFETY: as in `try_push`, but for the guard, which is broken on purpose.
+        unsafe {
+            arch::compare_store_guarded(
+                rseq,
+                NEVER_HELD.as_ptr(),
+                slot.head.as_ptr(),
+                head,
+                node as usize,
+                cpu,
+            )
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn push_retry(&self, node: *mut Node<T>) {
         let pushed = remote::on_current_cpu(self.slots.len(), |rseq, cpu| {
-            let slot = &self.slots[cpu as usize];
-            // Relaxed: only this CPU's sequences change `head` (or a lock holder, which
-            // the guard check excludes); the sequence compares it again.
-            let head = slot.head.load(Ordering::Relaxed);
-            // SAFETY: we own `node` until the commit publishes it.
-            unsafe { (*node).next.store(head, Ordering::Relaxed) };
-            // SAFETY: (1) `rseq` is this thread's area; (2) `head` is written only by
-            // sequences expecting this slot's CPU, which check `lock`, and by holders of
-            // `lock`, which fence those sequences (crate::remote).
-            let outcome = unsafe {
-                arch::compare_store_guarded(
-                    rseq,
-                    guard_of(slot),
-                    slot.head.as_ptr(),
-                    head,
-                    node as usize,
-                    cpu,
-                )
-            };
-            match outcome {
+            match self.try_push(rseq, node) {
                 Outcome::Committed(()) => Attempt::Done(()),
                 Outcome::CompareFailed => Attempt::Retry, // the head moved under us
-                Outcome::Aborted => slot.lock.aborted(),
+                Outcome::Aborted => self.slots[cpu as usize].lock.aborted(),
             }
         });
         if pushed.is_none() {
@@ -253,27 +310,81 @@ impl<T> Stack<T> {
     /// [`steal`](Stack::steal), [`pop_or_steal`](Stack::pop_or_steal)).
     #[inline]
     pub fn pop(&self) -> Option<Box<Node<T>>> {
-        let popped = remote::on_current_cpu(self.slots.len(), |rseq, cpu| {
-            let slot = &self.slots[cpu as usize];
-            // SAFETY: (1) as in `push`; (2) every non-zero head is a node on this list
-            // whose `next` is at NEXT_OFFSET and which nobody can free before this
-            // sequence commits or restarts.
-            let outcome = unsafe {
-                arch::pop_guarded(
-                    rseq,
-                    guard_of(slot),
-                    slot.head.as_ptr(),
-                    0,
-                    NEXT_OFFSET,
-                    cpu,
-                )
-            };
-            match outcome {
-                Outcome::Committed(head) => Attempt::Done(head as *mut Node<T>),
-                Outcome::CompareFailed => Attempt::Done(core::ptr::null_mut()),
-                Outcome::Aborted => slot.lock.aborted(),
+        if let Some(rseq) = remote::fast_path_area() {
+            match self.try_pop(rseq.as_ptr()) {
+                // SAFETY: the node left the list in the commit: it is ours, and it came
+                // from `Box::into_raw` in `push`.
+                Outcome::Committed(node) => return Some(unsafe { Box::from_raw(node) }),
+                Outcome::CompareFailed => return None,
+                Outcome::Aborted => {}
             }
-        });
+        }
+        self.pop_retry()
+    }
+
+    /// One restartable pop from the current CPU's list: the node, or `CompareFailed`
+    /// when the list is empty.
+    #[inline(always)]
+    fn try_pop(&self, rseq: *mut Rseq) -> Outcome<*mut Node<T>> {
+        #[cfg(any(test, feature = "__test-hooks"))]
+        if crate::test_hooks::stack_guard_broken() {
+            return self.try_pop_ignoring_the_lock(rseq);
+        }
+        // SAFETY: (1) and (2) as in `try_push`; (3) every non-zero head is a node on
+        // this list whose link is at NEXT_OFFSET and which nobody can free before this
+        // sequence commits or restarts.
+        let outcome = unsafe {
+            arch::pop_guarded_on_current_cpu::<
+                SLOT_SHIFT,
+                GUARD_OFFSET,
+                HEAD_OFFSET,
+                { NEXT_OFFSET as i32 },
+            >(rseq, self.base(), self.slots.len())
+        };
+        match outcome {
+            Outcome::Committed(head) => Outcome::Committed(head as *mut Node<T>),
+            Outcome::CompareFailed => Outcome::CompareFailed,
+            Outcome::Aborted => Outcome::Aborted,
+        }
+    }
+
+    /// The mutation of the stress tests: a pop whose sequence ignores the lock word.
+    #[cfg(any(test, feature = "__test-hooks"))]
+    #[inline(never)]
+    fn try_pop_ignoring_the_lock(&self, rseq: *mut Rseq) -> Outcome<*mut Node<T>> {
+        static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
+        // SAFETY: `rseq` is the calling thread's live area.
+        let cpu = unsafe { crate::cpu::load_u32(&raw const (*rseq).cpu_id_start) };
+        let Some(slot) = self.slots.get(cpu as usize) else {
+            return Outcome::Aborted;
+        };
+        // SAFETY: as in `try_pop`, but for the guard, which is broken on purpose.
+        let outcome = unsafe {
+            arch::pop_guarded(
+                rseq,
+                NEVER_HELD.as_ptr(),
+                slot.head.as_ptr(),
+                0,
+                NEXT_OFFSET,
+                cpu,
+            )
+        };
+        match outcome {
+            Outcome::Committed(head) => Outcome::Committed(head as *mut Node<T>),
+            Outcome::CompareFailed => Outcome::CompareFailed,
+            Outcome::Aborted => Outcome::Aborted,
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn pop_retry(&self) -> Option<Box<Node<T>>> {
+        let popped =
+            remote::on_current_cpu(self.slots.len(), |rseq, cpu| match self.try_pop(rseq) {
+                Outcome::Committed(node) => Attempt::Done(node),
+                Outcome::CompareFailed => Attempt::Done(core::ptr::null_mut()),
+                Outcome::Aborted => self.slots[cpu as usize].lock.aborted(),
+            });
         match popped {
             // SAFETY: the node left the list in the commit: it is ours, and it came from
             // `Box::into_raw` in `push`.
@@ -290,6 +401,12 @@ impl<T> Stack<T> {
         let node = unsafe { unlink(slot) };
         slot.lock.unlock();
         node
+    }
+
+    /// The first slot, which the sequences index from.
+    #[inline(always)]
+    fn base(&self) -> *mut u8 {
+        self.slots.as_ptr().cast_mut().cast()
     }
 
     /// Pops the most recently pushed node of CPU `cpu`'s list, from any thread.
@@ -337,19 +454,6 @@ impl<T> Stack<T> {
             slots: self.slots.len(),
         })
     }
-}
-
-/// The word the fast paths of `slot` check: its lock word. Test builds can break the
-/// check on purpose ([`crate::test_hooks::break_stack_guard`]) by pointing the
-/// sequences at a word that is always 0, so they ignore remote owners.
-#[inline(always)]
-fn guard_of(slot: &Slot) -> *const usize {
-    #[cfg(any(test, feature = "__test-hooks"))]
-    if crate::test_hooks::stack_guard_broken() {
-        static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
-        return NEVER_HELD.as_ptr();
-    }
-    slot.lock.guard()
 }
 
 /// Pushes `node` on `slot`'s list.

@@ -257,6 +257,13 @@ pub fn cpu_list_count(list: &str) -> Option<usize> {
 /// The number of CPU ids the kernel may ever report (`/sys/.../cpu/possible`, the
 /// highest id plus one): the length of every per-CPU array. Read once per process.
 ///
+/// It is a bound the kernel keeps: every CPU number it reports (`cpu_id_start`,
+/// `cpu_id`, `getcpu`) is below it, so per-CPU tables of this length cover every CPU
+/// (the sequences still compare the CPU with the table length, in a register, so memory
+/// safety never rests on this bound). Where `/sys` cannot be read, the bound is the
+/// larger of the configured CPUs and the bits of the kernel's CPU mask (the size
+/// `sched_getaffinity` reports, which covers every CPU id the kernel has).
+///
 /// Never allocates (the file is read into a buffer on the stack), so that a global
 /// allocator built on cpulocal ([`crate::alloc::CpuCache`]) can call it.
 pub fn possible_cpus() -> usize {
@@ -271,8 +278,8 @@ pub fn possible_cpus() -> usize {
                 .and_then(cpu_list_span)
                 .unwrap_or_else(|| {
                     // SAFETY: sysconf has no preconditions.
-                    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
-                    n.max(1) as usize
+                    let configured = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+                    (configured.max(1) as usize).max(kernel_cpumask_bits())
                 })
                 .max(1);
             POSSIBLE.store(n, Ordering::Relaxed);
@@ -280,6 +287,32 @@ pub fn possible_cpus() -> usize {
         }
         n => n,
     }
+}
+
+/// The number of bits in the kernel's CPU masks (`nr_cpu_ids` rounded up to a whole
+/// `long`): what the raw `sched_getaffinity` system call copies out, times 8. Every CPU
+/// id is below it. 0 if the call keeps failing (or the mask is larger than 32768 CPUs).
+///
+/// Never allocates (the mask is a buffer on the stack), like [`possible_cpus`].
+pub fn kernel_cpumask_bits() -> usize {
+    /// 32768 CPUs, four times the kernel's largest `NR_CPUS` today.
+    const MAX_WORDS: usize = 512;
+    let mut mask = [0u64; MAX_WORDS];
+    let mut words = 16usize; // 1024 CPUs, doubled while the kernel's mask is larger
+    while words <= MAX_WORDS {
+        // SAFETY: the raw system call writes at most `words * 8` bytes into `mask`,
+        // which has room for `MAX_WORDS >= words` words.
+        let copied =
+            unsafe { libc::syscall(libc::SYS_sched_getaffinity, 0, words * 8, mask.as_mut_ptr()) };
+        if copied > 0 {
+            return copied as usize * 8;
+        }
+        if Errno::last().0 != libc::EINVAL {
+            return 0;
+        }
+        words *= 2;
+    }
+    0
 }
 
 /// Reads a small text file into `buf` without allocating; `None` on any error, or when
@@ -514,6 +547,53 @@ mod tests {
         assert_eq!(cpu_list_span("3-1"), None);
         assert_eq!(cpu_list_span("x"), None);
         assert_eq!(cpu_list_span(""), None);
+    }
+
+    #[test]
+    fn the_kernel_cpu_mask_covers_the_possible_cpus() {
+        // The fallback bound of `possible_cpus` must never be below the real one.
+        assert!(kernel_cpumask_bits() >= possible_cpus());
+        assert_eq!(kernel_cpumask_bits() % 64, 0);
+    }
+
+    #[test]
+    fn every_cpu_the_kernel_reports_is_below_possible_cpus() {
+        // The promise the unchecked slot indexing of the sequences rests on: on every CPU
+        // this process may run on, the CPU number read is below `possible_cpus`.
+        std::thread::spawn(|| {
+            // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+            let mut allowed: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+            // SAFETY: `allowed` is a live cpu_set_t of the size passed.
+            let got = unsafe {
+                libc::sched_getaffinity(0, core::mem::size_of_val(&allowed), &mut allowed)
+            };
+            assert_eq!(got, 0);
+            let mut checked = 0;
+            for cpu in 0..libc::CPU_SETSIZE as usize {
+                // SAFETY: `cpu` is below CPU_SETSIZE.
+                if !unsafe { libc::CPU_ISSET(cpu, &allowed) } {
+                    continue;
+                }
+                // SAFETY: as above.
+                let mut one: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+                // SAFETY: `cpu` is below CPU_SETSIZE.
+                unsafe { libc::CPU_SET(cpu, &mut one) };
+                // SAFETY: `one` is a live cpu_set_t of the size passed.
+                if unsafe { libc::sched_setaffinity(0, core::mem::size_of_val(&one), &one) } != 0 {
+                    continue; // e.g. a CPU that went offline meanwhile
+                }
+                let seen = crate::current_cpu() as usize;
+                assert!(
+                    seen < possible_cpus(),
+                    "CPU {seen} with {} possible",
+                    possible_cpus()
+                );
+                checked += 1;
+            }
+            assert!(checked >= 1);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

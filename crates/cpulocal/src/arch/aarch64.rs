@@ -29,11 +29,9 @@ use crate::abi::{Rseq, RSEQ_SIG};
 /// documentation).
 pub(crate) const HAS_RSEQ: bool = cfg!(target_endian = "little");
 
-/// Opens a critical section `[4, 5)` with abort label `6`: emits its descriptor, arms
-/// `rseq->rseq_cs`, and checks that the thread is still on `{cpu}`.
-///
-/// Operands used: `{rseq}`, `{cpu}`, `{tmp}`, `{moved}` (the Rust label for "not on `{cpu}`").
-macro_rules! rseq_start {
+/// Emits the descriptor of a critical section `[4, 5)` with abort label `6` (label `3`,
+/// in `__rseq_cs`).
+macro_rules! rseq_descriptor {
     () => {
         concat!(
             ".pushsection __rseq_cs, \"aw\"\n",
@@ -46,6 +44,17 @@ macro_rules! rseq_start {
             ".pushsection __rseq_cs_ptr_array, \"aw\"\n",
             ".quad 3b\n",
             ".popsection\n",
+        )
+    };
+}
+
+/// Arms `rseq->rseq_cs` with the descriptor `3`, opens the section (label `4`) and
+/// checks that the thread is still on `{cpu}`.
+///
+/// Operands used: `{rseq}`, `{cpu}`, `{tmp}`, `{moved}` (the Rust label for "not on `{cpu}`").
+macro_rules! rseq_arm_and_check_cpu {
+    () => {
+        concat!(
             "adrp {tmp}, 3b\n",
             "add {tmp}, {tmp}, :lo12:3b\n",
             "str {tmp}, [{rseq}, #8]\n",
@@ -55,6 +64,38 @@ macro_rules! rseq_start {
             // `{moved}`, not `6f`: see the module documentation (branch range).
             "b.ne {moved}\n",
             rseq_test_delay!(),
+        )
+    };
+}
+
+/// Opens a critical section `[4, 5)` with abort label `6`: emits its descriptor, arms
+/// `rseq->rseq_cs`, and checks that the thread is still on `{cpu}`.
+///
+/// Operands used: `{rseq}`, `{cpu}`, `{tmp}`, `{moved}` (the Rust label for "not on `{cpu}`").
+macro_rules! rseq_start {
+    () => {
+        concat!(rseq_descriptor!(), rseq_arm_and_check_cpu!())
+    };
+}
+
+/// Opens a critical section on the CPU the thread runs on, all in the one asm block:
+/// reads `cpu_id_start` into `{cpu}`, leaves for `{moved}` unless `{cpu} < {len}`,
+/// points `{slot}` at `{base} + ({cpu} << {shift})` (one `add` with a shifted operand),
+/// emits the descriptor, arms `rseq->rseq_cs` and checks `cpu_id == {cpu}`. As on
+/// x86_64, a migration between the read and the check leaves `cpu_id != {cpu}`, and the
+/// check moves out.
+///
+/// Operands used: `{rseq}`, `{base}`, `{len}`, `{shift}` (a `const`), `{cpu}`, `{slot}`,
+/// `{tmp}`, `{moved}`.
+macro_rules! rseq_start_on_current_cpu {
+    () => {
+        concat!(
+            rseq_descriptor!(),
+            "ldr {cpu:w}, [{rseq}]\n",
+            "cmp {cpu}, {len}\n",
+            "b.hs {moved}\n",
+            "add {slot}, {base}, {cpu}, lsl #{shift}\n",
+            rseq_arm_and_check_cpu!(),
         )
     };
 }
@@ -479,6 +520,14 @@ pub(crate) unsafe fn compare_store_guarded(
 ///
 /// As for [`pop`], and `guard` is valid for reads of a `usize`.
 #[inline(always)]
+#[cfg_attr(
+    not(any(test, feature = "__test-hooks")),
+    allow(
+        dead_code,
+        reason = "Stack's fast path pops through `pop_guarded_on_current_cpu`; \
+              this one serves the broken-guard mutation and the arch tests"
+    )
+)]
 pub(crate) unsafe fn pop_guarded(
     rseq: *mut Rseq,
     guard: *const usize,
@@ -772,6 +821,229 @@ pub(crate) unsafe fn slab_pop_without_restart(
         );
     }
     Outcome::Committed(item)
+}
+
+/// `*(base + (cpu << SHIFT)) += count`, where `cpu` is the CPU the thread runs on,
+/// read from `cpu_id_start` inside the same asm block.
+///
+/// ```text
+/// cpu = rseq->cpu_id_start
+/// if cpu >= len: abort (moved)
+/// slot = base + (cpu << SHIFT)
+/// if rseq->cpu_id != cpu: abort (moved)
+/// tmp = *slot
+/// tmp += count
+/// *slot = tmp                       commit
+/// ```
+///
+/// # Safety
+///
+/// 1. `rseq` is the calling thread's registered area.
+/// 2. For every `c < len`, `base + (c << SHIFT)` is valid for reads and writes of a
+///    `usize`, aligned, and every other write to it is made by a sequence that runs on
+///    `c` (or under a lock that excludes them). A CPU at or beyond `len` aborts (moved)
+///    before any store.
+#[inline(always)]
+pub(crate) unsafe fn add_on_current_cpu<const SHIFT: u32>(
+    rseq: *mut Rseq,
+    base: *mut u8,
+    len: usize,
+    count: usize,
+) -> Outcome {
+    // SAFETY: (1) descriptor, signature and labels follow the layout of `arch/mod.rs`;
+    // (2) the only store is the commit, to the slot of the CPU read, which the caller
+    // vouches for; the kernel restarts the section rather than let it finish elsewhere.
+    unsafe {
+        asm!(
+            rseq_start_on_current_cpu!(),
+            "ldr {tmp}, [{slot}]",
+            "add {tmp}, {tmp}, {count}",
+            "str {tmp}, [{slot}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            base = in(reg) base,
+            len = in(reg) len,
+            shift = const SHIFT,
+            count = in(reg) count,
+            cpu = out(reg) _,
+            slot = out(reg) _,
+            tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
+            sig = const RSEQ_SIG,
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// [`add_on_current_cpu`] with a compile-time count (at most `i32::MAX`, as on x86_64).
+/// aarch64 adds in a register either way (load, add, store), so the count is simply
+/// passed in one.
+///
+/// # Safety
+///
+/// As for [`add_on_current_cpu`].
+#[inline(always)]
+pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32>(
+    rseq: *mut Rseq,
+    base: *mut u8,
+    len: usize,
+) -> Outcome {
+    const {
+        assert!(
+            COUNT <= i32::MAX as u32,
+            "the count must fit in an i32 immediate"
+        )
+    };
+    // SAFETY: the caller's contract, which is `add_on_current_cpu`'s.
+    unsafe { add_on_current_cpu::<SHIFT>(rseq, base, len, COUNT as usize) }
+}
+
+/// Guarded list push on the CPU the thread runs on: the slot is `base + (cpu << SHIFT)`,
+/// with the CPU's lock word `GUARD` bytes and the list head `HEAD` bytes into it.
+///
+/// ```text
+/// cpu = rseq->cpu_id_start
+/// if cpu >= len: abort (moved)
+/// slot = base + (cpu << SHIFT)
+/// if rseq->cpu_id != cpu: abort (moved)
+/// if slot.guard != 0: abort (moved) ldar: the CPU's lock is held (by a remote owner)
+/// *node = slot.head                 tentative: the node is still the caller's
+/// slot.head = node                  commit
+/// ```
+///
+/// The guard is read with `ldar`, as in [`compare_store_guarded`]. The head is read
+/// inside the section, so no compare is needed.
+///
+/// # Safety
+///
+/// As for [`add_on_current_cpu`] for the head word of every slot (the guard word is only
+/// read), and: `node` is valid for a `usize` write, and nobody reads it as a list link
+/// before seeing the commit.
+#[inline(always)]
+pub(crate) unsafe fn push_guarded_on_current_cpu<
+    const SHIFT: u32,
+    const GUARD: i32,
+    const HEAD: i32,
+>(
+    rseq: *mut Rseq,
+    base: *mut u8,
+    len: usize,
+    node: *mut usize,
+) -> Outcome {
+    // SAFETY: as in `add_on_current_cpu`; the store before the commit goes to `node`,
+    // which is invisible as a link until the commit publishes it.
+    unsafe {
+        asm!(
+            rseq_start_on_current_cpu!(),
+            "add {tmp}, {slot}, #{guard}",
+            "ldar {tmp}, [{tmp}]",
+            "cbnz {tmp}, {moved}",
+            "ldr {tmp}, [{slot}, #{head}]",
+            "str {tmp}, [{node}]",
+            "str {node}, [{slot}, #{head}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            base = in(reg) base,
+            len = in(reg) len,
+            shift = const SHIFT,
+            guard = const GUARD,
+            head = const HEAD,
+            node = in(reg) node,
+            cpu = out(reg) _,
+            slot = out(reg) _,
+            tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
+            sig = const RSEQ_SIG,
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// Guarded list pop on the CPU the thread runs on (slot layout as for
+/// [`push_guarded_on_current_cpu`]; a node's link is `NEXT` bytes into it).
+///
+/// ```text
+/// cpu = rseq->cpu_id_start
+/// if cpu >= len: abort (moved)
+/// slot = base + (cpu << SHIFT)
+/// if rseq->cpu_id != cpu: abort (moved)
+/// if slot.guard != 0: abort (moved) ldar
+/// head = slot.head
+/// if head == 0: compare failed      the list is empty
+/// slot.head = *(head + NEXT)        commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`push_guarded_on_current_cpu`], and: every non-zero head is an address at
+/// which `NEXT` bytes further a `usize` is readable.
+#[inline(always)]
+pub(crate) unsafe fn pop_guarded_on_current_cpu<
+    const SHIFT: u32,
+    const GUARD: i32,
+    const HEAD: i32,
+    const NEXT: i32,
+>(
+    rseq: *mut Rseq,
+    base: *mut u8,
+    len: usize,
+) -> Outcome<usize> {
+    let mut head: usize = 0;
+    // SAFETY: as in `add_on_current_cpu`; the store before the commit goes to the local
+    // `head` only, which no other thread can see.
+    unsafe {
+        asm!(
+            rseq_start_on_current_cpu!(),
+            "add {tmp}, {slot}, #{guard}",
+            "ldar {tmp}, [{tmp}]",
+            "cbnz {tmp}, {moved}",
+            "ldr {tmp}, [{slot}, #{head_off}]",
+            "cbz {tmp}, {empty}",
+            "str {tmp}, [{out}]",
+            "ldr {tmp}, [{tmp}, #{next}]",
+            "str {tmp}, [{slot}, #{head_off}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            base = in(reg) base,
+            len = in(reg) len,
+            shift = const SHIFT,
+            guard = const GUARD,
+            head_off = const HEAD,
+            next = const NEXT,
+            out = in(reg) &mut head,
+            cpu = out(reg) _,
+            slot = out(reg) _,
+            tmp = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
+            sig = const RSEQ_SIG,
+            empty = label { return Outcome::CompareFailed; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(head)
 }
 
 /// Test builds only: a deliberately *broken* add — load, delay, add, store, with no

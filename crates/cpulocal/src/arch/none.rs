@@ -41,3 +41,54 @@ unreachable_primitive! {
 unreachable_primitive! {
     slab_pop_without_restart(guard: *const usize, hdr: *mut usize, cpu: u32) -> Outcome<usize>;
 }
+
+/// Never called: without sequences no thread holds a registered area.
+#[allow(clippy::missing_safety_doc)]
+pub(crate) unsafe fn add_on_current_cpu<const SHIFT: u32>(
+    _rseq: *mut Rseq,
+    _base: *mut u8,
+    _len: usize,
+    _count: usize,
+) -> Outcome {
+    Outcome::Aborted
+}
+
+/// Never called: without sequences no thread holds a registered area.
+#[allow(clippy::missing_safety_doc)]
+pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32>(
+    _rseq: *mut Rseq,
+    _base: *mut u8,
+    _len: usize,
+) -> Outcome {
+    Outcome::Aborted
+}
+
+/// Never called: without sequences no thread holds a registered area.
+#[allow(clippy::missing_safety_doc)]
+pub(crate) unsafe fn push_guarded_on_current_cpu<
+    const SHIFT: u32,
+    const GUARD: i32,
+    const HEAD: i32,
+>(
+    _rseq: *mut Rseq,
+    _base: *mut u8,
+    _len: usize,
+    _node: *mut usize,
+) -> Outcome {
+    Outcome::Aborted
+}
+
+/// Never called: without sequences no thread holds a registered area.
+#[allow(clippy::missing_safety_doc)]
+pub(crate) unsafe fn pop_guarded_on_current_cpu<
+    const SHIFT: u32,
+    const GUARD: i32,
+    const HEAD: i32,
+    const NEXT: i32,
+>(
+    _rseq: *mut Rseq,
+    _base: *mut u8,
+    _len: usize,
+) -> Outcome<usize> {
+    Outcome::Aborted
+}
