@@ -1050,10 +1050,8 @@ fn guarded_push_and_pop_on_current_cpu_use_the_slot_of_cpu_id_start_while_its_gu
     let popped = unsafe { pop_current(&mut a, &mut slots) };
     assert_eq!(popped, Outcome::Committed(&raw mut first as usize));
     // SAFETY: the list is empty.
-    assert_eq!(
-        unsafe { pop_current(&mut a, &mut slots) },
-        Outcome::CompareFailed
-    );
+    let empty = unsafe { pop_current(&mut a, &mut slots) };
+    assert_eq!(empty, Outcome::CompareFailed);
     assert_eq!(slots[CPU as usize].word, 0);
     assert_eq!((first.payload, second.payload), (1, 2));
     assert_kernel_fields_untouched(&a, CPU);
