@@ -152,6 +152,10 @@ pub(crate) fn fast_path_area() -> Option<core::ptr::NonNull<crate::abi::Rseq>> {
     // Relaxed: pairs with nothing. The flag is set after the registration for
     // membarrier-rseq; the sequences this enables need nothing from that registration
     // (the remote owners that fence them decide the scheme through the `OnceLock`).
+    #[cfg(any(test, feature = "__test-hooks"))]
+    if crate::test_hooks::slow_paths_forced() {
+        return None;
+    }
     if MEMBARRIER_SCHEME.load(Ordering::Relaxed) {
         thread::current_if_registered()
     } else {

@@ -286,8 +286,9 @@ impl<T> Stack<T> {
             }
         });
         if pushed.is_none() {
-            // SAFETY: the fast path did not publish `node` (it returns `None` only when no
-            // sequence committed), so it is still ours, from `Box::into_raw` above.
+            // SAFETY: no sequence committed (the inline attempt did not, and the loop
+            // returns `None` only when none did), so `node` is still ours, from
+            // `Box::into_raw` in `push`.
             self.push_locked(unsafe { Box::from_raw(node) });
         }
     }
