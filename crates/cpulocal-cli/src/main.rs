@@ -45,6 +45,11 @@ enum Command {
         /// Also draw the run as an SVG chart into FILE (ns/op per row, log scale).
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<std::path::PathBuf>,
+        /// Also measure the counter and stack groups' cpulocal rows, and the floor, in
+        /// every caller shape: inlined in a tight loop, called through a function
+        /// pointer ([call]), and with other work between operations ([work]).
+        #[arg(long)]
+        layout: bool,
     },
     /// Torture a structure (preemption, signals, migrations, thread churn) and check it
     /// exactly: exits 1 if anything was lost, duplicated or corrupted.
@@ -206,8 +211,9 @@ fn main() {
             quick,
             group,
             plot,
+            layout,
         } => run_bench(
-            bench::Config::new(threads.map(|t| t.0), quick, group),
+            bench::Config::new(threads.map(|t| t.0), quick, group).with_layout(layout),
             json,
             plot.as_deref(),
         ),

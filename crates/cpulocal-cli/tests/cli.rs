@@ -148,7 +148,9 @@ fn lock_group_compares_with_cpu_with_global_and_per_cpu_mutexes() {
     row(&rows, "global_mutex");
     row(&rows, "parking_lot_mutex");
     row(&rows, "percpu_mutex");
-    assert_eq!(rows.len(), 4);
+    // The floor, for the target against a thread-local increment within one run.
+    row(&rows, "tls_add");
+    assert_eq!(rows.len(), 5);
 }
 
 #[test]
@@ -185,6 +187,49 @@ fn ring_group_compares_each_record_size_with_its_own_ring_row() {
         let ns = r["ns_per_op"].as_f64().unwrap();
         assert!((per_s * ns / 1e9 - 1.0).abs() < 1e-9, "{r}");
     }
+}
+
+#[test]
+fn layout_shows_every_caller_shape_of_the_counter_and_stack_rows() {
+    for (group, op) in [("counter", "Counter::add"), ("stack", "Stack::push+pop")] {
+        let o = cpulocal(&[
+            "bench",
+            "--quick",
+            "--json",
+            "--threads",
+            "1",
+            "--group",
+            group,
+            "--layout",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let rows: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        for shape in ["", " [call]", " [work]"] {
+            // Each shape's cpulocal row is the base of its own ratios, beside the floor
+            // in the same shape.
+            let base = row(&rows, &format!("{op}{shape}"));
+            assert_eq!(base["cpulocal"], true, "{base}");
+            assert_eq!(base["ratio_to_cpulocal"], 1.0, "{base}");
+            let floor = row(&rows, &format!("tls_add{shape}"));
+            let expected =
+                floor["ns_per_op"].as_f64().unwrap() / base["ns_per_op"].as_f64().unwrap();
+            let ratio = floor["ratio_to_cpulocal"].as_f64().unwrap();
+            assert!(
+                (ratio / expected - 1.0).abs() < 1e-9,
+                "{floor} against {base}"
+            );
+        }
+        row(&rows, "work only");
+    }
+    // Without --layout, none of them.
+    let rows = quick_json_rows_of("counter");
+    assert!(rows
+        .iter()
+        .all(|r| !r["name"].as_str().unwrap().contains('[')));
 }
 
 #[test]

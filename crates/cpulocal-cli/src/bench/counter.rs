@@ -11,13 +11,17 @@ use cpulocal::ops::{self, Outcome};
 use cpulocal::{CachePadded, Counter};
 use thread_local::ThreadLocal;
 
-use super::harness::{per_cpu_slots, sum_check, tls_ptr, GroupDef, Row, Subject, TargetSpec};
+use super::harness::{
+    per_cpu_slots, run_shaped, sum_check, tls_ptr, GroupDef, OpFn, Row, Shape, Subject, TargetSpec,
+    WorkOnly,
+};
 
 /// The group, as [`super::Group::ALL`] lists it.
 pub(crate) const GROUP: GroupDef = GroupDef {
     name: "counter",
     uses_remote_scheme: false,
     rows,
+    layout_rows: Some(layout_rows),
     legend: &LEGEND,
     targets: &TARGETS,
     records_per_s: false,
@@ -30,11 +34,21 @@ thread_local! {
     static TLS_COUNT: Cell<u64> = const { Cell::new(0) };
 }
 
-/// The floor: a thread-local `Cell<u64>` incremented; each thread adds its count to
-/// `total` when done.
-#[derive(Default)]
-struct TlsAdd {
+/// The floor: a thread-local `Cell<u64>` incremented (in a caller [`Shape`]); each
+/// thread adds its count to `total` when done. The stack and lock groups carry it too,
+/// so their targets against the floor are ratios within one run.
+pub(super) struct TlsAdd {
     total: AtomicU64,
+    shape: Shape,
+}
+
+impl TlsAdd {
+    pub(super) fn new(shape: Shape) -> TlsAdd {
+        TlsAdd {
+            total: AtomicU64::new(0),
+            shape,
+        }
+    }
 }
 
 impl Subject for TlsAdd {
@@ -42,11 +56,15 @@ impl Subject for TlsAdd {
     fn work(&self, ops: u64) {
         TLS_COUNT.set(0);
         let cell = tls_ptr(&TLS_COUNT);
-        for _ in 0..ops {
-            // SAFETY: `cell` is this thread's live `TLS_COUNT`, which nothing else
-            // references while the loop runs.
-            unsafe { cell.write_volatile(cell.read_volatile() + black_box(1)) };
-        }
+        run_shaped(
+            self.shape,
+            ops,
+            &OpFn(|| {
+                // SAFETY: `cell` is this thread's live `TLS_COUNT`, which nothing else
+                // references while the loop runs.
+                unsafe { cell.write_volatile(cell.read_volatile() + black_box(1)) };
+            }),
+        );
         self.total.fetch_add(TLS_COUNT.get(), Ordering::Relaxed);
     }
 
@@ -180,17 +198,46 @@ impl Subject for Locked {
     }
 }
 
-/// cpulocal's `Counter`.
-#[derive(Default)]
+/// How a [`CounterAdd`] row adds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Count {
+    /// `add(1)`: the count a caller writes, a constant.
+    One,
+    /// `inc()`: the count in the instruction.
+    Inc,
+    /// `add(n)` with `n` known only at run time (read once through `black_box`, then
+    /// kept in a register).
+    RunTime,
+}
+
+/// cpulocal's `Counter`, in a caller [`Shape`].
 struct CounterAdd {
     counter: Counter,
+    shape: Shape,
+    count: Count,
+}
+
+impl CounterAdd {
+    fn new(shape: Shape, count: Count) -> CounterAdd {
+        CounterAdd {
+            counter: Counter::new(),
+            shape,
+            count,
+        }
+    }
 }
 
 impl Subject for CounterAdd {
     #[inline(never)]
     fn work(&self, ops: u64) {
-        for _ in 0..ops {
-            self.counter.add(black_box(1));
+        let c = &self.counter;
+        match self.count {
+            Count::One => run_shaped(self.shape, ops, &OpFn(|| c.add(1))),
+            Count::Inc => run_shaped(self.shape, ops, &OpFn(|| c.inc())),
+            Count::RunTime => {
+                let n = black_box(1);
+                run_shaped(self.shape, ops, &OpFn(|| c.add(n)));
+            }
         }
     }
 
@@ -362,7 +409,7 @@ impl Subject for ThreadLocalAdd {
 
 fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
     vec![
-        Row::cpulocal("Counter::add", CounterAdd::default()),
+        Row::cpulocal("Counter::add", CounterAdd::new(Shape::Inline, Count::One)),
         Row::new(
             "rseq_add",
             RseqAdd {
@@ -374,15 +421,68 @@ fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
         Row::new("shared_fetch_add", SharedAtomic::default()),
         Row::new("mutex", Locked::default()),
         Row::new("ThreadLocal<Cell>", ThreadLocalAdd::default()),
-        Row::new("tls_add", TlsAdd::default()),
+        Row::new("tls_add", TlsAdd::new(Shape::Inline)),
         Row::cpulocal("Counter::sum", CounterSum::default()).in_class(1),
         Row::new("padded_sum", PaddedSum::default()).in_class(1),
     ]
 }
 
+/// With `--layout`: `Counter::add` and the floor in the other caller shapes, and the
+/// other ways to pass the count.
+fn layout_rows() -> Vec<Row> {
+    vec![
+        Row::new("Counter::inc", CounterAdd::new(Shape::Inline, Count::Inc)),
+        Row::new(
+            "Counter::add(n)",
+            CounterAdd::new(Shape::Inline, Count::RunTime),
+        ),
+        Row::cpulocal(
+            "Counter::add [call]",
+            CounterAdd::new(Shape::Call, Count::One),
+        )
+        .in_class(Shape::Call.class()),
+        Row::new("tls_add [call]", TlsAdd::new(Shape::Call)).in_class(Shape::Call.class()),
+        Row::cpulocal(
+            "Counter::add [work]",
+            CounterAdd::new(Shape::Work, Count::One),
+        )
+        .in_class(Shape::Work.class()),
+        Row::new("tls_add [work]", TlsAdd::new(Shape::Work)).in_class(Shape::Work.class()),
+        Row::new("work only", WorkOnly).in_class(Shape::Work.class()),
+    ]
+}
+
 /// What each row name stands for, for the legend under the table.
-const LEGEND: [(&str, &str); 10] = [
-    ("Counter::add", "cpulocal::Counter::add"),
+const LEGEND: [(&str, &str); 17] = [
+    (
+        "Counter::add",
+        "cpulocal::Counter::add(1), inlined in a tight loop",
+    ),
+    (
+        "Counter::inc",
+        "cpulocal::Counter::inc (the count in the instruction)",
+    ),
+    (
+        "Counter::add(n)",
+        "cpulocal::Counter::add(n), n known at run time only (in a register)",
+    ),
+    (
+        "Counter::add [call]",
+        "Counter::add(1) called through a function pointer, never inlined",
+    ),
+    (
+        "Counter::add [work]",
+        "Counter::add(1) with other work (12 dependent ALU ops) between calls",
+    ),
+    (
+        "tls_add [call]",
+        "the floor, called through a function pointer",
+    ),
+    (
+        "tls_add [work]",
+        "the floor, with the same other work between increments",
+    ),
+    ("work only", "the other work of the [work] rows alone"),
     (
         "rseq_add",
         "cpulocal::ops::add on per-CPU words, retry loop (hand-written reference)",
@@ -419,7 +519,7 @@ const LEGEND: [(&str, &str); 10] = [
 ];
 
 /// The targets on this group's rows.
-const TARGETS: [TargetSpec; 3] = [
+const TARGETS: [TargetSpec; 5] = [
     TargetSpec {
         target: "Counter::add within 1.2x of the hand-written rseq add",
         threads: 1,
@@ -443,5 +543,21 @@ const TARGETS: [TargetSpec; 3] = [
         denominator: "Counter::add",
         bound: 1.7,
         at_most: false,
+    },
+    TargetSpec {
+        target: "Counter::add no slower than the thread_local crate's ThreadLocal<Cell>",
+        threads: 1,
+        numerator: "Counter::add",
+        denominator: "ThreadLocal<Cell>",
+        bound: 1.0,
+        at_most: true,
+    },
+    TargetSpec {
+        target: "Counter::add within 1.3x of a plain thread-local increment",
+        threads: 1,
+        numerator: "Counter::add",
+        denominator: "tls_add",
+        bound: 1.3,
+        at_most: true,
     },
 ];

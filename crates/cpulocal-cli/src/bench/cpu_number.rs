@@ -13,6 +13,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     name: "cpu-number",
     uses_remote_scheme: false,
     rows,
+    layout_rows: None,
     legend: &LEGEND,
     targets: &TARGETS,
     records_per_s: false,

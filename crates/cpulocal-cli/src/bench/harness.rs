@@ -2,6 +2,7 @@
 //! [`GroupDef`] a group registers, and the timed, calibrated, checked runs.
 
 use std::cell::Cell;
+use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,9 @@ pub(crate) struct GroupDef {
     pub(crate) uses_remote_scheme: bool,
     /// The group's rows on this machine; rows that cannot run here add a note instead.
     pub(crate) rows: fn(&mut Vec<String>) -> Vec<Row>,
+    /// With `--layout`: rows measuring the group's cpulocal operation (and its floor) in
+    /// the other caller [`Shape`]s, appended to [`rows`](GroupDef::rows).
+    pub(crate) layout_rows: Option<fn() -> Vec<Row>>,
     /// What each row name stands for, for the legend under the table.
     pub(crate) legend: &'static [(&'static str, &'static str)],
     /// The targets on the group's rows.
@@ -38,6 +42,114 @@ pub(crate) struct TargetSpec {
     pub(crate) denominator: &'static str,
     pub(crate) bound: f64,
     pub(crate) at_most: bool,
+}
+
+/// How a row's loop reaches its operation (`cpulocal bench --layout` shows all three):
+/// the same operation can cost differently depending on the code around it, and a fast
+/// path must be fast in each, not only in the tightest loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// The operation inlined in a tight loop (the default rows).
+    Inline,
+    /// Each operation a call through a function pointer to an `#[inline(never)]`
+    /// function: nothing is hoisted out of the loop, every call starts afresh.
+    Call,
+    /// [`other_work`] between two operations: the operation overlaps with unrelated
+    /// dependent arithmetic, as in a program that does something besides counting.
+    Work,
+}
+
+impl Shape {
+    /// The class of the rows of this shape: each shape's rows are compared with the
+    /// cpulocal row of the same shape.
+    pub(crate) fn class(self) -> usize {
+        // Apart from the classes groups use for their own rows (small numbers).
+        match self {
+            Shape::Inline => 0,
+            Shape::Call => 101,
+            Shape::Work => 102,
+        }
+    }
+}
+
+/// The work between two operations in [`Shape::Work`]: two xorshift steps, a chain of 12
+/// dependent register operations that touch no memory.
+#[inline(always)]
+pub(crate) fn other_work(mut x: u64) -> u64 {
+    for _ in 0..2 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    x
+}
+
+/// One operation of a row, for [`run_shaped`]. Implementations mark `op`
+/// `#[inline(always)]`, so each shape's loop gets its own inlined copy (the
+/// [`Shape::Call`] loop calls [`call_out_of_line`], which holds that copy).
+pub(crate) trait Op {
+    /// Performs one operation.
+    fn op(&self);
+}
+
+/// A closure as an [`Op`] (for small operations, which the compiler inlines anyway).
+pub(crate) struct OpFn<F>(pub(crate) F);
+
+impl<F: Fn()> Op for OpFn<F> {
+    #[inline(always)]
+    fn op(&self) {
+        (self.0)();
+    }
+}
+
+/// Runs `o.op()` `ops` times in `shape`.
+#[inline(always)]
+pub(crate) fn run_shaped<O: Op>(shape: Shape, ops: u64, o: &O) {
+    match shape {
+        Shape::Inline => {
+            for _ in 0..ops {
+                o.op();
+            }
+        }
+        Shape::Call => {
+            // Through `black_box`, so the call cannot be inlined or devirtualised.
+            let call: fn(&O) = black_box(call_out_of_line::<O>);
+            for _ in 0..ops {
+                call(o);
+            }
+        }
+        Shape::Work => {
+            let mut x = black_box(0x9E37_79B9_7F4A_7C15);
+            for _ in 0..ops {
+                x = other_work(x);
+                o.op();
+            }
+            black_box(x);
+        }
+    }
+}
+
+/// `o.op()`, never inlined: the [`Shape::Call`] of [`run_shaped`].
+#[inline(never)]
+pub(crate) fn call_out_of_line<O: Op>(o: &O) {
+    o.op();
+}
+
+/// The cost of [`Shape::Work`]'s work alone (one "operation" is one [`other_work`]), to
+/// read the `[work]` rows against.
+pub(crate) struct WorkOnly;
+
+impl Subject for WorkOnly {
+    #[inline(never)]
+    fn work(&self, ops: u64) {
+        run_shaped(Shape::Work, ops, &OpFn(|| {}));
+    }
+
+    fn reset(&mut self, _threads: usize, _ops: u64) {}
+
+    fn check(&mut self, _expected: u64) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Finds the operations per thread that make one run of `row` last about `target`.

@@ -33,6 +33,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     name: "memory",
     uses_remote_scheme: false,
     rows: |_| Vec::new(),
+    layout_rows: None,
     legend: &[],
     targets: &[],
     records_per_s: false,

@@ -212,6 +212,10 @@ pub struct Config {
     pub quick: bool,
     /// Thread counts of the command line that `--quick` lowered to [`quick_threads`].
     pub capped: Vec<usize>,
+    /// Also measure the counter and stack groups' cpulocal rows (and floors) in every
+    /// caller shape: inlined in a tight loop, called through a function pointer, and
+    /// with other work between operations (`--layout`).
+    pub layout: bool,
 }
 
 /// The most threads a `--quick` run starts per row: 4 per online CPU (at least 8).
@@ -251,7 +255,13 @@ impl Config {
                 Duration::from_millis(20)
             },
             quick,
+            layout: false,
         }
+    }
+
+    /// The same, with every caller shape of the counter and stack groups (`--layout`).
+    pub fn with_layout(self, layout: bool) -> Config {
+        Config { layout, ..self }
     }
 }
 
@@ -389,6 +399,9 @@ pub fn run(config: &Config, mut report: impl FnMut(&[RowResult])) -> Vec<RowResu
 
 fn measure_group(group: Group, threads: usize, config: &Config) -> Vec<RowResult> {
     let mut rows = (group.0.rows)(&mut Vec::new());
+    if config.layout {
+        rows.extend(group.0.layout_rows.map(|extra| extra()).unwrap_or_default());
+    }
     let ops: Vec<u64> = rows
         .iter_mut()
         .map(|row| calibrate(group.name(), row, threads, config.target_run))
@@ -593,7 +606,9 @@ mod tests {
     #[test]
     fn every_class_has_one_cpulocal_row_and_every_row_a_legend_entry() {
         for group in Group::ALL {
-            let rows = (group.0.rows)(&mut Vec::new());
+            let mut rows = (group.0.rows)(&mut Vec::new());
+            // With `--layout`, every shape is a class with its own cpulocal row too.
+            rows.extend(group.0.layout_rows.map(|extra| extra()).unwrap_or_default());
             for class in rows.iter().map(|r| r.class) {
                 assert_eq!(
                     rows.iter()
@@ -644,6 +659,16 @@ mod tests {
             // The right names in the wrong group or at the wrong thread count are ignored.
             row("ring", "RingBuffer 16B", 2, 1.0),
             row("ring", "channel 64B", 1, 1.0),
+            // Issue 13's targets against the floors, at 1 thread.
+            row("counter", "Counter::add", 1, 1.5),
+            row("counter", "ThreadLocal<Cell>", 1, 2.0),
+            row("counter", "tls_add", 1, 1.0),
+            row("stack", "Stack::push+pop", 1, 3.0),
+            row("stack", "tls_add", 1, 1.0),
+            row("lock", "PerCpu::with_cpu", 1, 3.0),
+            row("lock", "tls_add", 1, 1.0),
+            row("ring", "RingBuffer 64B", 1, 3.0),
+            row("ring", "tls_vec 64B", 1, 2.0),
         ];
         let t = targets(&results);
         assert_eq!(t[0].pass, Some(false));
@@ -651,8 +676,14 @@ mod tests {
         assert_eq!(t[1].pass, None);
         assert_eq!(t[2].pass, Some(true));
         assert_eq!(t[3].pass, Some(false));
-        assert_eq!((t[4].measured, t[4].pass), (Some(3.5), Some(true)));
+        assert_eq!((t[4].measured, t[4].pass), (Some(0.75), Some(true)));
         assert_eq!((t[5].measured, t[5].pass), (Some(1.5), Some(false)));
-        assert_eq!((t[6].measured, t[6].pass), (Some(6.0), Some(true)));
+        assert_eq!((t[6].measured, t[6].pass), (Some(3.5), Some(true)));
+        assert_eq!((t[7].measured, t[7].pass), (Some(3.0), Some(true)));
+        assert_eq!((t[8].measured, t[8].pass), (Some(1.5), Some(false)));
+        assert_eq!((t[9].measured, t[9].pass), (Some(3.0), Some(false)));
+        assert_eq!((t[10].measured, t[10].pass), (Some(6.0), Some(true)));
+        assert_eq!((t[11].measured, t[11].pass), (Some(1.5), Some(true)));
+        assert_eq!(t.len(), 12);
     }
 }

@@ -28,6 +28,7 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     name: "remote",
     uses_remote_scheme: true,
     rows,
+    layout_rows: None,
     legend: &LEGEND,
     targets: &TARGETS,
     records_per_s: false,
