@@ -47,7 +47,7 @@ enum Command {
         plot: Option<std::path::PathBuf>,
         /// Also measure the counter and stack groups' cpulocal rows, and the floor, in
         /// every caller shape: inlined in a tight loop, called through a function
-        /// pointer ([call]), and with other work between operations ([work]).
+        /// pointer (rows marked `[call]`), and with other work between operations (`[work]`).
         #[arg(long)]
         layout: bool,
     },
