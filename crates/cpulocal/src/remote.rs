@@ -611,7 +611,9 @@ pub(crate) fn on_current_cpu<R>(
     slots: usize,
     mut attempt: impl FnMut(*mut crate::abi::Rseq, u32) -> Attempt<R>,
 ) -> Option<R> {
-    if scheme() != Scheme::Membarrier {
+    // The flag first (one load); the `OnceLock` only until the scheme is decided.
+    // Relaxed: see `fast_path_area`.
+    if !MEMBARRIER_SCHEME.load(Ordering::Relaxed) && scheme() != Scheme::Membarrier {
         return None;
     }
     #[cfg(any(test, feature = "__test-hooks"))]

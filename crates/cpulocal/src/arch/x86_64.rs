@@ -923,20 +923,26 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
 /// cpu = rseq->cpu_id_start
 /// if cpu >= len: abort (moved)
 /// slot = base + (cpu << SHIFT)
-/// if rseq->cpu_id != cpu: abort (moved)
-/// if slot.guard != 0: abort (moved)
+/// if rseq->cpu_id != cpu: head = MOVED, out
+/// if slot.guard != 0: head = MOVED, out
 /// head = slot.head
-/// if head == 0: compare failed      the list is empty
+/// if head == 0: out                 the list is empty
 /// slot.head = *(head + NEXT)        commit
+/// abort (label 6): head = KERNEL_ABORT, out
 /// ```
 ///
 /// Free of ABA on the CPU: no other sequence there can run between the load of `head`
 /// and the commit without restarting this one.
 ///
+/// Unlike the other sequences, this one returns its result in a register (`asm!` cannot
+/// combine outputs with Rust labels): the moved and abort exits set `head` to values no
+/// node can have (nodes are at least 8-byte aligned) and leave through the end of the
+/// block, so the popped node never goes through memory.
+///
 /// # Safety
 ///
 /// As for [`push_guarded_on_current_cpu`], and: every non-zero head is an address at
-/// which `NEXT` bytes further a `usize` is readable.
+/// which `NEXT` bytes further a `usize` is readable, and is at least 4-byte aligned.
 #[inline(always)]
 pub(crate) unsafe fn pop_guarded_on_current_cpu<
     const SHIFT: u32,
@@ -948,21 +954,47 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
     base: *mut u8,
     len: usize,
 ) -> Outcome<usize> {
-    let mut head: usize = 0;
-    // SAFETY: as in `add_on_current_cpu`; the store before the commit goes to the local
-    // `head` only, which no other thread can see.
+    /// `head` after a CPU mismatch or a held guard.
+    const MOVED: usize = 1;
+    /// `head` after the kernel restarted the section.
+    const KERNEL_ABORT: usize = 2;
+    let head: usize;
+    // SAFETY: (1) descriptor, signature and labels follow the layout of `arch/mod.rs`,
+    // with label 6 leaving through the end of the block (label 14) instead of a Rust
+    // label; (2) the only store is the commit, to the head of the slot of the CPU read,
+    // which the caller vouches for.
     unsafe {
         asm!(
-            rseq_start_on_current_cpu!(),
+            rseq_descriptor!(),
+            "movl ({rseq}), {cpu:e}",
+            "movq {cpu}, {slot}",
+            "shlq ${shift}, {slot}",
+            "addq {base}, {slot}",
+            "leaq 3b(%rip), {tmp}",
+            "movq {tmp}, 8({rseq})",
+            "4:",
+            "cmpl {cpu:e}, 4({rseq})",
+            "jnz 12f",
+            rseq_test_delay!(),
             "cmpq $0, {guard}({slot})",
-            "jnz {moved}",
-            "movq {head_off}({slot}), {tmp}",
-            "testq {tmp}, {tmp}",
-            "jz {empty}",
-            "movq {tmp}, ({out})",
-            "movq {next}({tmp}), {tmp}",
+            "jnz 12f",
+            "movq {head_off}({slot}), {head}",
+            "testq {head}, {head}",
+            "jz 14f",
+            "movq {next}({head}), {tmp}",
             "movq {tmp}, {head_off}({slot})",
-            rseq_end!(),
+            "5:",
+            ".pushsection __rseq_failure, \"ax\"",
+            "12:",
+            "movl ${moved}, {head:e}",
+            "jmp 14f",
+            ".byte 0x0f, 0xb9, 0x3d",
+            ".long {sig}",
+            "6:",
+            "movl ${kernel_abort}, {head:e}",
+            "jmp 14f",
+            ".popsection",
+            "14:",
             rseq = in(reg) rseq,
             base = in(reg) base,
             len = in(reg) len,
@@ -970,21 +1002,25 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
             guard = const GUARD,
             head_off = const HEAD,
             next = const NEXT,
-            out = in(reg) &mut head,
+            moved = const MOVED,
+            kernel_abort = const KERNEL_ABORT,
+            head = out(reg) head,
             cpu = out(reg) _,
             slot = out(reg) _,
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
-            empty = label { return Outcome::CompareFailed; },
-            moved = label { return Outcome::Aborted; },
-            abort = label {
-                super::note_kernel_abort();
-                return Outcome::Aborted;
-            },
             options(att_syntax, nostack),
         );
     }
-    Outcome::Committed(head)
+    match head {
+        0 => Outcome::CompareFailed,
+        MOVED => Outcome::Aborted,
+        KERNEL_ABORT => {
+            super::note_kernel_abort();
+            Outcome::Aborted
+        }
+        node => Outcome::Committed(node),
+    }
 }
 
 /// Test builds only: a deliberately *broken* add — load, delay, add, store, with no
