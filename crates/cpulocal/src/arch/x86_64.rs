@@ -967,6 +967,8 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
         asm!(
             rseq_descriptor!(),
             "movl ({rseq}), {cpu:e}",
+            "cmpq {len}, {cpu}",
+            "jae 12f",
             "movq {cpu}, {slot}",
             "shlq ${shift}, {slot}",
             "addq {base}, {slot}",
