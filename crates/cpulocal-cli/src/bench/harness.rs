@@ -102,6 +102,9 @@ impl<F: Fn()> Op for OpFn<F> {
     }
 }
 
+/// The state [`other_work`] starts from.
+pub(crate) const WORK_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// Runs `o.op()` `ops` times in `shape`.
 #[inline(always)]
 pub(crate) fn run_shaped<O: Op>(shape: Shape, ops: u64, o: &O) {
@@ -119,7 +122,7 @@ pub(crate) fn run_shaped<O: Op>(shape: Shape, ops: u64, o: &O) {
             }
         }
         Shape::Work => {
-            let mut x = black_box(0x9E37_79B9_7F4A_7C15);
+            let mut x = black_box(WORK_SEED);
             for _ in 0..ops {
                 x = other_work(x);
                 o.op();

@@ -23,7 +23,8 @@ use crossbeam_queue::{ArrayQueue, SegQueue};
 
 use super::counter::TlsAdd;
 use super::harness::{
-    per_cpu_slots, run_shaped, sum_check, GroupDef, Op, Row, Shape, Subject, TargetSpec, WorkOnly,
+    other_work, per_cpu_slots, sum_check, GroupDef, Row, Shape, Subject, TargetSpec, WorkOnly,
+    WORK_SEED,
 };
 
 /// The group, as [`super::Group::ALL`] lists it.
@@ -253,49 +254,65 @@ impl<C: Container> PushPop<C> {
     }
 }
 
-/// One thread's operation on a [`PushPop`]: push the item held, pop one (from anywhere
-/// if the thread's part is empty).
-struct PushThenPop<'a, C> {
-    owner: &'a PushPop<C>,
-    held: core::cell::Cell<Option<Item>>,
-    /// Pops that found the thread's part empty.
-    empty: core::cell::Cell<u64>,
+/// [`Container::push`], never inlined: the push of [`Shape::Call`].
+#[inline(never)]
+fn push_out_of_line<C: Container>(container: &C, item: Item) {
+    container.push(item);
 }
 
-impl<C: Container> Op for PushThenPop<'_, C> {
-    #[inline(always)]
-    fn op(&self) {
-        let item = self.held.take().expect("the thread holds an item");
-        self.owner.container.push(black_box(item));
-        let popped = match self.owner.container.pop() {
-            Some(item) => item,
-            None => {
-                self.empty.set(self.empty.get() + 1);
-                self.owner.pop_elsewhere()
-            }
-        };
-        // `replace`, not `set`: the cell is empty, nothing is dropped.
-        let _none = self.held.replace(Some(popped));
-    }
+/// [`Container::pop`], never inlined: the pop of [`Shape::Call`].
+#[inline(never)]
+fn pop_out_of_line<C: Container>(container: &C) -> Option<Item> {
+    container.pop()
 }
 
 impl<C: Container> Subject for PushPop<C> {
     #[inline(never)]
     fn work(&self, ops: u64) {
-        let held = self
+        let mut held = self
             .pool
             .lock()
             .expect("bench mutex poisoned")
             .pop()
             .expect("reset leaves an item for every thread");
-        let pair = PushThenPop {
-            owner: self,
-            held: core::cell::Cell::new(Some(held)),
-            empty: core::cell::Cell::new(0),
-        };
-        run_shaped(self.shape, ops, &pair);
-        let held = pair.held.into_inner().expect("the thread holds an item");
-        let empty = pair.empty.get();
+        let mut empty = 0;
+        // One loop per shape (see `harness::run_shaped`), each keeping the item in a
+        // register: push the item held, pop one (from anywhere if the part is empty).
+        macro_rules! push_then_pop {
+            ($push:expr, $pop:expr) => {{
+                $push(&self.container, black_box(held));
+                held = match $pop(&self.container) {
+                    Some(item) => item,
+                    None => {
+                        empty += 1;
+                        self.pop_elsewhere()
+                    }
+                };
+            }};
+        }
+        match self.shape {
+            Shape::Inline => {
+                for _ in 0..ops {
+                    push_then_pop!(C::push, C::pop);
+                }
+            }
+            Shape::Call => {
+                // Through `black_box`, so the calls cannot be inlined or devirtualised.
+                let push: fn(&C, Item) = black_box(push_out_of_line::<C>);
+                let pop: fn(&C) -> Option<Item> = black_box(pop_out_of_line::<C>);
+                for _ in 0..ops {
+                    push_then_pop!(push, pop);
+                }
+            }
+            Shape::Work => {
+                let mut x = black_box(WORK_SEED);
+                for _ in 0..ops {
+                    x = other_work(x);
+                    push_then_pop!(C::push, C::pop);
+                }
+                black_box(x);
+            }
+        }
         self.returned
             .lock()
             .expect("bench mutex poisoned")
