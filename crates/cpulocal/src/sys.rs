@@ -582,7 +582,7 @@ mod tests {
                 if unsafe { libc::sched_setaffinity(0, core::mem::size_of_val(&one), &one) } != 0 {
                     continue; // e.g. a CPU that went offline meanwhile
                 }
-                let seen = crate::current_cpu() as usize;
+                let seen = crate::current_cpu();
                 assert!(
                     seen < possible_cpus(),
                     "CPU {seen} with {} possible",
