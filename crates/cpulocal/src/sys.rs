@@ -558,8 +558,9 @@ mod tests {
 
     #[test]
     fn every_cpu_the_kernel_reports_is_below_possible_cpus() {
-        // The promise the unchecked slot indexing of the sequences rests on: on every CPU
-        // this process may run on, the CPU number read is below `possible_cpus`.
+        // The promise that tables of `possible_cpus` slots cover every CPU (so the
+        // sequences' length compare never sends a thread to the slow path for good): on
+        // every CPU this process may run on, the CPU number read is below `possible_cpus`.
         std::thread::spawn(|| {
             // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
             let mut allowed: libc::cpu_set_t = unsafe { core::mem::zeroed() };
