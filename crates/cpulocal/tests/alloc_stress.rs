@@ -100,9 +100,7 @@ fn run(cache: &CpuCache<Counting>, threads: usize, ops: u64, churn: bool) -> Rep
                 let (pthreads, done, release) = (&pthreads, &done, &release);
                 s.spawn(move || {
                     tids.lock().unwrap().push(common::gettid());
-                    // SAFETY: pthread_self has no preconditions.
-                    let me = unsafe { libc::pthread_self() };
-                    pthreads.lock().unwrap().push(me);
+                    pthreads.lock().unwrap().push(common::current_pthread());
                     start.wait();
                     let mut rng = Rng::new(0x9e37 + t as u64);
                     let mut held: Vec<Held> = Vec::with_capacity(128);
