@@ -3,8 +3,8 @@
 //! # When to use what
 //!
 //! Figures: `cargo run --release -p cpulocal-cli -- bench --threads 1,2` on a 2-vCPU
-//! x86_64 VM (Linux 6.18, glibc 2.36), median ns per operation, 1 thread / 2 threads
-//! (the README's table). They are this machine's; run the command on yours. With 2
+//! x86_64 VM (AMD EPYC host, Linux 6.18, glibc 2.36), quiet, median ns per operation of
+//! three runs, 1 thread / 2 threads (the README's table). They are this machine's; run the command on yours. With 2
 //! threads on 2 CPUs, every shared structure has its cache line bounce between them;
 //! the per-CPU ones do not.
 //!
@@ -12,26 +12,26 @@
 //!
 //! | | `Counter` | `ThreadLocal<Cell<u64>>` |
 //! |---|---|---|
-//! | `add` | 2.0 / 1.9 ns | 0.9 / 0.9 ns |
+//! | `add` | 2.0 / 1.7 ns | 2.2 / 1.7 ns (a `const thread_local!` cell: 1.0 / 0.8 ns) |
 //! | memory | 16 bytes per CPU that ever adds, bounded by the CPUs | one shard per thread that ever added (reused after it exits), grows with the thread count |
 //! | exact `take` (read and reset while others add) | yes: nothing lost or counted twice | no: a shard is a plain `Cell` of another thread; reading it while it adds is a race, resetting it loses adds |
 //! | from a signal handler | `add` is async-signal-safe (after the thread's first use) | the first access allocates: not signal-safe |
 //! | `sum` | one pass over the CPUs | one pass over every thread that ever added |
 //!
-//! Per-thread shards are faster per `add` (no restartable sequence, nothing to check)
-//! and win when the threads are few and long-lived and the total is read rarely and
-//! approximately. `Counter` wins when threads are many or come and go (a pool of
+//! A plain `thread_local!` cell is faster per `add` (no restartable sequence, nothing to
+//! check) and wins when one thread owns the count or the total is read only after the
+//! threads end; `ThreadLocal` shards cost about what `Counter` costs per `add`. `Counter` wins when threads are many or come and go (a pool of
 //! hundreds of workers on 8 CPUs keeps 8 slots, not hundreds), when the total must be
 //! taken exactly while others add (rates exported per scrape), and in signal handlers.
-//! Both beat one shared `AtomicU64` as soon as two threads add (41 ns with 2
+//! Both beat one shared `AtomicU64` as soon as two threads add (35 ns with 2
 //! threads here).
 //!
 //! ## [`Stack`](crate::Stack) or `crossbeam::queue::ArrayQueue`
 //!
 //! | | `Stack::push` + `pop` | `ArrayQueue::push` + `pop` |
 //! |---|---|---|
-//! | same thread pushes and pops | 3.6 / 3.4 ns | 11.6 / 332 ns |
-//! | a value pushed on one CPU, popped on another | only with `steal` / `pop_all_on`: a `membarrier` each, 150 ns or more | as above: any thread pops any value |
+//! | same thread pushes and pops | 5.7 / 5.3 ns | 12.4 / 28 ns |
+//! | a value pushed on one CPU, popped on another | only with `steal` / `pop_all_on`: a `membarrier` each, 340 ns or more | as above: any thread pops any value |
 //! | order, bound | LIFO per CPU, unbounded (intrusive nodes) | FIFO, fixed capacity |
 //!
 //! `Stack` is for objects that are freed and reused on the same CPU (object caches,
@@ -44,14 +44,16 @@
 //!
 //! | | `PerCpu::with_cpu` | `parking_lot::Mutex` | `std::sync::Mutex` |
 //! |---|---|---|---|
-//! | lock, `+= 1`, unlock | 2.0 / 1.9 ns | about std's (a `lock cmpxchg` to take it, one to release it; the bench's `parking_lot_mutex` row) | 15.5 / 21.3 ns |
-//! | one CPU's slot from another thread (`on_cpu`) | 150 ns or more (a `membarrier`) | | |
+//! | lock, `+= 1`, unlock | 5.7 / 5.3 ns | 6.3 / 17 ns | 5.6 / 32 ns |
+//! | one CPU's slot from another thread (`on_cpu`) | 340 ns or more (a `membarrier`) | | |
 //!
 //! `PerCpu` is for state that splits per CPU and is combined rarely: histograms,
 //! per-CPU caches, statistics. Each thread touches only its CPU's slot, so threads never
 //! contend unless the scheduler preempts one inside its critical section. State that must
 //! be consistent as a whole (a map every thread looks things up in) needs one lock (or a
-//! concurrent map): reading all CPUs' slots costs one remote acquisition per CPU.
+//! concurrent map): reading all CPUs' slots costs one remote acquisition per CPU. With
+//! one thread alone an uncontended mutex costs about as much as `with_cpu` here: the
+//! per-CPU slots pay off once threads update at the same time.
 //!
 //! # Recipes
 //!

@@ -252,7 +252,10 @@ pub(crate) fn pthreads<T>(threads: &[JoinHandle<T>]) -> Vec<RawPthread> {
 
 /// The calling thread's pthread handle as std's `RawPthread`, for a [`SignalStorm`] of
 /// scoped threads (whose handles have no `as_pthread_t`).
-#[allow(clippy::unnecessary_cast, reason = "a pointer on musl, an integer on glibc")]
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "a pointer on musl, an integer on glibc"
+)]
 pub(crate) fn current_pthread() -> RawPthread {
     // SAFETY: pthread_self has no preconditions.
     unsafe { libc::pthread_self() as RawPthread }
