@@ -183,14 +183,17 @@ fetch_kernel() {
     for dep in $deps; do
         (cd "$dir/deb" && apt_dl download "$dep:$debarch" >/dev/null)
     done
-    # /boot only: the modules are not needed (the guests load none).
+    # The image and its config only (up to 6.x in /boot, named with the version; from
+    # 7.x in /usr/lib/modules/<version>/): the modules are not needed (the guests load
+    # none).
     for deb in "$dir"/deb/*.deb; do
         dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$dir/root" --wildcards './boot/*' \
-            2>/dev/null || true
+            './usr/lib/modules/*/vmlinuz' './usr/lib/modules/*/config' 2>/dev/null || true
     done
     local vmlinuz config
-    vmlinuz=$(find "$dir/root" -name 'vmlinuz-*' -print -quit)
-    config=$(find "$dir/root" -name 'config-*' -path '*boot*' -print -quit)
+    vmlinuz=$(find "$dir/root" -name 'vmlinuz*' -type f -print -quit)
+    config=$(find "$dir/root" \( \( -name 'config-*' -path '*boot*' \) -o \
+        \( -name config -path '*/usr/lib/modules/*' \) \) -print -quit)
     if [ -z "$vmlinuz" ] || [ -z "$config" ]; then
         echo "$pkg: no vmlinuz or config in the packages" >&2
         return 1
