@@ -432,17 +432,6 @@ impl<A: Allocator> Subject for Scratch<A> {
 // rows
 // ---------------------------------------------------------------------------------
 
-/// The workloads, in class order; the rows of workload `i` are class `i`.
-const WORKLOADS: [&str; 7] = [
-    "pairs-16",
-    "pairs-64",
-    "pairs-256",
-    "pairs-1024",
-    "prodcons",
-    "larson",
-    "scratch",
-];
-
 macro_rules! row_names {
     ($($w:literal),*) => {
         [$([
@@ -454,7 +443,8 @@ macro_rules! row_names {
     };
 }
 
-/// Row names by workload, then allocator (cpulocal, mimalloc, jemalloc, glibc).
+/// Row names by workload, in class order (the rows of workload `i` are class `i`), then
+/// allocator (cpulocal, mimalloc, jemalloc, glibc).
 const NAMES: [[&str; 4]; 7] = row_names!(
     "pairs-16",
     "pairs-64",
@@ -541,8 +531,6 @@ const LEGEND: [(&str, &str); 28] = legend!(
     "larson": "alloc 16-1024 B, swap into a shared slot, free the displaced block",
     "scratch": "alloc 8 B, 64 writes, free; after freeing a block the main thread allocated"
 );
-
-const _: () = assert!(WORKLOADS.len() == NAMES.len());
 
 macro_rules! targets {
     ($($t:literal, $threads:literal, $num:expr, $den:expr, $bound:literal, $at_most:literal;)*) => {
