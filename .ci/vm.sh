@@ -129,20 +129,27 @@ file_is_static() {
     ! grep -qa 'ld-linux\|ld-musl' <(head -c 4096 "$1")
 }
 
+# The package indices the guests' kernels need (the series named in $1): bookworm for
+# 6.1 (and busybox-static:arm64), bookworm-backports for 6.12, trixie-backports and sid
+# for 7.x. The fast subset needs bookworm alone, which keeps a cold run short.
 update_download_index() {
+    local series=" $1 " suites="bookworm"
+    case "$series" in *" 6.12 "*) suites+=" bookworm-backports" ;; esac
+    case "$series" in *" 7 "*) suites+=" trixie-backports sid" ;; esac
     mkdir -p "$APT_DL/lists/partial" "$APT_DL/cache/archives/partial"
-    cat >"$APT_DL/sources.list.new" <<EOF
-deb [arch=amd64,arm64 signed-by=$KEYRING] $MIRROR bookworm main
-deb [arch=amd64,arm64 signed-by=$KEYRING] $MIRROR bookworm-backports main
-deb [arch=amd64,arm64 signed-by=$KEYRING] $MIRROR trixie-backports main
-deb [arch=amd64,arm64 signed-by=$KEYRING] $MIRROR sid main
-EOF
-    mv "$APT_DL/sources.list.new" "$APT_DL/sources.list"
-    # Refreshed at most once a day: the kernels of a day stay the same.
-    if [ -z "$(find "$APT_DL/stamp" -mmin -1440 2>/dev/null)" ]; then
-        log "apt-get update (kernel and arm64 package indices, private configuration)"
+    for suite in $suites; do
+        echo "deb [arch=amd64,arm64 signed-by=$KEYRING] $MIRROR $suite main"
+    done >"$APT_DL/sources.list.new"
+    # Refreshed when the suites change, and otherwise at most once a day: the kernels of
+    # a day stay the same.
+    if ! cmp -s "$APT_DL/sources.list.new" "$APT_DL/sources.list" ||
+        [ -z "$(find "$APT_DL/stamp" -mmin -1440 2>/dev/null)" ]; then
+        mv "$APT_DL/sources.list.new" "$APT_DL/sources.list"
+        log "apt-get update ($suites: kernel and arm64 package indices, private configuration)"
         apt_dl update >/dev/null
         touch "$APT_DL/stamp"
+    else
+        rm "$APT_DL/sources.list.new"
     fi
 }
 
@@ -385,8 +392,8 @@ flock 9
 find "$CACHE" -maxdepth 1 -name 'run.*' -mtime +1 -exec rm -rf {} +
 RUN=$(mktemp -d "$CACHE/run.XXXXXX")
 install_host_tools
-update_download_index
 guests=$(matrix)
+update_download_index "$(echo "$guests" | awk '{print $3}' | sort -u | tr '\n' ' ')"
 BUILD_ALL=$(echo "$guests" | awk '$7 == "full" { all = 1 } END { print all + 0 }')
 archs=$(echo "$guests" | awk '{print $2}' | sort -u)
 for arch in $archs; do
