@@ -1,0 +1,503 @@
+//! The per-CPU slabs: the region that holds them, their fast paths (one restartable
+//! sequence each), batch moves, and the remote protocol (lock, fence) that sets up and
+//! drains a CPU's slab.
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use super::transfer::Transfer;
+use super::{Backend, ClassSpec};
+use crate::arch::{self, Outcome};
+use crate::remote::{self, Attempt};
+use crate::sys;
+
+/// The most classes one region supports.
+pub(crate) const MAX_CLASSES: usize = 32;
+
+/// The largest batch moved between a slab and a transfer cache.
+pub(crate) const MAX_BATCH: usize = 32;
+
+/// How many times a lock is tried before the caller takes another path.
+pub(super) const LOCK_TRIES: u32 = 256;
+
+/// A class header in a slab: `{current, end, begin, guard}`, the layout the slab
+/// sequences expect (see [`crate::ops::slab_push`]).
+const HEADER_WORDS: usize = 4;
+/// Offset of the headers in a slab (the first line holds the slab's lock and ready words).
+const HEADERS_OFFSET: usize = 64;
+
+/// The start of an instance's region (zeroed by `mmap`; every field is valid as zero).
+#[repr(C)]
+pub(crate) struct Region {
+    /// The region's length in bytes, for `munmap`.
+    len: usize,
+    /// Slabs (possible CPUs).
+    ranges: usize,
+    /// log2 of the distance between two CPUs' slabs.
+    shift: u32,
+    pub(super) classes: usize,
+    pub(super) specs: [ClassSpec; MAX_CLASSES],
+    /// Offset of each class's entries in a slab.
+    offsets: [usize; MAX_CLASSES],
+    pub(super) transfer: [Transfer; MAX_CLASSES],
+}
+
+/// The bytes before the first slab: the region header, rounded up to pages.
+const SLABS_OFFSET: usize = core::mem::size_of::<Region>().next_multiple_of(4096);
+
+/// What one slow-path attempt on the current CPU's slab found.
+pub(super) enum Step {
+    Got(usize),
+    Empty,
+    Full,
+    Pushed,
+}
+
+impl Region {
+    /// Maps and initialises a region for `specs`; `None` when `mmap` fails.
+    pub(crate) fn create(specs: &[ClassSpec]) -> Option<NonNull<Region>> {
+        assert!(specs.len() <= MAX_CLASSES);
+        let mut offsets = [0usize; MAX_CLASSES];
+        let mut end = HEADERS_OFFSET + MAX_CLASSES * HEADER_WORDS * 8;
+        for (c, spec) in specs.iter().enumerate() {
+            assert!(spec.batch >= 1 && spec.batch <= MAX_BATCH && spec.batch <= spec.cap);
+            offsets[c] = end;
+            end += spec.cap * 8;
+        }
+        let shift = end.next_power_of_two().max(4096).trailing_zeros();
+        let ranges = sys::possible_cpus();
+        let len = SLABS_OFFSET + (ranges << shift);
+        let base = sys::map_lazy(len).ok()?.cast::<Region>();
+        // SAFETY: a fresh, zeroed, writable mapping at least `size_of::<Region>()` long
+        // and page aligned; zero is a valid value of every field, and nobody else sees
+        // it until it is published.
+        unsafe {
+            let r = &mut *base.as_ptr();
+            r.len = len;
+            r.ranges = ranges;
+            r.shift = shift;
+            r.classes = specs.len();
+            r.specs[..specs.len()].copy_from_slice(specs);
+            r.offsets = offsets;
+        }
+        Some(base)
+    }
+
+    /// Unmaps a region.
+    ///
+    /// # Safety
+    ///
+    /// Nobody uses the region any more, and its blocks were given back.
+    pub(crate) unsafe fn destroy(region: NonNull<Region>) {
+        // SAFETY: the caller's contract; `len` is the mapping's length.
+        unsafe {
+            let len = (*region.as_ptr()).len;
+            sys::unmap(region.cast(), len);
+        }
+    }
+
+    /// The slab of `cpu` (below `ranges`).
+    #[inline(always)]
+    fn slab(&self, cpu: u32) -> *mut u8 {
+        (self as *const Region as *mut u8)
+            .wrapping_add(SLABS_OFFSET + ((cpu as usize) << self.shift))
+    }
+
+    /// The header of `class` in `slab`.
+    #[inline(always)]
+    pub(super) fn header(slab: *mut u8, class: usize) -> *mut usize {
+        slab.wrapping_add(HEADERS_OFFSET + class * HEADER_WORDS * 8)
+            .cast()
+    }
+
+    /// The guard word of a header: non-zero while the slab is locked.
+    #[inline(always)]
+    pub(super) fn guard(header: *mut usize) -> *const usize {
+        header.wrapping_add(3)
+    }
+
+    /// # Safety
+    ///
+    /// `slab` is a slab of a live region.
+    unsafe fn word<'a>(slab: *mut u8, index: usize) -> &'a AtomicUsize {
+        // SAFETY: the caller's contract; the first line of a slab holds plain words.
+        unsafe { AtomicUsize::from_ptr(slab.cast::<usize>().add(index)) }
+    }
+
+    /// Whether `slab`'s headers are set up.
+    #[inline]
+    fn ready(slab: *mut u8) -> bool {
+        // SAFETY: every slab passed here belongs to a live region.
+        // Acquire: pairs with the Release store in `init_slab`.
+        unsafe { Self::word(slab, 1) }.load(Ordering::Acquire) != 0
+    }
+
+    /// The fast pop: one sequence on the current CPU's slab; `None` on any failure.
+    ///
+    /// # Safety
+    ///
+    /// `rseq` is the calling thread's registered area and `cpu` was read from it.
+    #[inline(always)]
+    pub(crate) unsafe fn pop_fast(
+        &self,
+        rseq: *mut crate::abi::Rseq,
+        cpu: u32,
+        class: usize,
+    ) -> Option<usize> {
+        if cpu as usize >= self.ranges {
+            return None;
+        }
+        let hdr = Self::header(self.slab(cpu), class);
+        #[cfg(any(test, feature = "__test-hooks"))]
+        if crate::test_hooks::slab_pop_broken() {
+            // SAFETY: as below; the broken sequence touches the same words.
+            return match unsafe { arch::slab_pop_without_restart(rseq, Self::guard(hdr), hdr, cpu) }
+            {
+                Outcome::Committed(p) => Some(p),
+                _ => None,
+            };
+        }
+        // The header and its entries are written only by sequences on `cpu` and by holders
+        // of the slab's lock, which set the guard and fence `cpu` first; a zeroed header
+        // (slab not ready) makes every sequence fail its bound check without a store.
+        // SAFETY: `rseq` is this thread's area (the caller's contract); see above.
+        match unsafe { arch::slab_pop(rseq, Self::guard(hdr), hdr, cpu) } {
+            Outcome::Committed(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The fast push: one sequence on the current CPU's slab; `false` on any failure.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Region::pop_fast`].
+    #[inline(always)]
+    pub(crate) unsafe fn push_fast(
+        &self,
+        rseq: *mut crate::abi::Rseq,
+        cpu: u32,
+        class: usize,
+        block: usize,
+    ) -> bool {
+        if cpu as usize >= self.ranges {
+            return false;
+        }
+        let hdr = Self::header(self.slab(cpu), class);
+        // SAFETY: as in `pop_fast`.
+        unsafe {
+            arch::slab_push(rseq, Self::guard(hdr), hdr, block, cpu) == Outcome::Committed(())
+        }
+    }
+
+    /// Takes the lock of `cpu`'s slab (try only), sets every header's guard and fences
+    /// the CPU's sequences; `false` if somebody else holds it.
+    fn lock_slab(&self, cpu: u32) -> bool {
+        let slab = self.slab(cpu);
+        // SAFETY: `cpu < ranges`: a slab of this live region.
+        let lock = unsafe { Self::word(slab, 0) };
+        let mut tries = 0;
+        // Acquire: pairs with the Release in `unlock_slab`.
+        while lock
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            tries += 1;
+            if tries >= LOCK_TRIES {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
+        for c in 0..self.classes {
+            let guard = Self::guard(Self::header(slab, c)).cast_mut();
+            // SAFETY: a header word of this slab; sequences only read it.
+            unsafe { AtomicUsize::from_ptr(guard) }.store(1, Ordering::Relaxed);
+        }
+        // Every sequence on `cpu` that read a guard as 0 either committed before this
+        // returns or is restarted and then sees the guard set (see `crate::remote`).
+        if remote::fence_sequences_on(cpu).is_err() {
+            // Without the fence the slab cannot be excluded: leave it alone (the caller
+            // then uses the transfer cache or the backend; nothing was changed).
+            self.unlock_slab(cpu);
+            return false;
+        }
+        true
+    }
+
+    fn unlock_slab(&self, cpu: u32) {
+        let slab = self.slab(cpu);
+        for c in 0..self.classes {
+            let guard = Self::guard(Self::header(slab, c)).cast_mut();
+            // SAFETY: as in `lock_slab`.
+            // Release: pairs with the load-acquire of the guard in the sequences (on
+            // x86_64 every load is one), so they see the headers written under the lock.
+            unsafe { AtomicUsize::from_ptr(guard) }.store(0, Ordering::Release);
+        }
+        // SAFETY: as in `lock_slab`.
+        // Release: pairs with the Acquire of the next locker.
+        unsafe { Self::word(slab, 0) }.store(0, Ordering::Release);
+    }
+
+    /// Sets up the headers of `cpu`'s slab; `false` if its lock was busy.
+    fn init_slab(&self, cpu: u32) -> bool {
+        let slab = self.slab(cpu);
+        if Self::ready(slab) {
+            return true;
+        }
+        if !self.lock_slab(cpu) {
+            return false;
+        }
+        if !Self::ready(slab) {
+            for c in 0..self.classes {
+                let hdr = Self::header(slab, c);
+                let begin = slab as usize + self.offsets[c];
+                let end = begin + self.specs[c].cap * 8;
+                // SAFETY: the header words of this slab; the lock and the fence exclude
+                // every sequence on `cpu`, and readers elsewhere load them atomically.
+                unsafe {
+                    AtomicUsize::from_ptr(hdr.add(2)).store(begin, Ordering::Relaxed);
+                    AtomicUsize::from_ptr(hdr.add(1)).store(end, Ordering::Relaxed);
+                    AtomicUsize::from_ptr(hdr).store(begin, Ordering::Relaxed);
+                }
+            }
+            // SAFETY: as in `lock_slab`.
+            // Release: pairs with the Acquire in `ready`.
+            unsafe { Self::word(slab, 1) }.store(1, Ordering::Release);
+        }
+        self.unlock_slab(cpu);
+        true
+    }
+
+    /// Runs `attempt` on the current CPU's (ready) slab through
+    /// [`remote::on_current_cpu`]; `None` when the thread cannot use the slabs now.
+    pub(super) fn on_slab<R>(
+        &self,
+        mut attempt: impl FnMut(*mut crate::abi::Rseq, u32, *mut u8) -> Attempt<R>,
+    ) -> Option<R> {
+        let mut inited = false;
+        loop {
+            let step = remote::on_current_cpu(self.ranges, |rseq, cpu| {
+                let slab = self.slab(cpu);
+                if !Self::ready(slab) {
+                    return Attempt::Done(Err(cpu));
+                }
+                match attempt(rseq, cpu, slab) {
+                    Attempt::Done(r) => Attempt::Done(Ok(r)),
+                    Attempt::Retry => Attempt::Retry,
+                    Attempt::Aborted => Attempt::Aborted,
+                }
+            })?;
+            match step {
+                Ok(r) => return Some(r),
+                Err(cpu) => {
+                    if inited || !self.init_slab(cpu) {
+                        return None;
+                    }
+                    inited = true;
+                }
+            }
+        }
+    }
+
+    /// Moves up to `out.len()` blocks of `class` out of the current CPU's slab.
+    pub(super) fn pop_batch(&self, class: usize, out: &mut [usize]) -> usize {
+        self.on_slab(|rseq, cpu, slab| {
+            let hdr = Self::header(slab, class);
+            // SAFETY: header words of a ready slab; read atomically, checked again by
+            // the sequence's compare.
+            let (cur, begin) = unsafe {
+                (
+                    AtomicUsize::from_ptr(hdr).load(Ordering::Relaxed),
+                    AtomicUsize::from_ptr(hdr.add(2)).load(Ordering::Relaxed),
+                )
+            };
+            let n = out.len().min(cur.saturating_sub(begin) / 8);
+            if n == 0 {
+                return Attempt::Done(0);
+            }
+            let new = cur - n * 8;
+            // SAFETY: (1) `rseq`/`cpu` come from `on_current_cpu`; (2) if `current` still
+            // is `cur`, entries `new..cur` hold blocks, and `out` is ours for `n` words;
+            // the commit stores `current` only; the guard excludes lock holders.
+            match unsafe {
+                arch::compare_memcpy_store_guarded(
+                    rseq,
+                    Self::guard(hdr),
+                    hdr,
+                    cur,
+                    out.as_mut_ptr().cast(),
+                    new as *const u8,
+                    n * 8,
+                    new,
+                    cpu,
+                )
+            } {
+                Outcome::Committed(()) => Attempt::Done(n),
+                Outcome::CompareFailed => Attempt::Retry,
+                Outcome::Aborted => Attempt::Aborted,
+            }
+        })
+        .unwrap_or(0)
+    }
+
+    /// Stores all of `blocks` in the current CPU's slab, or none; whether it did.
+    pub(super) fn push_batch(&self, class: usize, blocks: &[usize]) -> bool {
+        if blocks.is_empty() {
+            return true;
+        }
+        self.on_slab(|rseq, cpu, slab| {
+            let hdr = Self::header(slab, class);
+            // SAFETY: as in `pop_batch`.
+            let (cur, end) = unsafe {
+                (
+                    AtomicUsize::from_ptr(hdr).load(Ordering::Relaxed),
+                    AtomicUsize::from_ptr(hdr.add(1)).load(Ordering::Relaxed),
+                )
+            };
+            let len = blocks.len() * 8;
+            if end.saturating_sub(cur) < len {
+                return Attempt::Done(false);
+            }
+            // SAFETY: (1) as in `pop_batch`; (2) if `current` still is `cur`, entries
+            // `cur..cur+len` are free and nobody reads them before the commit.
+            match unsafe {
+                arch::compare_memcpy_store_guarded(
+                    rseq,
+                    Self::guard(hdr),
+                    hdr,
+                    cur,
+                    cur as *mut u8,
+                    blocks.as_ptr().cast(),
+                    len,
+                    cur + len,
+                    cpu,
+                )
+            } {
+                Outcome::Committed(()) => Attempt::Done(true),
+                Outcome::CompareFailed => Attempt::Retry,
+                Outcome::Aborted => Attempt::Aborted,
+            }
+        })
+        .unwrap_or(false)
+    }
+
+    /// Gives every block cached for `cpu` to `backend`; `false` if the slab's lock was
+    /// busy (or `cpu` is not below the possible CPUs).
+    pub(crate) fn drain_cpu(&self, cpu: u32, backend: &impl Backend) -> bool {
+        if cpu as usize >= self.ranges {
+            return false;
+        }
+        let slab = self.slab(cpu);
+        if !Self::ready(slab) {
+            return true;
+        }
+        if !self.lock_slab(cpu) {
+            return false;
+        }
+        for c in 0..self.classes {
+            let hdr = Self::header(slab, c);
+            // SAFETY: the slab is locked and fenced: no sequence writes its headers or
+            // entries until `unlock_slab`; the words are read and written atomically.
+            unsafe {
+                let current = AtomicUsize::from_ptr(hdr);
+                let begin = AtomicUsize::from_ptr(hdr.add(2)).load(Ordering::Relaxed);
+                let cur = current.load(Ordering::Relaxed);
+                let mut p = begin;
+                while p < cur {
+                    let mut buf = [0usize; MAX_BATCH];
+                    let n = ((cur - p) / 8).min(MAX_BATCH);
+                    for (i, b) in buf[..n].iter_mut().enumerate() {
+                        *b = AtomicUsize::from_ptr((p + i * 8) as *mut usize)
+                            .load(Ordering::Relaxed);
+                    }
+                    backend.release(c, &buf[..n]);
+                    p += n * 8;
+                }
+                current.store(begin, Ordering::Relaxed);
+            }
+        }
+        self.unlock_slab(cpu);
+        true
+    }
+
+    /// Possible CPUs (slabs).
+    pub(crate) fn ranges(&self) -> usize {
+        self.ranges
+    }
+
+    /// Blocks of each class cached on `cpu` and in the transfer cache (a snapshot).
+    pub(crate) fn cached(&self, class: usize) -> (usize, usize) {
+        let mut on_cpus = 0;
+        for cpu in 0..self.ranges as u32 {
+            let slab = self.slab(cpu);
+            if Self::ready(slab) {
+                let hdr = Self::header(slab, class);
+                // SAFETY: header words of a ready slab, read atomically.
+                let (cur, begin) = unsafe {
+                    (
+                        AtomicUsize::from_ptr(hdr).load(Ordering::Relaxed),
+                        AtomicUsize::from_ptr(hdr.add(2)).load(Ordering::Relaxed),
+                    )
+                };
+                on_cpus += cur.saturating_sub(begin) / 8;
+            }
+        }
+        (on_cpus, self.transfer[class].len.load(Ordering::Relaxed))
+    }
+}
+
+/// A lazily created region, shared by the users of one instance.
+#[derive(Debug)]
+pub(crate) struct LazyRegion {
+    ptr: AtomicPtr<Region>,
+}
+
+impl LazyRegion {
+    pub(crate) const fn new() -> Self {
+        LazyRegion {
+            ptr: AtomicPtr::new(core::ptr::null_mut()),
+        }
+    }
+
+    /// The region if it exists.
+    #[inline(always)]
+    pub(crate) fn get(&self) -> Option<&Region> {
+        // Acquire: pairs with the Release of the creator's compare-exchange.
+        let p = self.ptr.load(Ordering::Acquire);
+        // SAFETY: a published region stays mapped until the owner is dropped.
+        unsafe { p.as_ref() }
+    }
+
+    /// The region, created for `specs` if needed; `None` if `mmap` fails.
+    #[cold]
+    pub(crate) fn get_or_create(&self, specs: &[ClassSpec]) -> Option<&Region> {
+        if let Some(r) = self.get() {
+            return Some(r);
+        }
+        let mine = Region::create(specs)?;
+        // Release: publishes the initialised header; Acquire: to read a winner's.
+        match self.ptr.compare_exchange(
+            core::ptr::null_mut(),
+            mine.as_ptr(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            // SAFETY: just published; lives as long as `self`.
+            Ok(_) => Some(unsafe { &*mine.as_ptr() }),
+            Err(theirs) => {
+                // SAFETY: ours was never published.
+                unsafe { Region::destroy(mine) };
+                // SAFETY: as in `get`.
+                unsafe { theirs.as_ref() }
+            }
+        }
+    }
+
+    /// Takes the region out (for drop).
+    pub(crate) fn take(&mut self) -> Option<NonNull<Region>> {
+        NonNull::new(core::mem::replace(
+            self.ptr.get_mut(),
+            core::ptr::null_mut(),
+        ))
+    }
+}
