@@ -1,0 +1,163 @@
+//! The producer side: [`RingLayer`]'s `Layer` impl, which encodes each event into a
+//! binary record on the emitting thread and writes it into its CPU's ring.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::io::Write;
+
+use tracing_core::field::{Field, Visit};
+use tracing_core::subscriber::Interest;
+use tracing_core::{Event, Metadata, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::registry::LookupSpan;
+
+use super::{
+    RingLayer, TracingStats, TAG_BOOL, TAG_F64, TAG_I128, TAG_I64, TAG_RENDERED, TAG_STR, TAG_U128,
+    TAG_U64,
+};
+use crate::ring::ReserveError;
+
+/// Spans beyond this depth are left out of a record.
+const MAX_SPANS: usize = 32;
+
+thread_local! {
+    /// Where the calling thread encodes its events before the copy into the ring.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Encodes field values into a record.
+struct Encoder<'a>(&'a mut Vec<u8>);
+
+impl Encoder<'_> {
+    #[inline]
+    fn head(&mut self, field: &Field, tag: u8) {
+        // A callsite has at most 32 fields (tracing's limit), so the index fits.
+        self.0.push(field.index() as u8);
+        self.0.push(tag);
+    }
+
+    #[inline]
+    fn bytes(&mut self, field: &Field, tag: u8, bytes: &[u8]) {
+        self.head(field, tag);
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        self.0.extend_from_slice(&len.to_le_bytes());
+        self.0.extend_from_slice(&bytes[..len as usize]);
+    }
+}
+
+impl Visit for Encoder<'_> {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.head(field, TAG_U64);
+        self.0.extend_from_slice(&value.to_le_bytes());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.head(field, TAG_I64);
+        self.0.extend_from_slice(&value.to_le_bytes());
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.head(field, TAG_F64);
+        self.0.extend_from_slice(&value.to_le_bytes());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.head(field, TAG_BOOL);
+        self.0.push(u8::from(value));
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        self.head(field, TAG_U128);
+        self.0.extend_from_slice(&value.to_le_bytes());
+    }
+
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        self.head(field, TAG_I128);
+        self.0.extend_from_slice(&value.to_le_bytes());
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.bytes(field, TAG_STR, value.as_bytes());
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.record_debug(field, &format_args!("{value}"));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.head(field, TAG_RENDERED);
+        let at = self.0.len();
+        self.0.extend_from_slice(&[0; 4]);
+        // Writing into a Vec cannot fail; a Debug impl that errors leaves what it wrote.
+        let _ = write!(self.0, "{value:?}");
+        let len = u32::try_from(self.0.len() - at - 4).unwrap_or(u32::MAX);
+        self.0[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+}
+
+impl RingLayer {
+    /// The counts so far (the [`WriterGuard`] has the same).
+    ///
+    /// [`WriterGuard`]: super::WriterGuard
+    pub fn stats(&self) -> TracingStats {
+        self.shared.stats()
+    }
+
+    /// Encodes `event` into `buf` and writes it into the calling CPU's ring.
+    #[inline]
+    fn record<S>(&self, buf: &mut Vec<u8>, event: &Event<'_>, ctx: &Context<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        buf.clear();
+        let metadata: &'static Metadata<'static> = event.metadata();
+        buf.extend_from_slice(&(metadata as *const Metadata<'static> as u64).to_le_bytes());
+        let count_at = buf.len();
+        buf.push(0);
+        if let Some(scope) = ctx.event_scope(event) {
+            let mut spans = 0u8;
+            for span in scope.from_root().take(MAX_SPANS) {
+                buf.extend_from_slice(&span.id().into_u64().to_le_bytes());
+                let callsite = span.metadata() as *const Metadata<'static> as u64;
+                buf.extend_from_slice(&callsite.to_le_bytes());
+                spans += 1;
+            }
+            buf[count_at] = spans;
+        }
+        event.record(&mut Encoder(buf));
+        match self.shared.ring.write(buf) {
+            // A full ring counted the record as discarded.
+            Ok(()) | Err(ReserveError::Full) => {}
+            Err(ReserveError::TooLarge { .. }) => self.shared.too_large.add(1),
+        }
+    }
+}
+
+impl<S> Layer<S> for RingLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+        let address = metadata as *const Metadata<'static> as usize;
+        self.shared
+            .callsites
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(address, metadata);
+        Interest::always()
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        // A re-entrant event (a Debug impl that logs) or one during thread exit gets a
+        // buffer of its own.
+        let reused = SCRATCH.try_with(|scratch| {
+            scratch
+                .try_borrow_mut()
+                .map(|mut buf| self.record(&mut buf, event, &ctx))
+                .is_ok()
+        });
+        if reused != Ok(true) {
+            self.record(&mut Vec::new(), event, &ctx);
+        }
+    }
+}

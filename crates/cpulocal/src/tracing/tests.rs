@@ -1,0 +1,194 @@
+use super::*;
+use tracing_core::Dispatch;
+use tracing_subscriber::prelude::*;
+
+/// Runs `f` on `threads` threads, each with `layer` as its subscriber.
+fn on_threads(layer: RingLayer, threads: usize, f: impl Fn(usize) + Sync) {
+    let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (dispatch, f) = (&dispatch, &f);
+            s.spawn(move || tracing_core::dispatcher::with_default(dispatch, || f(t)));
+        }
+    });
+}
+
+#[test]
+fn every_event_is_written_once_from_many_threads() {
+    let out = SharedBuffer::default();
+    // Room for every event (4 MiB per CPU), so that none should be dropped; a loaded
+    // machine may still starve the writer, and then the counts must add up.
+    let ring = RingConfig {
+        sub_buffer_size: 64 << 10,
+        sub_buffers: 64,
+        ..RingConfig::default()
+    };
+    let (layer, guard) = Builder::new()
+        .ring(ring)
+        .format(Format::Json)
+        .build(out.clone())
+        .unwrap();
+    // Fewer under valgrind, which runs the threads one at a time, slowly.
+    let per_thread = if crate::tests::under_valgrind() {
+        200
+    } else {
+        5_000
+    };
+    on_threads(layer, 4, |t| {
+        for i in 0..per_thread {
+            tracing::info!(thread = t as u64, seq = i, name = "x", "event");
+        }
+    });
+    guard.sync();
+    let stats = guard.stats();
+    drop(guard);
+    let mut seen = std::collections::HashSet::new();
+    for line in out.text().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["target"] == "cpulocal::tracing" {
+            continue; // a drop report
+        }
+        assert_eq!(v["fields"]["message"], "event", "{line}");
+        assert_eq!(v["fields"]["name"], "x", "{line}");
+        let key = (
+            v["fields"]["thread"].as_u64().unwrap(),
+            v["fields"]["seq"].as_u64().unwrap(),
+        );
+        assert!(seen.insert(key), "written twice: {line}");
+    }
+    assert_eq!(seen.len() as u64, stats.written, "{stats:?}");
+    assert_eq!(stats.written + stats.dropped(), 4 * per_thread, "{stats:?}");
+}
+
+#[test]
+fn full_rings_drop_events_counted_and_reported() {
+    let out = SharedBuffer::default();
+    // Two sub-buffers of 256 bytes per CPU and a writer that rarely looks.
+    let ring = RingConfig {
+        sub_buffer_size: 256,
+        sub_buffers: 2,
+        ..RingConfig::default()
+    };
+    let (layer, guard) = Builder::new()
+        .ring(ring)
+        .idle_wait(Duration::from_secs(1))
+        .flush_interval(Duration::from_secs(1))
+        .build(out.clone())
+        .unwrap();
+    on_threads(layer, 2, |_| {
+        for i in 0..400u64 {
+            tracing::warn!(seq = i, "burst");
+        }
+    });
+    guard.sync();
+    let stats = guard.stats();
+    drop(guard);
+    assert!(stats.dropped_full > 0, "{stats:?}");
+    assert_eq!(stats.written + stats.dropped(), 800, "{stats:?}");
+    let text = out.text();
+    let records = text.lines().filter(|l| l.contains(" burst seq=")).count() as u64;
+    assert_eq!(records, stats.written);
+    assert!(
+        text.contains(&format!(
+            "events dropped (in total: {} ring full, 0 too large",
+            stats.dropped_full
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_event_larger_than_a_sub_buffer_is_counted() {
+    let out = SharedBuffer::default();
+    let ring = RingConfig {
+        sub_buffer_size: 128,
+        sub_buffers: 2,
+        ..RingConfig::default()
+    };
+    let (layer, guard) = Builder::new().ring(ring).build(out.clone()).unwrap();
+    on_threads(layer, 1, |_| {
+        tracing::info!(big = "y".repeat(500).as_str(), "too big");
+        tracing::info!("small");
+    });
+    guard.sync();
+    assert_eq!(guard.stats().dropped_too_large, 1);
+    assert_eq!(guard.stats().written, 1);
+    drop(guard);
+    assert!(
+        out.text().contains("0 ring full, 1 too large"),
+        "{}",
+        out.text()
+    );
+}
+
+/// A `tracing_subscriber::fmt` writer into a `SharedBuffer`.
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SharedBuffer {
+    type Writer = SharedBuffer;
+    fn make_writer(&'a self) -> SharedBuffer {
+        self.clone()
+    }
+}
+
+#[test]
+fn fields_format_as_the_fmt_layer_formats_them() {
+    let ours = SharedBuffer::default();
+    let theirs = SharedBuffer::default();
+    let (layer, guard) = layer(ours.clone());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(theirs.clone())
+        .with_ansi(false);
+    let emit = || {
+        // Span fields are not recorded (see the module documentation): none here.
+        let _outer = tracing::info_span!("outer").entered();
+        let _inner = tracing::debug_span!("inner").entered();
+        let shown = vec![1, 2];
+        tracing::warn!(
+            target: "app::db",
+            n = 3_u64,
+            neg = -4_i64,
+            f = 0.5,
+            yes = false,
+            s = "quo\"ted",
+            dbg = ?shown,
+            disp = %"as is",
+            big = 1_u128 << 100,
+            "message {}",
+            7
+        );
+        tracing::error!("no fields");
+    };
+    let subscriber = tracing_subscriber::registry().with(layer).with(fmt);
+    tracing::subscriber::with_default(subscriber, emit);
+    drop(guard);
+    let without_timestamps = |text: String| -> Vec<String> {
+        text.lines()
+            .map(|line| {
+                let (timestamp, rest) = line.split_once(' ').unwrap();
+                assert!(humantime::parse_rfc3339(timestamp).is_ok(), "{line}");
+                rest.to_owned()
+            })
+            .collect()
+    };
+    let ours = without_timestamps(ours.text());
+    assert_eq!(ours, without_timestamps(theirs.text()));
+    assert_eq!(
+        ours[0],
+        " WARN outer:inner: app::db: message 7 n=3 neg=-4 f=0.5 yes=false \
+         s=\"quo\\\"ted\" dbg=[1, 2] disp=as is big=1267650600228229401496703205376"
+    );
+}
+
+#[test]
+fn sync_waits_for_what_was_recorded_before_it() {
+    let out = SharedBuffer::default();
+    let (layer, guard) = Builder::new()
+        .idle_wait(Duration::from_secs(10))
+        .flush_interval(Duration::from_secs(10))
+        .build(out.clone())
+        .unwrap();
+    let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
+    tracing_core::dispatcher::with_default(&dispatch, || tracing::info!("one"));
+    guard.sync();
+    assert!(out.text().contains(" one\n"), "{}", out.text());
+    assert_eq!(guard.stats().written, 1);
+}

@@ -1,0 +1,400 @@
+//! The writer thread: reads the rings, orders each batch by time, decodes the records
+//! against their callsites and formats them (fmt style or JSON lines) into the output.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing_core::{Level, Metadata};
+
+use super::{
+    Builder, Format, Shared, TAG_BOOL, TAG_F64, TAG_I128, TAG_I64, TAG_RENDERED, TAG_STR, TAG_U128,
+    TAG_U64,
+};
+
+/// Flush-and-read rounds of a full pass (`sync`, the guard's drop) at most.
+const FULL_PASS_ROUNDS: usize = 8;
+
+/// A record read from a ring, waiting in a batch to be ordered and formatted.
+struct Pending {
+    timestamp: u64,
+    cpu: usize,
+    start: usize,
+    end: usize,
+}
+
+/// The writer thread's state.
+pub(super) struct Writer<W: Write> {
+    shared: Arc<Shared>,
+    settings: Builder,
+    out: io::BufWriter<W>,
+    /// `CLOCK_REALTIME - CLOCK_MONOTONIC`, in ns, measured at the start.
+    realtime_offset: i128,
+    /// The bytes of the records of the batch being read.
+    bytes: Vec<u8>,
+    batch: Vec<Pending>,
+    /// One formatted line.
+    line: Vec<u8>,
+    /// The drop counts last reported.
+    reported: (u64, u64, u64),
+}
+
+impl<W: Write> Writer<W> {
+    pub(super) fn new(shared: Arc<Shared>, settings: Builder, out: W) -> Self {
+        let realtime = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let realtime_offset = realtime - i128::from(crate::ring::monotonic_ns());
+        Writer {
+            shared,
+            settings,
+            out: io::BufWriter::with_capacity(64 << 10, out),
+            realtime_offset,
+            bytes: Vec::new(),
+            batch: Vec::new(),
+            line: Vec::new(),
+            reported: (0, 0, 0),
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let mut last_flush = Instant::now();
+        loop {
+            let (stop, requested, done) = {
+                let control = self.shared.control();
+                (control.stop, control.syncs_requested, control.syncs_done)
+            };
+            if stop || requested > done {
+                // Everything committed so far: hand over the sub-buffers being filled and
+                // read until nothing is left (a few rounds at most: a reservation still
+                // in flight keeps its sub-buffer incomplete for a moment).
+                for _ in 0..FULL_PASS_ROUNDS {
+                    self.shared.ring.flush_all();
+                    if self.pass() == 0 {
+                        break;
+                    }
+                }
+                last_flush = Instant::now();
+                self.report_drops();
+                self.flush_out();
+                if stop {
+                    return;
+                }
+                let mut control = self.shared.control();
+                control.syncs_done = control.syncs_done.max(requested);
+                self.shared.done.notify_all();
+                continue;
+            }
+            if last_flush.elapsed() >= self.settings.flush_interval {
+                self.shared.ring.flush_all();
+                last_flush = Instant::now();
+            }
+            if self.pass() == 0 {
+                self.report_drops();
+                self.flush_out();
+                let control = self.shared.control();
+                if !control.stop && control.syncs_requested == control.syncs_done {
+                    drop(
+                        self.shared
+                            .wake
+                            .wait_timeout(control, self.settings.idle_wait)
+                            .unwrap_or_else(|p| p.into_inner()),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Reads every complete sub-buffer of every ring, orders the records by time and
+    /// writes them. Returns the records read.
+    fn pass(&mut self) -> usize {
+        self.bytes.clear();
+        self.batch.clear();
+        let (bytes, batch) = (&mut self.bytes, &mut self.batch);
+        self.shared.ring.consume_all(|record| {
+            let start = bytes.len();
+            bytes.extend_from_slice(record.data);
+            batch.push(Pending {
+                timestamp: record.timestamp.unwrap_or(0),
+                cpu: record.cpu,
+                start,
+                end: bytes.len(),
+            });
+        });
+        self.batch.sort_by_key(|p| p.timestamp);
+        let batch = std::mem::take(&mut self.batch);
+        for p in &batch {
+            self.line.clear();
+            let decoded = Decoded::parse(&self.bytes[p.start..p.end], &self.shared.callsites);
+            let wall = self.wall_clock(p.timestamp);
+            match self.settings.format {
+                Format::Full => decoded.write_full(&mut self.line, wall, p.cpu),
+                Format::Json => decoded.write_json(&mut self.line, wall, p.cpu),
+            }
+            self.emit_line(1);
+        }
+        let read = batch.len();
+        self.batch = batch;
+        read
+    }
+
+    /// Writes `self.line`, counting it as `records` records written (or lost).
+    fn emit_line(&mut self, records: u64) {
+        if self.out.write_all(&self.line).is_ok() {
+            self.shared.written.fetch_add(records, Ordering::Release);
+        } else {
+            self.shared
+                .write_errors
+                .fetch_add(records, Ordering::Relaxed);
+        }
+    }
+
+    fn flush_out(&mut self) {
+        let _ = self.out.flush();
+    }
+
+    fn wall_clock(&self, monotonic: u64) -> SystemTime {
+        let ns = i128::from(monotonic) + self.realtime_offset;
+        UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
+    }
+
+    /// Writes a `WARN` line when events were dropped since the last report.
+    fn report_drops(&mut self) {
+        let s = self.shared.stats();
+        let now = (s.dropped_full, s.dropped_too_large, s.write_errors);
+        if now == self.reported {
+            return;
+        }
+        let new = (now.0 - self.reported.0) + (now.1 - self.reported.1) + (now.2 - self.reported.2);
+        self.reported = now;
+        let wall = self.wall_clock(crate::ring::monotonic_ns());
+        let message = format!(
+            "{new} events dropped (in total: {} ring full, {} too large, {} write errors)",
+            now.0, now.1, now.2
+        );
+        self.line.clear();
+        match self.settings.format {
+            Format::Full => {
+                let _ = writeln!(
+                    self.line,
+                    "{}  WARN cpulocal::tracing: {message}",
+                    humantime::format_rfc3339_micros(wall)
+                );
+            }
+            Format::Json => {
+                let object = serde_json::json!({
+                    "timestamp": humantime::format_rfc3339_micros(wall).to_string(),
+                    "level": "WARN",
+                    "fields": {
+                        "message": message,
+                        "dropped": new,
+                        "dropped_full": now.0,
+                        "dropped_too_large": now.1,
+                        "write_errors": now.2,
+                    },
+                    "target": "cpulocal::tracing",
+                });
+                let _ = writeln!(self.line, "{object}");
+            }
+        }
+        // A report is not a record: it is not counted as written.
+        let _ = self.out.write_all(&self.line);
+    }
+}
+
+/// A field value read back from a record.
+enum Value<'a> {
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Str(&'a str),
+    Rendered(&'a str),
+    U128(u128),
+    I128(i128),
+}
+
+impl fmt::Display for Value<'_> {
+    /// As `tracing-subscriber`'s fmt layer shows a field value (`Debug`), strings quoted.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::U64(v) => write!(f, "{v:?}"),
+            Value::I64(v) => write!(f, "{v:?}"),
+            Value::F64(v) => write!(f, "{v:?}"),
+            Value::Bool(v) => write!(f, "{v:?}"),
+            Value::Str(v) => write!(f, "{v:?}"),
+            Value::Rendered(v) => f.write_str(v),
+            Value::U128(v) => write!(f, "{v:?}"),
+            Value::I128(v) => write!(f, "{v:?}"),
+        }
+    }
+}
+
+impl Value<'_> {
+    fn to_json(&self) -> serde_json::Value {
+        match *self {
+            Value::U64(v) => v.into(),
+            Value::I64(v) => v.into(),
+            Value::F64(v) => v.into(),
+            Value::Bool(v) => v.into(),
+            Value::Str(v) | Value::Rendered(v) => v.into(),
+            Value::U128(v) => v.to_string().into(),
+            Value::I128(v) => v.to_string().into(),
+        }
+    }
+}
+
+/// A record decoded against its callsite.
+struct Decoded<'a> {
+    metadata: Option<&'static Metadata<'static>>,
+    /// Span names, outermost first (`?` for an unknown callsite).
+    spans: Vec<&'static str>,
+    fields: Vec<(&'static str, Value<'a>)>,
+    /// The record was cut short or malformed (never by this writer's own producers).
+    corrupt: bool,
+}
+
+/// Reads little-endian values off the front of a record.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_le_bytes)
+    }
+    fn text(&mut self) -> Option<&'a str> {
+        let len = u32::from_le_bytes(self.array()?) as usize;
+        // Rendered values are valid UTF-8 (written by `fmt`); a `&str` was too.
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+}
+
+impl<'a> Decoded<'a> {
+    fn parse(
+        data: &'a [u8],
+        callsites: &RwLock<HashMap<usize, &'static Metadata<'static>>>,
+    ) -> Self {
+        let callsites = callsites.read().unwrap_or_else(|p| p.into_inner());
+        let lookup = |address: u64| callsites.get(&(address as usize)).copied();
+        let mut decoded = Decoded {
+            metadata: None,
+            spans: Vec::new(),
+            fields: Vec::new(),
+            corrupt: false,
+        };
+        let mut r = Reader(data);
+        let parsed = (|| {
+            decoded.metadata = lookup(r.u64()?);
+            for _ in 0..r.u8()? {
+                let _id = r.u64()?;
+                decoded
+                    .spans
+                    .push(lookup(r.u64()?).map_or("?", |m| m.name()));
+            }
+            while !r.0.is_empty() {
+                let index = usize::from(r.u8()?);
+                let value = match r.u8()? {
+                    TAG_U64 => Value::U64(u64::from_le_bytes(r.array()?)),
+                    TAG_I64 => Value::I64(i64::from_le_bytes(r.array()?)),
+                    TAG_F64 => Value::F64(f64::from_le_bytes(r.array()?)),
+                    TAG_BOOL => Value::Bool(r.u8()? != 0),
+                    TAG_STR => Value::Str(r.text()?),
+                    TAG_RENDERED => Value::Rendered(r.text()?),
+                    TAG_U128 => Value::U128(u128::from_le_bytes(r.array()?)),
+                    TAG_I128 => Value::I128(i128::from_le_bytes(r.array()?)),
+                    _ => return None,
+                };
+                let name = decoded
+                    .metadata
+                    .and_then(|m| m.fields().iter().nth(index))
+                    .map_or("?", |f| f.name());
+                decoded.fields.push((name, value));
+            }
+            Some(())
+        })();
+        decoded.corrupt = parsed.is_none();
+        decoded
+    }
+
+    fn level(&self) -> &'static str {
+        match self.metadata.map(|m| *m.level()) {
+            Some(Level::TRACE) => "TRACE",
+            Some(Level::DEBUG) => "DEBUG",
+            Some(Level::INFO) => "INFO",
+            Some(Level::WARN) => "WARN",
+            Some(Level::ERROR) => "ERROR",
+            None => "?",
+        }
+    }
+
+    fn target(&self) -> &'static str {
+        self.metadata.map_or("?", |m| m.target())
+    }
+
+    /// `timestamp LEVEL span1:span2: target: message k=v …`
+    fn write_full(&self, line: &mut Vec<u8>, wall: SystemTime, cpu: usize) {
+        let _ = write!(
+            line,
+            "{} {:>5} ",
+            humantime::format_rfc3339_micros(wall),
+            self.level()
+        );
+        if !self.spans.is_empty() {
+            let _ = write!(line, "{}: ", self.spans.join(":"));
+        }
+        let _ = write!(line, "{}:", self.target());
+        for (name, value) in &self.fields {
+            let _ = match (name, value) {
+                (&"message", Value::Str(v)) => write!(line, " {v}"),
+                (&"message", v) => write!(line, " {v}"),
+                (name, v) => write!(line, " {name}={v}"),
+            };
+        }
+        if self.corrupt {
+            let _ = write!(line, " [corrupt record from CPU {cpu}]");
+        }
+        line.push(b'\n');
+    }
+
+    /// One JSON object.
+    fn write_json(&self, line: &mut Vec<u8>, wall: SystemTime, cpu: usize) {
+        let mut fields = serde_json::Map::new();
+        for (name, value) in &self.fields {
+            fields.insert((*name).to_owned(), value.to_json());
+        }
+        let mut object = serde_json::Map::new();
+        object.insert(
+            "timestamp".into(),
+            humantime::format_rfc3339_micros(wall).to_string().into(),
+        );
+        object.insert("level".into(), self.level().into());
+        object.insert("fields".into(), fields.into());
+        object.insert("target".into(), self.target().into());
+        if !self.spans.is_empty() {
+            let spans: Vec<serde_json::Value> = self
+                .spans
+                .iter()
+                .map(|name| serde_json::json!({ "name": name }))
+                .collect();
+            object.insert("spans".into(), spans.into());
+        }
+        if self.corrupt {
+            object.insert("corrupt_record_from_cpu".into(), cpu.into());
+        }
+        let _ = serde_json::to_writer(&mut *line, &object);
+        line.push(b'\n');
+    }
+}
