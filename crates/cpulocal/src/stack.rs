@@ -234,11 +234,11 @@ impl<T> Stack<T> {
         if crate::test_hooks::stack_guard_broken() {
             return self.try_push_ignoring_the_lock(rseq, node);
         }
-        // SAFETY: (1) `rseq` is this thread's area; (2) the table has `slots.len()` slots
-        // laid out as the constants say (the sequence refuses a CPU beyond them); each
-        // head is written only by sequences on its CPU, which check its lock word, and
-        // by holders of that lock, which fence those sequences (crate::remote); (3) we
-        // own `node` until the commit publishes it, and its link is at NEXT_OFFSET (0).
+        // The table has `slots.len()` slots laid out as the constants say (the sequence
+        // refuses a CPU beyond them); each head is written only by sequences on its CPU,
+        // which check its lock word, and by that lock's holders, which fence them.
+        // SAFETY: `rseq` is ours; heads as above; `node` is ours until the commit, its
+        // link at NEXT_OFFSET (0).
         unsafe {
             arch::push_guarded_on_current_cpu::<SLOT_SHIFT, GUARD_OFFSET, HEAD_OFFSET>(
                 rseq,

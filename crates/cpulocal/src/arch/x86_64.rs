@@ -959,10 +959,8 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
     /// `head` after the kernel restarted the section.
     const KERNEL_ABORT: usize = 2;
     let head: usize;
-    // SAFETY: (1) descriptor, signature and labels follow the layout of `arch/mod.rs`,
-    // with label 6 leaving through the end of the block (label 14) instead of a Rust
-    // label; (2) the only store is the commit, to the head of the slot of the CPU read,
-    // which the caller vouches for.
+    // SAFETY: descriptor, signature and labels as in `arch/mod.rs` (label 6 leaves by
+    // label 14); the only store is the commit, to the slot head the caller vouches for.
     unsafe {
         asm!(
             rseq_descriptor!(),

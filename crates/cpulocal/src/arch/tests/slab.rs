@@ -1,0 +1,147 @@
+//! The slab sequences (the allocator's per-CPU arrays) on a fake area.
+
+use super::*;
+
+/// A slab header `{current, end, begin, guard}` over `entries`.
+pub(super) fn slab_header(entries: &mut [usize], used: usize) -> [usize; 4] {
+    let begin = entries.as_mut_ptr() as usize;
+    [begin + used * 8, begin + entries.len() * 8, begin, 0]
+}
+
+pub(super) fn slab_push(
+    area: &mut Rseq,
+    hdr: &mut [usize; 4],
+    guard: usize,
+    item: usize,
+    cpu: u32,
+) -> Outcome {
+    let _delay = crate::tests::delay_shared();
+    hdr[3] = guard;
+    let h = hdr.as_mut_ptr();
+    // SAFETY: as in `add`; the header's entries are an exclusively borrowed array of
+    // the caller (`slab_header`), and the guard is the header's last word.
+    unsafe { arch::slab_push(area, h.add(3), h, item, cpu) }
+}
+
+pub(super) fn slab_pop(
+    area: &mut Rseq,
+    hdr: &mut [usize; 4],
+    guard: usize,
+    cpu: u32,
+) -> Outcome<usize> {
+    let _delay = crate::tests::delay_shared();
+    hdr[3] = guard;
+    let h = hdr.as_mut_ptr();
+    // SAFETY: as in `slab_push`.
+    unsafe { arch::slab_pop(area, h.add(3), h, cpu) }
+}
+
+#[test]
+fn slab_push_stores_the_item_and_advances_current_until_full() {
+    let mut entries = [0usize; 2];
+    let mut hdr = slab_header(&mut entries, 0);
+    let begin = hdr[2];
+    let mut a = area(CPU);
+    assert_eq!(
+        slab_push(&mut a, &mut hdr, 0, 11, CPU),
+        Outcome::Committed(())
+    );
+    armed_descriptor(&a);
+    assert_eq!(
+        slab_push(&mut a, &mut hdr, 0, 12, CPU),
+        Outcome::Committed(())
+    );
+    assert_eq!(hdr[0], begin + 16);
+    assert_eq!(
+        slab_push(&mut a, &mut hdr, 0, 13, CPU),
+        Outcome::CompareFailed
+    );
+    assert_eq!(hdr[0], begin + 16);
+    assert_eq!(entries, [11, 12]);
+}
+
+#[test]
+fn slab_push_aborts_with_the_guard_held_or_on_another_cpu_and_stores_nothing() {
+    let mut entries = [0usize; 2];
+    let mut hdr = slab_header(&mut entries, 0);
+    let mut a = area(CPU);
+    assert_eq!(slab_push(&mut a, &mut hdr, 1, 11, CPU), Outcome::Aborted);
+    assert_eq!(
+        slab_push(&mut a, &mut hdr, 0, 11, OTHER_CPU),
+        Outcome::Aborted
+    );
+    assert_eq!(hdr[0], hdr[2]);
+    assert_eq!(entries, [0, 0]);
+}
+
+#[test]
+fn slab_pop_returns_the_last_item_and_moves_current_back_until_empty() {
+    let mut entries = [21usize, 22];
+    let mut hdr = slab_header(&mut entries, 2);
+    let mut a = area(CPU);
+    assert_eq!(slab_pop(&mut a, &mut hdr, 1, CPU), Outcome::Aborted);
+    assert_eq!(slab_pop(&mut a, &mut hdr, 0, OTHER_CPU), Outcome::Aborted);
+    assert_eq!(slab_pop(&mut a, &mut hdr, 0, CPU), Outcome::Committed(22));
+    armed_descriptor(&a);
+    assert_eq!(slab_pop(&mut a, &mut hdr, 0, CPU), Outcome::Committed(21));
+    assert_eq!(hdr[0], hdr[2]);
+    assert_eq!(slab_pop(&mut a, &mut hdr, 0, CPU), Outcome::CompareFailed);
+    assert_eq!(hdr[0], hdr[2]);
+}
+
+#[test]
+fn guarded_memcpy_moves_a_batch_only_while_the_guard_is_free() {
+    let mut a = area(CPU);
+    let (mut v, mut dst) = (5usize, [0u8; 16]);
+    let src = [7u8; 16];
+    let run = |a: &mut Rseq, v: &mut usize, dst: &mut [u8; 16], guard: usize, expect, cpu| {
+        let _delay = crate::tests::delay_shared();
+        // SAFETY: as in `add`; `dst` and `src` are distinct live arrays of 16 bytes,
+        // `guard` a live local, only read.
+        unsafe {
+            arch::compare_memcpy_store_guarded(
+                a,
+                &guard,
+                v,
+                expect,
+                dst.as_mut_ptr(),
+                src.as_ptr(),
+                16,
+                9,
+                cpu,
+            )
+        }
+    };
+    assert_eq!(run(&mut a, &mut v, &mut dst, 1, 5, CPU), Outcome::Aborted);
+    assert_eq!(
+        run(&mut a, &mut v, &mut dst, 0, 5, OTHER_CPU),
+        Outcome::Aborted
+    );
+    assert_eq!(
+        run(&mut a, &mut v, &mut dst, 0, 4, CPU),
+        Outcome::CompareFailed
+    );
+    assert_eq!((v, dst), (5, [0; 16]));
+    assert_eq!(
+        run(&mut a, &mut v, &mut dst, 0, 5, CPU),
+        Outcome::Committed(())
+    );
+    armed_descriptor(&a);
+    assert_eq!((v, dst), (9, [7; 16]));
+}
+
+#[cfg(any(test, feature = "__test-hooks"))]
+#[test]
+fn broken_slab_pop_still_pops_on_the_expected_cpu() {
+    let mut entries = [31usize];
+    let mut hdr = slab_header(&mut entries, 1);
+    let mut a = area(CPU);
+    let h = hdr.as_mut_ptr();
+    // SAFETY: as in `slab_pop`.
+    let other = unsafe { arch::slab_pop_without_restart(&mut a, h.add(3), h, OTHER_CPU) };
+    assert_eq!(other, Outcome::Aborted);
+    // SAFETY: as in `slab_pop`.
+    let popped = unsafe { arch::slab_pop_without_restart(&mut a, h.add(3), h, CPU) };
+    assert_eq!(popped, Outcome::Committed(31));
+    assert_eq!(hdr[0], hdr[2]);
+}
