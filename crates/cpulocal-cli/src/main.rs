@@ -59,9 +59,7 @@ enum Command {
 /// The knobs of `cpulocal stress` (see `cpulocal_cli::stress` for what each does).
 #[derive(Debug, clap::Args)]
 struct StressArgs {
-    /// What to torture: counter, stack, lock (PerCpu::with_cpu), ring, remote (on_cpu,
-    /// steal, flush racing the fast paths) or mix.
-    #[arg(long, value_name = "NAME", default_value = "counter")]
+    #[arg(long, value_name = "NAME", default_value = "counter", help = stress::structure_help())]
     structure: Structure,
     /// Workers running at once [default: 4 per online CPU].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=stress::MAX_THREADS as u64))]

@@ -1,19 +1,19 @@
 //! The shared harness of `cpulocal stress`: the state every thread of a run shares
 //! ([`Shared`]), what each thread did ([`Tally`]), the workers, the remote thread, the
-//! signaller and the affinity churner. Each structure's part (its operation, its remote
-//! operation, its check) is in a module of its own.
+//! signaller and the affinity churner. Each structure's part (its state, its operation,
+//! its remote operation, its check) is in a module of its own, reached through
+//! [`ErasedPart`].
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::any::Any;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cpulocal::ring::RingBuffer;
-use cpulocal::{sys, Counter, Node, PerCpu, Stack};
+use cpulocal::{sys, Counter};
 
-use super::lock::LockSlot;
-use super::stack::{Item, StackCheck};
-use super::{counter, lock, ring, Amount, Config, Kind};
+use super::part::{ErasedPart, PartDef, Turn};
+use super::{Amount, Config};
 
 /// The signal of `--signals`.
 pub(super) const STORM: libc::c_int = libc::SIGUSR1;
@@ -54,35 +54,26 @@ pub(super) mod hooks {
 }
 
 /// What one worker (or the remote thread) did.
-#[derive(Default)]
 pub(super) struct Tally {
     pub(super) ops: u64,
     pub(super) remote_ops: u64,
-    pub(super) counter_adds: u64,
-    pub(super) stack: StackCheck,
-    /// Increments per lock slot.
-    pub(super) lock_slots: Vec<u64>,
-    pub(super) lock_remote: u64,
-    pub(super) writer: u32,
-    pub(super) ring_committed: u64,
-    pub(super) ring_refused: u64,
-    pub(super) flushes: u64,
+    /// Per part of the run (as in [`Shared::parts`]), that part's tally.
+    pub(super) parts: Vec<Box<dyn Any + Send>>,
 }
 
 /// Everything the threads of a run share.
 pub(super) struct Shared {
     pub(super) config: Config,
-    pub(super) kinds: &'static [Kind],
-    pub(super) remote_kinds: &'static [Kind],
-    pub(super) counter: Option<Counter>,
-    /// The handler's counter when there is no counter part.
+    /// The parts of the run (each once, in the order of the registry) and their state.
+    pub(super) parts: Vec<(&'static PartDef, Box<dyn ErasedPart>)>,
+    /// The workers' turns: indices into `parts`.
+    turns: Vec<usize>,
+    /// The remote thread's turns: indices into `parts`; empty: no remote thread.
+    pub(super) remote_turns: Vec<usize>,
+    /// The handler's counter when no part offers one.
     pub(super) signal_counter: Counter,
     /// Runs of the signal handler.
-    pub(super) handled: AtomicU64,
-    pub(super) stack: Option<Stack<Item>>,
-    pub(super) nodes: usize,
-    pub(super) lock: Option<PerCpu<LockSlot>>,
-    pub(super) ring: Option<RingBuffer>,
+    handled: AtomicU64,
     /// The CPUs the run may use: victims of remote operations, targets of moves.
     pub(super) cpus: Vec<usize>,
     /// Operations left to hand out (`Amount::Ops`).
@@ -99,12 +90,11 @@ pub(super) struct Shared {
     pub(super) workers_finished: AtomicBool,
     /// The signaller and the affinity churner stop.
     pub(super) aux_stop: AtomicBool,
-    /// The ring consumer drains and stops.
-    pub(super) consumer_stop: AtomicBool,
+    /// The parts' background threads (the ring's consumer) finish their work and stop.
+    pub(super) background_stop: AtomicBool,
     /// Kernel thread ids of the threads that may be signalled and moved: each has used
     /// cpulocal before it enters, and leaves before it exits.
     pub(super) participants: Mutex<Vec<libc::pid_t>>,
-    pub(super) next_writer: AtomicU32,
 }
 
 /// The run in progress, for the signal handler; null outside runs.
@@ -122,10 +112,7 @@ extern "C" fn on_signal(_: libc::c_int) {
         // SAFETY: `run` stores a live `Shared` (kept alive by its `Arc`) before the first
         // signal can be sent, and clears it only after every signalled thread is joined.
         let shared = unsafe { &*shared };
-        match &shared.counter {
-            Some(counter) => counter.add(1),
-            None => shared.signal_counter.add(1),
-        }
+        shared.signal_target().add(1);
         // Relaxed: read after every thread is joined.
         shared.handled.fetch_add(1, Ordering::Relaxed);
     }
@@ -240,22 +227,30 @@ pub(super) fn seed() -> u64 {
 
 impl Shared {
     pub(super) fn new(config: &Config) -> Shared {
-        let kinds = config.structure.kinds();
-        let has = |k| kinds.contains(&k);
-        let nodes = (config.threads * 64).clamp(1024, 1 << 20);
-        let cpus = usable_cpus();
+        let structure = config.structure.def();
+        let uses = |def: &PartDef| {
+            let named = |p: &&PartDef| p.name == def.name;
+            structure.parts.iter().any(named) || structure.remote.iter().any(named)
+        };
+        let parts: Vec<(&'static PartDef, Box<dyn ErasedPart>)> = super::registered_parts()
+            .into_iter()
+            .filter(|def| uses(def))
+            .map(|def| (def, (def.new)(config)))
+            .collect();
+        let index = |def: &&PartDef| {
+            parts
+                .iter()
+                .position(|(p, _)| p.name == def.name)
+                .expect("a part of the run")
+        };
         Shared {
             config: config.clone(),
-            kinds,
-            remote_kinds: config.structure.remote_kinds(),
-            counter: has(Kind::Counter).then(Counter::new),
+            turns: structure.parts.iter().map(index).collect(),
+            remote_turns: structure.remote.iter().map(index).collect(),
+            parts,
             signal_counter: Counter::new(),
             handled: AtomicU64::new(0),
-            stack: has(Kind::Stack).then(Stack::new),
-            nodes,
-            lock: has(Kind::Lock).then(lock::new_slots),
-            ring: has(Kind::Ring).then(ring::new_ring),
-            cpus,
+            cpus: usable_cpus(),
             remaining: AtomicU64::new(match config.amount {
                 Amount::Ops(n) => n,
                 Amount::Duration(_) => 0,
@@ -266,10 +261,24 @@ impl Shared {
             done: AtomicU64::new(0),
             workers_finished: AtomicBool::new(false),
             aux_stop: AtomicBool::new(false),
-            consumer_stop: AtomicBool::new(false),
+            background_stop: AtomicBool::new(false),
             participants: Mutex::new(Vec::new()),
-            next_writer: AtomicU32::new(0),
         }
+    }
+
+    /// The counter the signal handler adds to: a part's (the counter part's), else the
+    /// harness's own. Async-signal-safe: no allocation, no lock.
+    pub(super) fn signal_target(&self) -> &Counter {
+        self.parts
+            .iter()
+            .find_map(|(_, part)| part.signal_counter())
+            .unwrap_or(&self.signal_counter)
+    }
+
+    /// Runs of the signal handler so far (all of them once every thread is joined).
+    pub(super) fn handled(&self) -> u64 {
+        // Relaxed: read after every thread that touched it is joined.
+        self.handled.load(Ordering::Relaxed)
     }
 
     pub(super) fn participants(&self) -> MutexGuard<'_, Vec<libc::pid_t>> {
@@ -362,46 +371,43 @@ impl Shared {
 
     pub(super) fn new_tally(&self) -> Tally {
         Tally {
-            lock_slots: vec![0; self.lock.as_ref().map_or(0, PerCpu::slots)],
-            // Relaxed: a unique id is all that is needed.
-            writer: self.next_writer.fetch_add(1, Ordering::Relaxed),
-            ..Tally::default()
+            ops: 0,
+            remote_ops: 0,
+            parts: self.parts.iter().map(|(_, p)| p.new_tally()).collect(),
         }
     }
 
     /// Operation `i` of a worker: the part whose turn it is.
     #[inline]
     pub(super) fn op(&self, i: u64, t: &mut Tally, rng: &mut Rng) {
-        match self.kinds[(i % self.kinds.len() as u64) as usize] {
-            Kind::Counter => counter::op(self, i, t),
-            Kind::Stack => self.stack_op(i, t, rng),
-            Kind::Lock => lock::op(self, i, t),
-            Kind::Ring => ring::op(self, i, t),
-        }
+        let turns = self.turns.len() as u64;
+        let k = self.turns[(i % turns) as usize];
+        let turn = Turn { i, n: i / turns };
+        self.parts[k].1.op(self, turn, &mut *t.parts[k], rng);
     }
 }
 
 /// A worker: registers, enters the participants, does operations in batches until the
 /// budget, the duration or its lifetime is over, leaves.
+///
+/// `initial`: (this worker, of how many) for the workers that start the run, which
+/// seed the parts (e.g. push their share of the stack's nodes); `None` for replacements.
 pub(super) fn worker(
     shared: Arc<Shared>,
-    initial_nodes: core::ops::Range<usize>,
+    initial: Option<(usize, usize)>,
     lifetime: Option<u64>,
 ) -> Tally {
     cpulocal::register_current_thread();
     let tid = gettid();
     let mut rng = Rng::new(seed());
     let mut t = shared.new_tally();
-    if let Some(stack) = &shared.stack {
-        for id in initial_nodes {
-            stack.push(Node::new(Item {
-                id,
-                held: AtomicBool::new(false),
-            }));
+    if let Some((w, workers)) = initial {
+        for (_, part) in &shared.parts {
+            part.seed(w, workers);
         }
     }
     shared.enter(tid);
-    // Release: pairs with the Acquire in `run`, which then sees our nodes pushed.
+    // Release: pairs with the Acquire in `run`, which then sees the parts seeded.
     shared.ready.fetch_add(1, Ordering::Release);
     // Acquire: pairs with the Release store of `go`, after the hooks are set.
     while !shared.go.load(Ordering::Acquire) {
@@ -433,17 +439,15 @@ pub(super) fn remote(shared: Arc<Shared>) -> Tally {
     let mut rng = Rng::new(seed());
     let mut t = shared.new_tally();
     shared.enter(tid);
-    let kinds = shared.remote_kinds;
+    let turns = shared.remote_turns.len() as u64;
     let mut i = 0u64;
     // Acquire: pairs with the Release in `run` once every worker is joined.
     while !shared.workers_finished.load(Ordering::Acquire) {
         let victim = shared.victim(&mut rng);
-        match kinds[(i % kinds.len() as u64) as usize] {
-            Kind::Lock => lock::remote_op(&shared, victim, &mut t),
-            Kind::Stack => shared.remote_stack_op(victim, i / kinds.len() as u64, &mut t),
-            Kind::Ring => ring::remote_op(&shared, victim, &mut t),
-            Kind::Counter => unreachable!("the remote thread does not count"),
-        }
+        let k = shared.remote_turns[(i % turns) as usize];
+        shared.parts[k]
+            .1
+            .remote_op(&shared, victim, i / turns, &mut *t.parts[k]);
         t.remote_ops += 1;
         i += 1;
     }

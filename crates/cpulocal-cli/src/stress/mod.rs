@@ -44,10 +44,15 @@
 //!
 //! # Layout
 //!
-//! One module per structure (`counter.rs`, `stack.rs`, `lock.rs`, `ring.rs`): its
-//! operation, its remote operation, its check and its report; `harness.rs` holds the
-//! state a run shares and its threads (workers, remote thread, signaller, churner);
-//! this module the configuration, the run and the report.
+//! One module per structure: `counter.rs`, `stack.rs`, `lock.rs` and `ring.rs` each
+//! define a *part* (its state for a run, its operation, its remote operation, its check
+//! and its report) and the structure of that part alone; `remote.rs` and `mix.rs` define
+//! structures made of those parts. `part.rs` is the contract between them and the
+//! harness; `harness.rs` holds the state a run shares and its threads (workers, remote
+//! thread, signaller, churner); this module the registry ([`Structure::ALL`]), the
+//! configuration, the run and the report. A new structure is one new module and one
+//! line in [`Structure::ALL`]: the harness, the command line's `--structure`, the
+//! report (text and JSON) and `--broken` take their cue from the registry.
 
 use core::fmt;
 use core::str::FromStr;
@@ -56,19 +61,22 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cpulocal::{sys, Counter};
+use cpulocal::sys;
 use serde::Serialize;
 
 use harness::{
     churner, hooks, ignore_signal, install_handler, join, remote, signaller, spawn, worker, Shared,
     Tally, RUN, SINK, STORM,
 };
-use ring::{consumer, RingSeen};
+use part::{PartDef, Sections, StructureDef};
 
 mod harness;
+mod part;
 
 mod counter;
 mod lock;
+mod mix;
+mod remote;
 mod ring;
 mod stack;
 
@@ -84,65 +92,96 @@ pub const NEEDS_TEST_HOOKS: &str = "rebuild with --features test-hooks";
 /// Whether this build has cpulocal's test hooks (`--delay`, `--broken`, abort counts).
 pub const HAS_TEST_HOOKS: bool = cfg!(feature = "test-hooks");
 
-/// What a run tortures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Structure {
-    /// [`Counter`]: one restartable add per operation.
-    Counter,
-    /// [`Stack`](cpulocal::Stack): pop and push on the thread's CPU, steals from other CPUs.
-    Stack,
-    /// [`PerCpu::with_cpu`](cpulocal::PerCpu::with_cpu): the per-CPU lock around a read-modify-write.
-    Lock,
-    /// [`RingBuffer`](cpulocal::ring::RingBuffer): reserve, fill and commit records, with a concurrent consumer.
-    Ring,
-    /// `on_cpu`, `Stack::steal` / `pop_all_on` and `RingBuffer::flush` from a remote
-    /// thread racing the local fast paths of lock, stack and ring.
-    Remote,
-    /// Every structure at once, with the remote thread.
-    Mix,
-}
+/// What a run tortures: one cpulocal structure, or several in turn. Each structure is a
+/// module of its own; [`Structure::ALL`] lists them.
+#[derive(Clone, Copy)]
+pub struct Structure(&'static StructureDef);
 
 impl Structure {
-    /// Every structure.
-    pub const ALL: [Structure; 6] = [
-        Structure::Counter,
-        Structure::Stack,
-        Structure::Lock,
-        Structure::Ring,
-        Structure::Remote,
-        Structure::Mix,
+    /// Every structure, in the order `--help` and the report list them. A new structure:
+    /// its module, and one line here.
+    pub const ALL: &'static [Structure] = &[
+        Structure(&counter::STRUCTURE),
+        Structure(&stack::STRUCTURE),
+        Structure(&lock::STRUCTURE),
+        Structure(&ring::STRUCTURE),
+        Structure(&remote::STRUCTURE),
+        Structure(&mix::STRUCTURE),
     ];
 
     /// The name used on the command line and in the output.
     pub fn name(self) -> &'static str {
-        match self {
-            Structure::Counter => "counter",
-            Structure::Stack => "stack",
-            Structure::Lock => "lock",
-            Structure::Ring => "ring",
-            Structure::Remote => "remote",
-            Structure::Mix => "mix",
-        }
+        self.0.name
     }
 
-    /// The operations the workers take turns at.
-    fn kinds(self) -> &'static [Kind] {
-        match self {
-            Structure::Counter => &[Kind::Counter],
-            Structure::Stack => &[Kind::Stack],
-            Structure::Lock => &[Kind::Lock],
-            Structure::Ring => &[Kind::Ring],
-            Structure::Remote => &[Kind::Lock, Kind::Stack, Kind::Ring],
-            Structure::Mix => &[Kind::Counter, Kind::Stack, Kind::Lock, Kind::Ring],
-        }
+    fn def(self) -> &'static StructureDef {
+        self.0
     }
 
-    /// The operations the remote thread takes turns at (none: no remote thread).
-    fn remote_kinds(self) -> &'static [Kind] {
-        match self {
-            Structure::Remote | Structure::Mix => &[Kind::Lock, Kind::Stack, Kind::Ring],
-            _ => &[],
+    /// Whether `--broken` has a deliberately broken variant of one of its parts.
+    fn has_mutation(self) -> bool {
+        self.0.parts.iter().any(|p| p.mutation.is_some())
+    }
+}
+
+/// Every part of the registered structures, each once, in the order of the registry:
+/// the order of the report.
+fn registered_parts() -> Vec<&'static PartDef> {
+    let mut parts: Vec<&'static PartDef> = Vec::new();
+    for s in Structure::ALL {
+        for &p in s.0.parts.iter().chain(s.0.remote) {
+            if !parts.iter().any(|q| q.name == p.name) {
+                parts.push(p);
+            }
         }
+    }
+    parts
+}
+
+/// "a", "a and b", "a, b and c" (with `conjunction` "and").
+fn list(names: &[&str], conjunction: &str) -> String {
+    match names.split_last() {
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} {conjunction} {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+/// The help of `--structure`: "What to torture: a, b (what b is) or c"
+///
+/// ```
+/// let help = cpulocal_cli::stress::structure_help();
+/// assert!(help.starts_with("What to torture: counter, stack, lock (PerCpu::with_cpu)"));
+/// ```
+pub fn structure_help() -> String {
+    let names: Vec<String> = Structure::ALL
+        .iter()
+        .map(|s| match s.0.help {
+            Some(help) => format!("{} ({help})", s.name()),
+            None => s.name().to_string(),
+        })
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    format!("What to torture: {}", list(&names, "or"))
+}
+
+impl PartialEq for Structure {
+    fn eq(&self, other: &Structure) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Structure {}
+
+impl core::hash::Hash for Structure {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        self.name().hash(state);
+    }
+}
+
+impl fmt::Debug for Structure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Structure").field(&self.name()).finish()
     }
 }
 
@@ -157,12 +196,13 @@ impl FromStr for Structure {
 
     /// ```
     /// use cpulocal_cli::stress::Structure;
-    /// assert_eq!("ring".parse::<Structure>(), Ok(Structure::Ring));
+    /// assert_eq!("ring".parse::<Structure>().unwrap().name(), "ring");
     /// assert!("queue".parse::<Structure>().unwrap_err().contains("counter"));
     /// ```
     fn from_str(s: &str) -> Result<Structure, String> {
         Structure::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|k| k.name() == s)
             .ok_or_else(|| {
                 let names: Vec<_> = Structure::ALL.iter().map(|k| k.name()).collect();
@@ -172,15 +212,6 @@ impl FromStr for Structure {
                 )
             })
     }
-}
-
-/// One kind of worker operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Counter,
-    Stack,
-    Lock,
-    Ring,
 }
 
 /// How long a run lasts.
@@ -230,8 +261,8 @@ impl Config {
     /// `threads` workers on `structure` for `amount`, with no injection.
     ///
     /// ```
-    /// use cpulocal_cli::stress::{Amount, Config, Structure};
-    /// let config = Config::new(Structure::Counter, 2, Amount::Ops(1000));
+    /// use cpulocal_cli::stress::{Amount, Config};
+    /// let config = Config::new("counter".parse().unwrap(), 2, Amount::Ops(1000));
     /// assert!(config.validate().is_ok());
     /// let report = cpulocal_cli::stress::run(&config, |_| ()).unwrap();
     /// assert_eq!(report.operations, 1000);
@@ -260,8 +291,8 @@ impl Config {
     /// without it.
     ///
     /// ```
-    /// use cpulocal_cli::stress::{Amount, Config, Structure};
-    /// let mut config = Config::new(Structure::Ring, 2, Amount::Ops(10));
+    /// use cpulocal_cli::stress::{Amount, Config};
+    /// let mut config = Config::new("ring".parse().unwrap(), 2, Amount::Ops(10));
     /// config.broken = true;
     /// assert!(config.validate().is_err());
     /// ```
@@ -305,16 +336,35 @@ impl Config {
                     "--broken needs cpulocal's test hooks, which this build lacks: {NEEDS_TEST_HOOKS}"
                 ));
             }
-            let kinds = self.structure.kinds();
-            if !kinds.contains(&Kind::Counter) && !kinds.contains(&Kind::Stack) {
-                return Err(format!(
-                    "--broken has mutations for counter and stack (and remote, mix), not for {}",
-                    self.structure
-                ));
+            if !self.structure.has_mutation() {
+                return Err(broken_error(self.structure));
             }
         }
         Ok(())
     }
+}
+
+/// The refusal of `--broken` for `structure`, which has no broken variant: "--broken has
+/// mutations for a and b (and c, d), not for e", the structures of one part first, then
+/// the ones made of several.
+fn broken_error(structure: Structure) -> String {
+    let with = |one: bool| -> Vec<&str> {
+        Structure::ALL
+            .iter()
+            .filter(|s| s.has_mutation() && (s.0.parts.len() == 1) == one)
+            .map(|s| s.name())
+            .collect()
+    };
+    let composites = with(false);
+    let also = if composites.is_empty() {
+        String::new()
+    } else {
+        format!(" (and {})", composites.join(", "))
+    };
+    format!(
+        "--broken has mutations for {}{also}, not for {structure}",
+        list(&with(true), "and")
+    )
 }
 
 /// Where a run stands, for a progress bar.
@@ -370,16 +420,13 @@ pub struct Report {
     pub affinity_moves: u64,
     /// Refused moves (e.g. the thread had just exited).
     pub affinity_failures: u64,
-    /// The counter part's check.
-    pub counter: Option<CounterCheck>,
-    /// The signal handler's own counter, when the structure has no counter part.
-    pub signal_counter: Option<CounterCheck>,
-    /// The stack part's check.
-    pub stack: Option<StackCheck>,
-    /// The lock part's check.
-    pub lock: Option<LockCheck>,
-    /// The ring part's check.
-    pub ring: Option<RingCheck>,
+    /// Each part's check under its name, null when the run has no such part, in the
+    /// order of the registry: `counter` ([`CounterCheck`]), `signal_counter` (a
+    /// [`CounterCheck`] of the signal handler's own counter, when the structure has no
+    /// counter part), `stack` ([`StackCheck`]), `lock` ([`LockCheck`]), `ring`
+    /// ([`RingCheck`]).
+    #[serde(flatten)]
+    sections: Sections,
     /// Updates, nodes, increments or records lost, over every part.
     pub lost: u64,
     /// Ones counted, held or read more than once, over every part.
@@ -434,63 +481,8 @@ impl fmt::Display for Report {
             Some(n) => writeln!(f, "slow path: {n} adds (Counter::slow_path_sum)")?,
             None => writeln!(f, "slow path: n/a (no cpulocal Counter in this run)")?,
         }
-        if let Some(c) = &self.counter {
-            writeln!(
-                f,
-                "counter: sum {} of {} expected ({} worker adds + {} handler adds)",
-                c.sum, c.expected, c.worker_adds, c.handler_adds
-            )?;
-        }
-        if let Some(c) = &self.signal_counter {
-            writeln!(
-                f,
-                "signal counter: sum {} of {} handler adds",
-                c.sum, c.expected
-            )?;
-        }
-        if let Some(s) = &self.stack {
-            writeln!(
-                f,
-                "stack: {} nodes; {} pops ({} empty), {} steals + {} remote ({} nodes), {} pop_all ({} nodes); held twice {}; at the end {} found, {} twice, {} missing",
-                s.nodes,
-                s.pops,
-                s.empty_pops,
-                s.steals,
-                s.remote_steals,
-                s.stolen,
-                s.pop_alls,
-                s.pop_all_nodes,
-                s.held_twice,
-                s.found,
-                s.found_twice,
-                s.missing
-            )?;
-        }
-        if let Some(l) = &self.lock {
-            writeln!(
-                f,
-                "lock: {} slots used; {} increments ({} with_cpu + {} on_cpu), {} found; {} slots wrong",
-                l.slots_used,
-                l.local + l.remote,
-                l.local,
-                l.remote,
-                l.found,
-                l.slots_wrong
-            )?;
-        }
-        if let Some(r) = &self.ring {
-            writeln!(
-                f,
-                "ring: {} records committed, {} read; remote commits {}; discarded {} ({} refusals seen); overwritten {}; abandoned {}; flushes {}",
-                r.records,
-                r.read,
-                r.remote_commits,
-                r.discarded,
-                r.refused,
-                r.overwritten,
-                r.abandoned,
-                r.flushes
-            )?;
+        for line in self.sections.lines() {
+            writeln!(f, "{line}")?;
         }
         writeln!(f, "lost: {}", self.lost)?;
         writeln!(f, "duplicated: {}", self.duplicated)?;
@@ -575,37 +567,40 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
     }
 
     let threads = config.threads;
-    let share = |w: usize| w * shared.nodes / threads..(w + 1) * shared.nodes / threads;
     let lifetime = config.thread_churn;
     let mut workers: Vec<Option<JoinHandle<Tally>>> = (0..threads)
         .map(|w| {
-            let (s, nodes) = (Arc::clone(&shared), share(w));
-            Some(spawn("stress-worker", move || worker(s, nodes, lifetime)))
+            let s = Arc::clone(&shared);
+            Some(spawn("stress-worker", move || {
+                worker(s, Some((w, threads)), lifetime)
+            }))
         })
         .collect();
     let mut started = threads as u64;
-    // Acquire: pairs with the workers' Release: their nodes are pushed.
+    // Acquire: pairs with the workers' Release: the parts are seeded.
     while shared.ready.load(Ordering::Acquire) < threads {
         std::thread::sleep(Duration::from_micros(100));
     }
 
     let delay = config.delay_loops.unwrap_or(0);
     hooks::set_delay_loops(delay);
-    hooks::break_stack_guard(config.broken && shared.stack.is_some());
-    hooks::break_counter_sequence(config.broken && shared.counter.is_some());
+    set_mutations(&shared, config.broken);
     let aborts_before = hooks::kernel_aborts();
     let start = Instant::now();
     // Release: the hooks are set before any worker starts.
     shared.go.store(true, Ordering::Release);
 
-    let remote_thread = (!shared.remote_kinds.is_empty()).then(|| {
+    let remote_thread = (!shared.remote_turns.is_empty()).then(|| {
         let s = Arc::clone(&shared);
         spawn("stress-remote", move || remote(s))
     });
-    let consumer_thread = shared.ring.is_some().then(|| {
-        let s = Arc::clone(&shared);
-        spawn("stress-consumer", move || consumer(s))
-    });
+    let background_threads: Vec<JoinHandle<()>> = (0..shared.parts.len())
+        .filter_map(|k| {
+            let name = shared.parts[k].1.background_thread()?;
+            let s = Arc::clone(&shared);
+            Some(spawn(name, move || s.parts[k].1.background(&s)))
+        })
+        .collect();
     let signaller_thread = config.signal_interval.map(|interval| {
         let s = Arc::clone(&shared);
         spawn("stress-signals", move || signaller(s, interval))
@@ -625,7 +620,7 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
                 tallies.push(join(slot.take().expect("checked")));
                 if config.thread_churn.is_some() && shared.has_work() {
                     let s = Arc::clone(&shared);
-                    *slot = Some(spawn("stress-worker", move || worker(s, 0..0, lifetime)));
+                    *slot = Some(spawn("stress-worker", move || worker(s, None, lifetime)));
                     started += 1;
                 }
             }
@@ -662,11 +657,10 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
         .zip(aborts_before)
         .map(|(after, before)| after - before);
     hooks::set_delay_loops(0);
-    hooks::break_stack_guard(false);
-    hooks::break_counter_sequence(false);
+    set_mutations(&shared, false);
     // Release: every writer is joined; the consumer's last pass sees all commits.
-    shared.consumer_stop.store(true, Ordering::Release);
-    let seen = consumer_thread.map(join);
+    shared.background_stop.store(true, Ordering::Release);
+    background_threads.into_iter().for_each(join);
     if config.signal_interval.is_some() {
         ignore_signal(STORM);
         SINK.store(core::ptr::null_mut(), Ordering::Release);
@@ -681,7 +675,6 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
         config,
         &shared,
         &tallies,
-        seen,
         Facts {
             remote_scheme,
             started,
@@ -692,6 +685,17 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
             affinity_failures,
         },
     ))
+}
+
+/// Switches the broken variant of every registered part on (`broken`: those of the run)
+/// or off.
+fn set_mutations(shared: &Shared, broken: bool) {
+    for def in registered_parts() {
+        if let Some(mutation) = def.mutation {
+            let in_run = shared.parts.iter().any(|(p, _)| p.name == def.name);
+            mutation(broken && in_run);
+        }
+    }
 }
 
 /// What the run measured besides the tallies.
@@ -706,32 +710,26 @@ struct Facts {
 }
 
 /// The exact checks, once every thread is joined.
-fn check(
-    config: &Config,
-    shared: &Shared,
-    tallies: &[Tally],
-    seen: Option<RingSeen>,
-    facts: Facts,
-) -> Report {
+fn check(config: &Config, shared: &Shared, tallies: &[Tally], facts: Facts) -> Report {
     let sum = |f: &dyn Fn(&Tally) -> u64| tallies.iter().map(f).sum::<u64>();
-    // Relaxed: every thread that touched it is joined.
-    let handled = shared.handled.load(Ordering::Relaxed);
-    let (counter, signal_counter) = counter::check(config, shared, tallies, handled);
-    let stack = stack::check(shared, tallies);
-    let lock = lock::check(shared, tallies);
-    let ring = ring::check(shared, tallies, seen);
-
-    let parts_lost = counter.as_ref().map_or(0, |c| c.lost)
-        + signal_counter.as_ref().map_or(0, |c| c.lost)
-        + stack.as_ref().map_or(0, |s| s.lost)
-        + lock.as_ref().map_or(0, |l| l.lost)
-        + ring.as_ref().map_or(0, |r| r.lost);
-    let parts_duplicated = counter.as_ref().map_or(0, |c| c.duplicated)
-        + signal_counter.as_ref().map_or(0, |c| c.duplicated)
-        + stack.as_ref().map_or(0, |s| s.duplicated)
-        + lock.as_ref().map_or(0, |l| l.duplicated)
-        + ring.as_ref().map_or(0, |r| r.duplicated);
-    let corrupt = stack.as_ref().map_or(0, |s| s.corrupt) + ring.as_ref().map_or(0, |r| r.corrupt);
+    let mut entries = Vec::new();
+    for def in registered_parts() {
+        match shared.parts.iter().position(|(p, _)| p.name == def.name) {
+            Some(k) => {
+                let part_tallies: Vec<_> = tallies.iter().map(|t| &*t.parts[k]).collect();
+                entries.extend(shared.parts[k].1.check(shared, &part_tallies));
+            }
+            None => match def.absent {
+                Some(absent) => entries.extend(absent(shared)),
+                None => entries.push(part::Entry::null(def.name)),
+            },
+        }
+    }
+    let sections = Sections(entries);
+    let lost = sections.present().map(|s| s.lost).sum();
+    let duplicated = sections.present().map(|s| s.duplicated).sum();
+    let corrupt = sections.present().map(|s| s.corrupt).sum();
+    let slow_path = sections.present().find_map(|s| s.slow_path);
     Report {
         structure: config.structure.name(),
         threads: config.threads,
@@ -747,24 +745,16 @@ fn check(
         delay_loops: config.delay_loops.unwrap_or(0),
         broken: config.broken,
         kernel_aborts: facts.kernel_aborts,
-        slow_path: shared
-            .counter
-            .as_ref()
-            .map(Counter::slow_path_sum)
-            .or_else(|| signal_counter.as_ref().and_then(|c| c.slow_path)),
+        slow_path,
         signals_sent: facts.signals_sent,
-        signals_handled: handled,
+        signals_handled: shared.handled(),
         affinity_moves: facts.affinity_moves,
         affinity_failures: facts.affinity_failures,
-        counter,
-        signal_counter,
-        stack,
-        lock,
-        ring,
-        lost: parts_lost,
-        duplicated: parts_duplicated,
+        sections,
+        lost,
+        duplicated,
         corrupt,
-        passed: parts_lost == 0 && parts_duplicated == 0 && corrupt == 0,
+        passed: lost == 0 && duplicated == 0 && corrupt == 0,
     }
 }
 
@@ -772,22 +762,73 @@ fn check(
 mod tests {
     use super::*;
 
+    fn named(name: &str) -> Structure {
+        name.parse().expect("a registered structure")
+    }
+
     #[test]
     fn knobs_that_need_test_hooks_say_how_to_get_them() {
-        let mut config = Config::new(Structure::Counter, 1, Amount::Ops(1));
+        let mut config = Config::new(named("counter"), 1, Amount::Ops(1));
         config.delay_loops = Some(10);
         assert_eq!(config.validate().is_ok(), HAS_TEST_HOOKS);
         if !HAS_TEST_HOOKS {
             assert!(config.validate().unwrap_err().contains(NEEDS_TEST_HOOKS));
         }
-        let mut config = Config::new(Structure::Lock, 1, Amount::Ops(1));
+        let mut config = Config::new(named("lock"), 1, Amount::Ops(1));
         config.broken = true;
-        assert!(config.validate().is_err());
+        assert_eq!(
+            config.validate().unwrap_err(),
+            if HAS_TEST_HOOKS {
+                "--broken has mutations for counter and stack (and remote, mix), not for lock"
+                    .to_string()
+            } else {
+                format!("--broken needs cpulocal's test hooks, which this build lacks: {NEEDS_TEST_HOOKS}")
+            }
+        );
+    }
+
+    #[test]
+    fn the_report_has_every_part_under_its_key_in_registry_order() {
+        let mut config = Config::new(named("ring"), 2, Amount::Ops(1000));
+        config.signal_interval = Some(Duration::from_micros(200));
+        let report = run(&config, |_| ()).expect("valid config");
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        let text = report.to_json();
+        // The last occurrence: the top-level key (`lost` is also a key of every check).
+        let at = |key: &str| text.rfind(&format!("\"{key}\":")).expect(key);
+        let keys = [
+            "affinity_failures",
+            "counter",
+            "signal_counter",
+            "stack",
+            "lock",
+            "ring",
+            "lost",
+        ];
+        assert!(keys.windows(2).all(|w| at(w[0]) < at(w[1])), "{text}");
+        assert!(json["counter"].is_null() && json["stack"].is_null() && json["lock"].is_null());
+        assert_eq!(json["ring"]["lost"], 0, "{text}");
+        assert_eq!(json["signal_counter"]["expected"], json["signals_handled"]);
+        let text = report.to_string();
+        let labels: Vec<&str> = text.lines().filter_map(|l| l.split(':').next()).collect();
+        assert!(
+            labels.contains(&"signal counter") && labels.contains(&"ring"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn help_names_every_structure_with_its_note() {
+        assert_eq!(
+            structure_help(),
+            "What to torture: counter, stack, lock (PerCpu::with_cpu), ring, remote (on_cpu, \
+             steal, flush racing the fast paths) or mix"
+        );
     }
 
     #[test]
     fn every_structure_is_exact_in_a_small_run() {
-        for structure in Structure::ALL {
+        for &structure in Structure::ALL {
             let mut config = Config::new(structure, 3, Amount::Ops(20_000));
             config.yield_every = Some(50);
             config.signal_interval = Some(Duration::from_micros(200));

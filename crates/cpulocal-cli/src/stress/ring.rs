@@ -1,16 +1,41 @@
-//! The `ring` part of a stress run: reserve a 20–46 byte record, fill it (writer,
-//! sequence number, filler, checksum), (window), commit; a consumer thread reads and
-//! flushes, the remote thread flushes other CPUs' rings. Every committed record must be
-//! read exactly once with a good checksum, and the refusals must equal `discarded`.
+//! The `ring` structure: reserve a 20–46 byte record, fill it (writer, sequence number,
+//! filler, checksum), (window), commit; a consumer thread reads and flushes, and in
+//! `remote` and `mix` the remote thread flushes other CPUs' rings. Every committed record
+//! must be read exactly once with a good checksum, and the refusals must equal
+//! `discarded`.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use core::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cpulocal::ring::{Mode, ReserveError, RingBuffer, RingConfig};
 use serde::Serialize;
 
-use super::harness::{Shared, Tally};
+use super::harness::{Rng, Shared};
+use super::part::{Check, Entry, ErasedPart, Part, PartDef, StructureDef, Turn};
+
+/// `--structure ring`.
+pub(super) const STRUCTURE: StructureDef = StructureDef {
+    name: "ring",
+    help: None,
+    parts: &[&PART],
+    remote: &[],
+};
+
+/// The ring part.
+pub(super) const PART: PartDef = PartDef {
+    name: "ring",
+    new: |_| -> Box<dyn ErasedPart> {
+        Box::new(RingPart {
+            ring: new_ring(),
+            next_writer: AtomicU32::new(0),
+            seen: Mutex::new(None),
+        })
+    },
+    mutation: None,
+    absent: None,
+};
 
 /// The ring consumer flushes the rings it reads this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(1);
@@ -43,7 +68,7 @@ pub struct RingCheck {
 }
 
 /// The ring part's ring: small, so that it fills under load and refusals are checked.
-pub(super) fn new_ring() -> RingBuffer {
+fn new_ring() -> RingBuffer {
     RingBuffer::new(RingConfig {
         sub_buffer_size: 4096,
         sub_buffers: 16,
@@ -51,35 +76,6 @@ pub(super) fn new_ring() -> RingBuffer {
         timestamps: true,
     })
     .expect("a valid ring configuration")
-}
-
-/// A worker's ring operation: reserve, fill, (window), commit; a refusal is counted.
-#[inline]
-pub(super) fn op(shared: &Shared, i: u64, t: &mut Tally) {
-    let ring = shared.ring.as_ref().expect("ring part");
-    let seq = t.ring_committed;
-    match ring.reserve(record_len(seq)) {
-        Ok(mut r) => {
-            fill_record(r.payload_mut(), t.writer, seq);
-            shared.inject(i);
-            r.commit();
-            t.ring_committed += 1;
-        }
-        Err(ReserveError::Full) => {
-            t.ring_refused += 1;
-            shared.inject(i);
-            // Let the consumer catch up.
-            std::thread::yield_now();
-        }
-        Err(e @ ReserveError::TooLarge { .. }) => unreachable!("{e}"),
-    }
-}
-
-/// The remote thread's ring operation: a flush of `victim`'s ring.
-pub(super) fn remote_op(shared: &Shared, victim: usize, t: &mut Tally) {
-    let ring = shared.ring.as_ref().expect("ring part");
-    ring.flush(victim).expect("victims are below the CPUs");
-    t.flushes += 1;
 }
 
 /// The payload length of ring record `seq`: 20 to 46 bytes, not always a multiple of 8.
@@ -131,7 +127,7 @@ fn parse_record(data: &[u8]) -> Option<(u32, u64)> {
 
 /// What the ring consumer saw.
 #[derive(Default)]
-pub(super) struct RingSeen {
+struct RingSeen {
     /// Per writer, one bit per sequence number read.
     bits: Vec<Vec<u64>>,
     read: u64,
@@ -187,58 +183,146 @@ impl RingSeen {
     }
 }
 
-/// The ring consumer: reads (and flushes) while the workers write, then drains.
-pub(super) fn consumer(shared: Arc<Shared>) -> RingSeen {
-    let ring = shared.ring.as_ref().expect("ring part");
-    let mut seen = RingSeen::default();
-    let mut last_flush = Instant::now();
-    loop {
-        // Acquire: pairs with the Release in `run` after every writer is joined, so the
-        // last pass sees every commit.
-        let last = shared.consumer_stop.load(Ordering::Acquire);
-        if last || last_flush.elapsed() >= FLUSH_EVERY {
-            let cpus: Vec<usize> = if last {
-                (0..ring.slots()).collect()
-            } else {
-                shared.cpus.clone()
-            };
-            for cpu in cpus {
-                ring.flush(cpu).expect("cpu below the rings");
-                seen.flushes += 1;
-            }
-            last_flush = Instant::now();
-        }
-        let read = ring.consume_all(|rec| {
-            // Relaxed: a writer takes its id before it reserves, and the record reached
-            // us through the ring's Release/Acquire, so this load sees that id at least
-            // (coherence).
-            seen.check(rec.data, shared.next_writer.load(Ordering::Relaxed))
-        });
-        if last {
-            return seen;
-        }
-        if read == 0 {
-            std::thread::sleep(Duration::from_micros(20));
-        }
+impl fmt::Display for RingCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ring: {} records committed, {} read; remote commits {}; discarded {} ({} refusals seen); overwritten {}; abandoned {}; flushes {}",
+            self.records,
+            self.read,
+            self.remote_commits,
+            self.discarded,
+            self.refused,
+            self.overwritten,
+            self.abandoned,
+            self.flushes
+        )
     }
 }
 
-/// The ring part's check: what the consumer saw against what the writers committed.
-pub(super) fn check(
-    shared: &Shared,
-    tallies: &[Tally],
-    seen: Option<RingSeen>,
-) -> Option<RingCheck> {
-    let sum = |f: &dyn Fn(&Tally) -> u64| tallies.iter().map(f).sum::<u64>();
-    let ring = shared.ring.as_ref().map(|ring| {
-        let seen = seen.unwrap_or_default();
-        let stats = ring.stats();
+impl Check for RingCheck {
+    fn lost(&self) -> u64 {
+        self.lost
+    }
+    fn duplicated(&self) -> u64 {
+        self.duplicated
+    }
+    fn corrupt(&self) -> u64 {
+        self.corrupt
+    }
+}
+
+/// A run's ring, the writer ids handed out, and what the consumer saw.
+struct RingPart {
+    ring: RingBuffer,
+    next_writer: AtomicU32,
+    seen: Mutex<Option<RingSeen>>,
+}
+
+/// What a thread wrote to the ring.
+struct RingTally {
+    /// The thread's writer id, in every record it writes.
+    writer: u32,
+    committed: u64,
+    refused: u64,
+    flushes: u64,
+}
+
+impl Part for RingPart {
+    type Tally = RingTally;
+
+    fn new_tally(&self) -> RingTally {
+        RingTally {
+            // Relaxed: a unique id is all that is needed.
+            writer: self.next_writer.fetch_add(1, Ordering::Relaxed),
+            committed: 0,
+            refused: 0,
+            flushes: 0,
+        }
+    }
+
+    /// Reserve, fill, (window), commit; a refusal is counted.
+    #[inline]
+    fn op(&self, run: &Shared, turn: Turn, t: &mut RingTally, _: &mut Rng) {
+        let seq = t.committed;
+        match self.ring.reserve(record_len(seq)) {
+            Ok(mut r) => {
+                fill_record(r.payload_mut(), t.writer, seq);
+                run.inject(turn.i);
+                r.commit();
+                t.committed += 1;
+            }
+            Err(ReserveError::Full) => {
+                t.refused += 1;
+                run.inject(turn.i);
+                // Let the consumer catch up.
+                std::thread::yield_now();
+            }
+            Err(e @ ReserveError::TooLarge { .. }) => unreachable!("{e}"),
+        }
+    }
+
+    /// A flush of `victim`'s ring.
+    fn remote_op(&self, _: &Shared, victim: usize, _: u64, t: &mut RingTally) {
+        self.ring.flush(victim).expect("victims are below the CPUs");
+        t.flushes += 1;
+    }
+
+    const BACKGROUND: Option<&'static str> = Some("stress-consumer");
+
+    /// The consumer: reads (and flushes) while the workers write, then drains.
+    fn background(&self, run: &Shared) {
+        let ring = &self.ring;
+        let mut seen = RingSeen::default();
+        let mut last_flush = Instant::now();
+        loop {
+            // Acquire: pairs with the Release in `run` after every writer is joined, so
+            // the last pass sees every commit.
+            let last = run.background_stop.load(Ordering::Acquire);
+            if last || last_flush.elapsed() >= FLUSH_EVERY {
+                let cpus: Vec<usize> = if last {
+                    (0..ring.slots()).collect()
+                } else {
+                    run.cpus.clone()
+                };
+                for cpu in cpus {
+                    ring.flush(cpu).expect("cpu below the rings");
+                    seen.flushes += 1;
+                }
+                last_flush = Instant::now();
+            }
+            let read = ring.consume_all(|rec| {
+                // Relaxed: a writer takes its id before it reserves, and the record
+                // reached us through the ring's Release/Acquire, so this load sees that
+                // id at least (coherence).
+                seen.check(rec.data, self.next_writer.load(Ordering::Relaxed))
+            });
+            if last {
+                *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
+                return;
+            }
+            if read == 0 {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+
+    /// What the consumer saw against what the writers committed.
+    fn check(&self, _: &Shared, tallies: &[&RingTally]) -> Vec<Entry> {
+        let sum = |f: &dyn Fn(&RingTally) -> u64| tallies.iter().map(|t| f(t)).sum::<u64>();
+        let seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        let stats = self.ring.stats();
         let mut r = RingCheck {
-            records: sum(&|t| t.ring_committed),
+            records: sum(&|t| t.committed),
             read: seen.read,
             remote_commits: stats.remote_commits,
             discarded: stats.discarded,
-            refused: sum(&|t| t.ring_refused),
+            refused: sum(&|t| t.refused),
             overwritten: stats.overwritten,
             abandoned: stats.abandoned,
             flushes: seen.flushes + sum(&|t| t.flushes),
@@ -252,7 +336,7 @@ pub(super) fn check(
             if committed.len() <= w {
                 committed.resize(w + 1, 0);
             }
-            committed[w] += t.ring_committed;
+            committed[w] += t.committed;
         }
         for (w, &c) in committed.iter().enumerate() {
             let (missing, phantom) = seen.missing_and_phantom(w, c);
@@ -262,9 +346,8 @@ pub(super) fn check(
         // `discarded` is a Counter too: it must match the refusals exactly.
         r.lost += r.refused.saturating_sub(r.discarded);
         r.duplicated += r.discarded.saturating_sub(r.refused);
-        r
-    });
-    ring
+        vec![Entry::new("ring", Some(&r))]
+    }
 }
 
 #[cfg(test)]
