@@ -6,7 +6,7 @@
 //! In the spirit of the kernel's rseq `param_test`: more threads than CPUs (preemption
 //! and migration inside sequences), with optional injections — `sched_yield` or a short
 //! sleep every K operations, placed *inside* each operation's window; a signal storm
-//! whose handler itself adds to a [`Counter`] that is part of the checked total; a thread
+//! whose handler itself adds to a [`Counter`](cpulocal::Counter) that is part of the checked total; a thread
 //! moving the workers between CPUs with `sched_setaffinity`; workers that exit and are
 //! replaced; and, in builds with the `test-hooks` feature, a spin loop inside every
 //! sequence (`--delay`) that makes all of these land inside sequences.
