@@ -51,6 +51,15 @@
 //! [`Builder::flush_interval`], and on [`WriterGuard::sync`] and on the guard's drop,
 //! which writes everything recorded before it and stops the writer. Events recorded
 //! after the guard is dropped are not written: keep the guard alive (e.g. in `main`).
+//!
+//! # The writer sleeps
+//!
+//! With nothing to read, the writer sleeps in [`RingBuffer::wait`]: a producer whose
+//! commit completes a sub-buffer wakes it (a fence per sub-buffer, and a system call only
+//! while it sleeps: see the ring's [Who waits](crate::ring#who-waits)), as do
+//! [`WriterGuard::sync`] and the guard's drop; otherwise it wakes for the next periodic
+//! flush. An idle writer wakes once per [`Builder::flush_interval`] and uses no CPU in
+//! between.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -89,12 +98,10 @@ pub struct Builder {
     ring: RingConfig,
     format: Format,
     flush_interval: Duration,
-    idle_wait: Duration,
 }
 
 impl Default for Builder {
-    /// 8 sub-buffers of 64 KiB per CPU, fmt style, flushed every 100 ms, the writer
-    /// looking again every 2 ms when it found nothing.
+    /// 8 sub-buffers of 64 KiB per CPU, fmt style, flushed every 100 ms.
     fn default() -> Self {
         Builder {
             ring: RingConfig {
@@ -105,7 +112,6 @@ impl Default for Builder {
             },
             format: Format::Full,
             flush_interval: Duration::from_millis(100),
-            idle_wait: Duration::from_millis(2),
         }
     }
 }
@@ -134,15 +140,10 @@ impl Builder {
     }
 
     /// How often the writer flushes the sub-buffers being filled, so that a quiet CPU's
-    /// records still come out.
+    /// records still come out: the longest a record waits in a sub-buffer that is not
+    /// full, and how often an idle writer wakes up.
     pub fn flush_interval(mut self, interval: Duration) -> Builder {
         self.flush_interval = interval;
-        self
-    }
-
-    /// How long the writer waits when it found nothing to read.
-    pub fn idle_wait(mut self, wait: Duration) -> Builder {
-        self.idle_wait = wait;
         self
     }
 
@@ -163,8 +164,9 @@ impl Builder {
             write_errors: AtomicU64::new(0),
             callsites: RwLock::default(),
             control: Mutex::default(),
-            wake: Condvar::new(),
             done: Condvar::new(),
+            #[cfg(test)]
+            writer_tid: std::sync::atomic::AtomicI32::new(0),
         });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -206,7 +208,16 @@ struct Control {
     syncs_done: u64,
     /// The guard was dropped: a last full pass, then the writer exits.
     stop: bool,
+    /// The writer saw `stop` and no longer sleeps.
+    stopped: bool,
 }
+
+/// How long `sync` and the guard's drop first wait before they wake the writer again
+/// (doubling each time up to [`NOTIFY_AGAIN_LAST`]): only a wake-up that raced the
+/// writer's going to sleep needs a second one.
+const NOTIFY_AGAIN_FIRST: Duration = Duration::from_millis(1);
+/// The longest wait between two wake-ups of the writer by `sync` or the guard's drop.
+const NOTIFY_AGAIN_LAST: Duration = Duration::from_millis(64);
 
 /// What the layer and the writer share.
 struct Shared {
@@ -221,10 +232,11 @@ struct Shared {
     /// metadata a record names.
     callsites: RwLock<HashMap<usize, &'static Metadata<'static>>>,
     control: Mutex<Control>,
-    /// Wakes the writer (a `sync`, the stop).
-    wake: Condvar,
     /// Wakes `sync` callers.
     done: Condvar,
+    /// The writer thread's kernel id, for the tests that watch it sleep.
+    #[cfg(test)]
+    writer_tid: std::sync::atomic::AtomicI32,
 }
 
 impl Shared {
@@ -310,14 +322,18 @@ impl WriterGuard {
         let mut control = self.shared.control();
         control.syncs_requested += 1;
         let mine = control.syncs_requested;
-        self.shared.wake.notify_all();
+        let mut again = NOTIFY_AGAIN_FIRST;
         while control.syncs_done < mine && self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            // The writer sleeps in the ring's `wait`; a notify that lands just before it
+            // starts to wait is missed, hence the repeats.
+            self.shared.ring.notify();
             control = self
                 .shared
                 .done
-                .wait_timeout(control, Duration::from_millis(100))
+                .wait_timeout(control, again)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            again = (again * 2).min(NOTIFY_AGAIN_LAST);
         }
     }
 }
@@ -325,8 +341,23 @@ impl WriterGuard {
 impl Drop for WriterGuard {
     fn drop(&mut self) {
         self.shared.control().stop = true;
-        self.shared.wake.notify_all();
         if let Some(thread) = self.thread.take() {
+            // As in `sync`: notify until the writer has seen the stop.
+            let mut again = NOTIFY_AGAIN_FIRST;
+            while !thread.is_finished() {
+                self.shared.ring.notify();
+                let control = self.shared.control();
+                if control.stopped {
+                    break;
+                }
+                drop(
+                    self.shared
+                        .done
+                        .wait_timeout(control, again)
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+                again = (again * 2).min(NOTIFY_AGAIN_LAST);
+            }
             // A panic of the writer (a panicking output) is not re-raised in a drop.
             let _ = thread.join();
         }

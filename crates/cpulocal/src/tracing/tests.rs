@@ -63,7 +63,7 @@ fn every_event_is_written_once_from_many_threads() {
 #[test]
 fn full_rings_drop_events_counted_and_reported() {
     let out = SharedBuffer::default();
-    // Two sub-buffers of 256 bytes per CPU and a writer that rarely looks.
+    // Two sub-buffers of 256 bytes per CPU, flushed rarely.
     let ring = RingConfig {
         sub_buffer_size: 256,
         sub_buffers: 2,
@@ -71,7 +71,6 @@ fn full_rings_drop_events_counted_and_reported() {
     };
     let (layer, guard) = Builder::new()
         .ring(ring)
-        .idle_wait(Duration::from_secs(1))
         .flush_interval(Duration::from_secs(1))
         .build(out.clone())
         .unwrap();
@@ -182,7 +181,6 @@ fn fields_format_as_the_fmt_layer_formats_them() {
 fn sync_waits_for_what_was_recorded_before_it() {
     let out = SharedBuffer::default();
     let (layer, guard) = Builder::new()
-        .idle_wait(Duration::from_secs(10))
         .flush_interval(Duration::from_secs(10))
         .build(out.clone())
         .unwrap();
@@ -190,5 +188,66 @@ fn sync_waits_for_what_was_recorded_before_it() {
     tracing_core::dispatcher::with_default(&dispatch, || tracing::info!("one"));
     guard.sync();
     assert!(out.text().contains(" one\n"), "{}", out.text());
+    assert_eq!(guard.stats().written, 1);
+}
+
+/// The CPU time the writer thread of `guard` used so far, and the times it went to
+/// sleep (its voluntary context switches).
+fn writer_usage(guard: &WriterGuard) -> (Duration, u64) {
+    use std::os::unix::thread::JoinHandleExt;
+    let thread = guard
+        .thread
+        .as_ref()
+        .expect("a running writer")
+        .as_pthread_t();
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `thread` is a live thread (the guard has not joined it); `clock` is a
+    // valid place for the result.
+    let found = unsafe { libc::pthread_getcpuclockid(thread, &mut clock) };
+    assert_eq!(found, 0);
+    // SAFETY: all-zero is a valid timespec.
+    let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
+    // SAFETY: `clock` names the writer's CPU-time clock; `ts` is a valid place.
+    let read = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(read, 0);
+    let cpu = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+    // Acquire: pairs with the writer's Release store of its id.
+    let tid = guard.shared.writer_tid.load(Ordering::Acquire);
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    let sleeps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .map(|n| n.trim().parse().unwrap())
+        .expect("voluntary_ctxt_switches in /proc/self/task/TID/status");
+    (cpu, sleeps)
+}
+
+#[test]
+fn an_idle_writer_sleeps_until_its_flush_interval() {
+    if crate::tests::under_valgrind() {
+        return; // valgrind's scheduler makes the writer's sleeps and CPU time meaningless
+    }
+    let (layer, guard) = layer(SharedBuffer::default());
+    let dispatch = Dispatch::new(tracing_subscriber::registry().with(layer));
+    tracing_core::dispatcher::with_default(&dispatch, || tracing::info!("before"));
+    guard.sync();
+    // Acquire: pairs with the writer's Release store of its id (set before any sync).
+    assert_ne!(guard.shared.writer_tid.load(Ordering::Acquire), 0);
+    let (cpu_before, sleeps_before) = writer_usage(&guard);
+    std::thread::sleep(Duration::from_millis(200));
+    let (cpu_after, sleeps_after) = writer_usage(&guard);
+    let (cpu, sleeps) = (cpu_after - cpu_before, sleeps_after - sleeps_before);
+    eprintln!("the idle writer over 200 ms: {sleeps} sleeps, {cpu:?} of CPU");
+    // With the default 100 ms flush interval the writer wakes about twice in 200 ms; a
+    // writer that polls every few ms wakes dozens of times. Generous bounds: these are
+    // not speed targets, only "it sleeps".
+    assert!(
+        sleeps <= 10,
+        "the idle writer woke {sleeps} times in 200 ms"
+    );
+    assert!(
+        cpu <= Duration::from_millis(5),
+        "the idle writer used {cpu:?} of CPU in 200 ms"
+    );
     assert_eq!(guard.stats().written, 1);
 }

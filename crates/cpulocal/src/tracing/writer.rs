@@ -61,12 +61,24 @@ impl<W: Write> Writer<W> {
     }
 
     pub(super) fn run(mut self) {
+        #[cfg(test)]
+        self.shared.writer_tid.store(
+            // SAFETY: gettid has no arguments and cannot fail.
+            unsafe { libc::syscall(libc::SYS_gettid) } as i32,
+            Ordering::Release,
+        );
         let mut last_flush = Instant::now();
         loop {
             let (stop, requested, done) = {
                 let control = self.shared.control();
                 (control.stop, control.syncs_requested, control.syncs_done)
             };
+            if stop {
+                let mut control = self.shared.control();
+                control.stopped = true;
+                drop(control);
+                self.shared.done.notify_all();
+            }
             if stop || requested > done {
                 // Everything committed so far: hand over the sub-buffers being filled and
                 // read until nothing is left (a few rounds at most: a reservation still
@@ -95,15 +107,16 @@ impl<W: Write> Writer<W> {
             if self.pass() == 0 {
                 self.report_drops();
                 self.flush_out();
-                let control = self.shared.control();
-                if !control.stop && control.syncs_requested == control.syncs_done {
-                    drop(
-                        self.shared
-                            .wake
-                            .wait_timeout(control, self.settings.idle_wait)
-                            .unwrap_or_else(|p| p.into_inner()),
-                    );
-                }
+                // Sleep until a producer completes a sub-buffer, the next flush is due, or
+                // `sync` / the guard's drop calls `notify`. The producers pay for this
+                // only when they complete a sub-buffer (a fence, and a wake-up call only
+                // while we sleep). A `notify` that lands between our look at `control`
+                // and the start of the wait is missed: its caller notifies again.
+                let due = self
+                    .settings
+                    .flush_interval
+                    .saturating_sub(last_flush.elapsed());
+                self.shared.ring.wait(due);
             }
         }
     }
