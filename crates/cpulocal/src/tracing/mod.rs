@@ -3,8 +3,8 @@
 //!
 //! LTTng-UST's design: the thread that emits an event does not format it. It encodes
 //! the event into a short binary record — the callsite (which gives level, target,
-//! name, file, line and field names), the spans in scope (id and callsite), and the
-//! field values — and writes it with one reserve and one commit into its CPU's
+//! name, file, line and field names), the spans in scope (id, callsite and field
+//! values), and the field values — and writes it with one reserve and one commit into its CPU's
 //! [`RingBuffer`], stamped with `CLOCK_MONOTONIC`. A writer
 //! thread reads the rings, orders each batch by time, formats the records in the
 //! `tracing-subscriber` fmt style ([`Format::Full`]) or as JSON lines
@@ -17,12 +17,15 @@
 //! let (layer, guard) = cpulocal::tracing::layer(out.clone());
 //! let subscriber = tracing_subscriber::registry().with(layer);
 //! tracing::subscriber::with_default(subscriber, || {
-//!     let _span = tracing::info_span!("request").entered();
+//!     let _span = tracing::info_span!("request", id = 7_u64).entered();
 //!     tracing::info!(target: "app", user = "ada", bytes = 512_u64, ok = true, "served");
 //! });
 //! drop(guard); // flushes everything and stops the writer
 //! let text = out.text();
-//! assert!(text.contains(" INFO request: app: served user=\"ada\" bytes=512 ok=true\n"), "{text}");
+//! assert!(
+//!     text.contains(" INFO request{id=7}: app: served user=\"ada\" bytes=512 ok=true\n"),
+//!     "{text}"
+//! );
 //! ```
 //!
 //! # What the producer pays, and what it does not
@@ -33,6 +36,12 @@
 //! that is gone once the event returns, so they cannot wait for the writer. A message
 //! without arguments is copied. Level, target, file, line, span names and field names
 //! are never copied: the writer finds them through the callsite.
+//!
+//! A span's fields are encoded the same way once, when the span is created (and when
+//! `Span::record` adds to them, appended as the fmt layer appends), and kept in the
+//! span's extensions; an event inside the span copies those bytes into its record, with
+//! no formatting. So an event pays, per span in scope, a look-up of the span (the
+//! registry's) and a copy of its encoded fields.
 //!
 //! # When the rings fill
 //!
@@ -84,11 +93,14 @@ mod writer;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Format {
     /// `tracing-subscriber`'s default fmt style, without colours:
-    /// `2026-12-03T10:24:04.123456Z  INFO span1:span2: target: message k=v`.
+    /// `2026-12-03T10:24:04.123456Z  INFO span1{a=1}:span2: target: message k=v`
+    /// (byte for byte what `tracing_subscriber::fmt` writes for the same event).
     #[default]
     Full,
     /// One JSON object per line: `timestamp`, `level`, `fields` (with `message`),
-    /// `target`, and `spans` (names, outermost first) when there are any.
+    /// `target`, and when the event is inside spans, as `tracing-subscriber`'s JSON
+    /// format writes them, `span` (the innermost one) and `spans` (outermost first),
+    /// each an object of the span's fields and its `name`.
     Json,
 }
 
@@ -289,8 +301,10 @@ impl fmt::Debug for RingLayer {
 }
 
 // Record layout (little-endian): the callsite's address (u64); the number of spans in
-// scope (u8); per span, outermost first, its id (u64) and its callsite's address (u64);
-// then per field: its index in the callsite's field set (u8), a tag (u8), the value.
+// scope (u8); per span, outermost first, its id (u64), its callsite's address (u64), and
+// its fields (u32 length, then encoded as an event's fields are, against the span's
+// callsite: encoded once when the span was created or recorded to, copied here); then per
+// field of the event: its index in the callsite's field set (u8), a tag (u8), the value.
 const TAG_U64: u8 = 0;
 const TAG_I64: u8 = 1;
 const TAG_F64: u8 = 2;

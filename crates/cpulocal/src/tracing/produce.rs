@@ -6,6 +6,7 @@ use std::fmt;
 use std::io::Write;
 
 use tracing_core::field::{Field, Visit};
+use tracing_core::span::{Attributes, Id, Record};
 use tracing_core::subscriber::Interest;
 use tracing_core::{Event, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
@@ -23,6 +24,16 @@ const MAX_SPANS: usize = 32;
 thread_local! {
     /// Where the calling thread encodes its events before the copy into the ring.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A span's field values, encoded once when the span is created (and appended to by
+/// `Span::record`), kept in the span's extensions: each event inside the span copies
+/// these bytes into its record.
+struct SpanFields {
+    /// The [`RingLayer`] that encoded them (its `Shared`'s address): with two cpulocal
+    /// layers on one subscriber, only one records.
+    owner: usize,
+    bytes: Vec<u8>,
 }
 
 /// Encodes field values into a record.
@@ -103,6 +114,11 @@ impl RingLayer {
         self.shared.stats()
     }
 
+    /// The address that tells this layer's [`SpanFields`] from another's.
+    fn owner(&self) -> usize {
+        std::sync::Arc::as_ptr(&self.shared) as usize
+    }
+
     /// Encodes `event` into `buf` and writes it into the calling CPU's ring.
     #[inline]
     fn record<S>(&self, buf: &mut Vec<u8>, event: &Event<'_>, ctx: &Context<'_, S>)
@@ -120,6 +136,12 @@ impl RingLayer {
                 buf.extend_from_slice(&span.id().into_u64().to_le_bytes());
                 let callsite = span.metadata() as *const Metadata<'static> as u64;
                 buf.extend_from_slice(&callsite.to_le_bytes());
+                // The span's fields as encoded when it was created: copied, not formatted.
+                let extensions = span.extensions();
+                let fields = extensions.get::<SpanFields>().map_or(&[][..], |f| &f.bytes);
+                let len = u32::try_from(fields.len()).unwrap_or(u32::MAX);
+                buf.extend_from_slice(&len.to_le_bytes());
+                buf.extend_from_slice(&fields[..len as usize]);
                 spans += 1;
             }
             buf[count_at] = spans;
@@ -145,6 +167,30 @@ where
             .unwrap_or_else(|p| p.into_inner())
             .insert(address, metadata);
         Interest::always()
+    }
+
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut extensions = span.extensions_mut();
+        if extensions.get_mut::<SpanFields>().is_none() {
+            let mut bytes = Vec::new();
+            attrs.record(&mut Encoder(&mut bytes));
+            extensions.insert(SpanFields {
+                owner: self.owner(),
+                bytes,
+            });
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut extensions = span.extensions_mut();
+        if let Some(fields) = extensions.get_mut::<SpanFields>() {
+            if fields.owner == self.owner() {
+                // Appended, as the fmt layer appends: a field recorded twice shows twice.
+                values.record(&mut Encoder(&mut fields.bytes));
+            }
+        }
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {

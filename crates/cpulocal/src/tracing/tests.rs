@@ -137,10 +137,12 @@ fn fields_format_as_the_fmt_layer_formats_them() {
         .with_writer(theirs.clone())
         .with_ansi(false);
     let emit = || {
-        // Span fields are not recorded (see the module documentation): none here.
-        let _outer = tracing::info_span!("outer").entered();
-        let _inner = tracing::debug_span!("inner").entered();
         let shown = vec![1, 2];
+        let _outer = tracing::info_span!("outer", a = 1_u64, s = "x y", d = ?shown).entered();
+        let _plain = tracing::info_span!("plain").entered();
+        let inner = tracing::debug_span!("inner", b = -2_i64, later = tracing::field::Empty);
+        inner.record("later", true);
+        let _inner = inner.entered();
         tracing::warn!(
             target: "app::db",
             n = 3_u64,
@@ -172,8 +174,9 @@ fn fields_format_as_the_fmt_layer_formats_them() {
     assert_eq!(ours, without_timestamps(theirs.text()));
     assert_eq!(
         ours[0],
-        " WARN outer:inner: app::db: message 7 n=3 neg=-4 f=0.5 yes=false \
-         s=\"quo\\\"ted\" dbg=[1, 2] disp=as is big=1267650600228229401496703205376"
+        " WARN outer{a=1 s=\"x y\" d=[1, 2]}:plain:inner{b=-2 later=true}: app::db: message 7 \
+         n=3 neg=-4 f=0.5 yes=false s=\"quo\\\"ted\" dbg=[1, 2] disp=as is \
+         big=1267650600228229401496703205376"
     );
 }
 
@@ -250,4 +253,43 @@ fn an_idle_writer_sleeps_until_its_flush_interval() {
         "the idle writer used {cpu:?} of CPU in 200 ms"
     );
     assert_eq!(guard.stats().written, 1);
+}
+
+#[test]
+fn json_lines_carry_the_spans_and_their_fields() {
+    let out = SharedBuffer::default();
+    let (layer, guard) = Builder::new()
+        .format(Format::Json)
+        .build(out.clone())
+        .unwrap();
+    let subscriber = tracing_subscriber::registry().with(layer);
+    tracing::subscriber::with_default(subscriber, || {
+        let _outer = tracing::info_span!("outer", a = 1_u64, s = "x").entered();
+        let inner = tracing::info_span!("inner", b = ?[2], late = tracing::field::Empty);
+        inner.record("late", 0.5);
+        let _inner = inner.entered();
+        tracing::info!(n = 3_u64, "inside");
+        drop(_inner);
+        drop(_outer);
+        tracing::info!("outside");
+    });
+    drop(guard);
+    let text = out.text();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let inner = serde_json::json!({ "b": "[2]", "late": 0.5, "name": "inner" });
+    assert_eq!(
+        lines[0]["spans"],
+        serde_json::json!([{ "a": 1, "s": "x", "name": "outer" }, inner]),
+        "{text}"
+    );
+    assert_eq!(lines[0]["span"], inner, "{text}");
+    assert_eq!(lines[0]["fields"]["n"], 3, "{text}");
+    assert!(
+        lines[1].get("spans").is_none() && lines[1].get("span").is_none(),
+        "{text}"
+    );
 }

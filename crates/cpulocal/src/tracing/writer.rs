@@ -260,14 +260,75 @@ impl Value<'_> {
     }
 }
 
+/// Field names (`?` for an unknown callsite) and values.
+type Fields<'a> = Vec<(&'static str, Value<'a>)>;
+
+/// A span in scope of an event, decoded against its callsite.
+struct DecodedSpan<'a> {
+    /// `?` for an unknown callsite.
+    name: &'static str,
+    fields: Fields<'a>,
+}
+
 /// A record decoded against its callsite.
 struct Decoded<'a> {
     metadata: Option<&'static Metadata<'static>>,
-    /// Span names, outermost first (`?` for an unknown callsite).
-    spans: Vec<&'static str>,
-    fields: Vec<(&'static str, Value<'a>)>,
+    /// The spans in scope, outermost first.
+    spans: Vec<DecodedSpan<'a>>,
+    fields: Fields<'a>,
     /// The record was cut short or malformed (never by this writer's own producers).
     corrupt: bool,
+}
+
+/// Reads fields (index, tag, value) until `r` is empty, naming them after `metadata`'s.
+fn parse_fields<'a>(
+    r: &mut Reader<'a>,
+    metadata: Option<&'static Metadata<'static>>,
+    out: &mut Fields<'a>,
+) -> Option<()> {
+    while !r.0.is_empty() {
+        let index = usize::from(r.u8()?);
+        let value = match r.u8()? {
+            TAG_U64 => Value::U64(u64::from_le_bytes(r.array()?)),
+            TAG_I64 => Value::I64(i64::from_le_bytes(r.array()?)),
+            TAG_F64 => Value::F64(f64::from_le_bytes(r.array()?)),
+            TAG_BOOL => Value::Bool(r.u8()? != 0),
+            TAG_STR => Value::Str(r.text()?),
+            TAG_RENDERED => Value::Rendered(r.text()?),
+            TAG_U128 => Value::U128(u128::from_le_bytes(r.array()?)),
+            TAG_I128 => Value::I128(i128::from_le_bytes(r.array()?)),
+            _ => return None,
+        };
+        let name = metadata
+            .and_then(|m| m.fields().iter().nth(index))
+            .map_or("?", |f| f.name());
+        out.push((name, value));
+    }
+    Some(())
+}
+
+/// Writes `fields` as the fmt layer does: `message` bare, the others `name=value`, each
+/// after a space (but the first when `leading_space` is false).
+fn write_fields(line: &mut Vec<u8>, fields: &Fields<'_>, leading_space: bool) {
+    for (i, (name, value)) in fields.iter().enumerate() {
+        if leading_space || i > 0 {
+            line.push(b' ');
+        }
+        let _ = match (name, value) {
+            (&"message", Value::Str(v)) => write!(line, "{v}"),
+            (&"message", v) => write!(line, "{v}"),
+            (name, v) => write!(line, "{name}={v}"),
+        };
+    }
+}
+
+/// `fields` as a JSON object (a field recorded twice: the last value).
+fn json_fields(fields: &Fields<'_>) -> serde_json::Map<String, serde_json::Value> {
+    let mut object = serde_json::Map::new();
+    for (name, value) in fields {
+        object.insert((*name).to_owned(), value.to_json());
+    }
+    object
 }
 
 /// Reads little-endian values off the front of a record.
@@ -313,30 +374,16 @@ impl<'a> Decoded<'a> {
             decoded.metadata = lookup(r.u64()?);
             for _ in 0..r.u8()? {
                 let _id = r.u64()?;
-                decoded
-                    .spans
-                    .push(lookup(r.u64()?).map_or("?", |m| m.name()));
+                let metadata = lookup(r.u64()?);
+                let len = u32::from_le_bytes(r.array()?) as usize;
+                let mut fields = Vec::new();
+                parse_fields(&mut Reader(r.take(len)?), metadata, &mut fields)?;
+                decoded.spans.push(DecodedSpan {
+                    name: metadata.map_or("?", |m| m.name()),
+                    fields,
+                });
             }
-            while !r.0.is_empty() {
-                let index = usize::from(r.u8()?);
-                let value = match r.u8()? {
-                    TAG_U64 => Value::U64(u64::from_le_bytes(r.array()?)),
-                    TAG_I64 => Value::I64(i64::from_le_bytes(r.array()?)),
-                    TAG_F64 => Value::F64(f64::from_le_bytes(r.array()?)),
-                    TAG_BOOL => Value::Bool(r.u8()? != 0),
-                    TAG_STR => Value::Str(r.text()?),
-                    TAG_RENDERED => Value::Rendered(r.text()?),
-                    TAG_U128 => Value::U128(u128::from_le_bytes(r.array()?)),
-                    TAG_I128 => Value::I128(i128::from_le_bytes(r.array()?)),
-                    _ => return None,
-                };
-                let name = decoded
-                    .metadata
-                    .and_then(|m| m.fields().iter().nth(index))
-                    .map_or("?", |f| f.name());
-                decoded.fields.push((name, value));
-            }
-            Some(())
+            parse_fields(&mut r, decoded.metadata, &mut decoded.fields)
         })();
         decoded.corrupt = parsed.is_none();
         decoded
@@ -357,7 +404,7 @@ impl<'a> Decoded<'a> {
         self.metadata.map_or("?", |m| m.target())
     }
 
-    /// `timestamp LEVEL span1:span2: target: message k=v …`
+    /// `timestamp LEVEL span1{a=1}:span2: target: message k=v …`
     fn write_full(&self, line: &mut Vec<u8>, wall: SystemTime, cpu: usize) {
         let _ = write!(
             line,
@@ -365,29 +412,31 @@ impl<'a> Decoded<'a> {
             humantime::format_rfc3339_micros(wall),
             self.level()
         );
+        for span in &self.spans {
+            line.extend_from_slice(span.name.as_bytes());
+            if !span.fields.is_empty() {
+                line.push(b'{');
+                write_fields(line, &span.fields, false);
+                line.push(b'}');
+            }
+            line.push(b':');
+        }
         if !self.spans.is_empty() {
-            let _ = write!(line, "{}: ", self.spans.join(":"));
+            line.push(b' ');
         }
         let _ = write!(line, "{}:", self.target());
-        for (name, value) in &self.fields {
-            let _ = match (name, value) {
-                (&"message", Value::Str(v)) => write!(line, " {v}"),
-                (&"message", v) => write!(line, " {v}"),
-                (name, v) => write!(line, " {name}={v}"),
-            };
-        }
+        write_fields(line, &self.fields, true);
         if self.corrupt {
             let _ = write!(line, " [corrupt record from CPU {cpu}]");
         }
         line.push(b'\n');
     }
 
-    /// One JSON object.
+    /// One JSON object, as `tracing-subscriber`'s JSON format writes it: `span` (the
+    /// innermost span) and `spans` (outermost first) each with the span's fields and
+    /// `name`.
     fn write_json(&self, line: &mut Vec<u8>, wall: SystemTime, cpu: usize) {
-        let mut fields = serde_json::Map::new();
-        for (name, value) in &self.fields {
-            fields.insert((*name).to_owned(), value.to_json());
-        }
+        let fields = json_fields(&self.fields);
         let mut object = serde_json::Map::new();
         object.insert(
             "timestamp".into(),
@@ -400,8 +449,13 @@ impl<'a> Decoded<'a> {
             let spans: Vec<serde_json::Value> = self
                 .spans
                 .iter()
-                .map(|name| serde_json::json!({ "name": name }))
+                .map(|span| {
+                    let mut object = json_fields(&span.fields);
+                    object.insert("name".into(), span.name.into());
+                    object.into()
+                })
                 .collect();
+            object.insert("span".into(), spans[spans.len() - 1].clone());
             object.insert("spans".into(), spans.into());
         }
         if self.corrupt {
