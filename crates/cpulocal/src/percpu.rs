@@ -11,6 +11,7 @@ use core::ops::{Deref, DerefMut};
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
+use crate::arch::Outcome;
 use crate::pool::{self, Item, Pool};
 use crate::remote::{self, CpuLock, InvalidCpu};
 use crate::{cpu, sys};
@@ -391,8 +392,57 @@ impl<T> PerCpu<T> {
 
     /// [`lock`](PerCpu::lock), for the public method `method` (named in the re-entry
     /// panic).
-    #[inline]
+    #[inline(always)]
     fn lock_current(&self, method: &'static str) -> PerCpuGuard<'_, T> {
+        if let Some(area) = remote::percpu_fast_area() {
+            if let Outcome::Committed((slot, index)) = self.lock_local(area) {
+                remote::note_held_fast();
+                return self.guard(slot, index, area.as_ptr() as usize);
+            }
+        }
+        // Returned in registers, with the guard made here: a guard returned by the call
+        // would go through memory, and so would the fast path's to meet it.
+        let (slot, index) = self.lock_current_slow(method);
+        self.guard(slot, index, 0)
+    }
+
+    /// The fast path of [`lock`](PerCpu::lock) and [`with_cpu`](PerCpu::with_cpu): one
+    /// restartable compare-and-store on the slot of the CPU the thread runs on, with the
+    /// `area` of [`remote::percpu_fast_area`] (so the thread holds no slot of any
+    /// `PerCpu` and the scheme is [`Scheme::Membarrier`](remote::Scheme::Membarrier)).
+    /// `Aborted` also when this `PerCpu` has no fast path now (mm_cid slots, a lazy
+    /// `PerCpu` before its first use); `CompareFailed` when the slot is held.
+    #[inline(always)]
+    fn lock_local(&self, area: NonNull<crate::abi::Rseq>) -> Outcome<(&Slot<T>, usize)> {
+        if self.index != Index::Cpu {
+            return Outcome::Aborted;
+        }
+        // Acquire: as in `base_and_len`; 0 until a lazy PerCpu's first use.
+        let len = self.len.load(Ordering::Acquire) as usize;
+        if len == 0 {
+            return Outcome::Aborted;
+        }
+        // Relaxed: ordered by the load of `len` above.
+        let base = self.slots.load(Ordering::Relaxed);
+        let cpu = cpu::cpu_id_start(area);
+        if cpu as usize >= len {
+            return Outcome::Aborted;
+        }
+        // SAFETY: `cpu < len`.
+        let slot = unsafe { self.slot(base, cpu as usize) };
+        match slot.lock.try_lock_local(area.as_ptr(), cpu) {
+            Outcome::Committed(()) => Outcome::Committed((slot, cpu as usize)),
+            Outcome::CompareFailed => Outcome::CompareFailed,
+            Outcome::Aborted => Outcome::Aborted,
+        }
+    }
+
+    /// Every other way to lock the calling thread's slot: the re-entry check while the
+    /// thread holds a slot of some `PerCpu`, first use, mm_cid slots, the locked scheme,
+    /// a held slot (waiting), repeated aborts.
+    #[cold]
+    #[inline(never)]
+    fn lock_current_slow(&self, method: &'static str) -> (&Slot<T>, usize) {
         remote::check_not_held(|| self.locks(), method);
         let (base, slots) = self.base_and_len();
         let index = match self.index {
@@ -410,19 +460,25 @@ impl<T> PerCpu<T> {
                 i
             }
         };
+        remote::note_held();
         // SAFETY: `index < slots`.
-        self.guard(unsafe { self.slot(base, index) }, index)
+        (unsafe { self.slot(base, index) }, index)
     }
 
-    /// The guard of `slot` (slot `index`), whose lock the calling thread has just taken;
-    /// creates the slot's `T` first if it has none (under the guard, which releases the
-    /// lock should `init` panic).
-    #[inline]
-    fn guard<'a>(&'a self, slot: &'a Slot<T>, index: usize) -> PerCpuGuard<'a, T> {
-        remote::note_held();
+    /// The guard of `slot` (slot `index`), whose lock the calling thread has just taken
+    /// and counted (`fast_area`: as in [`PerCpuGuard`]); creates the slot's `T` first if
+    /// it has none (under the guard, which releases the lock should `init` panic).
+    #[inline(always)]
+    fn guard<'a>(
+        &'a self,
+        slot: &'a Slot<T>,
+        index: usize,
+        fast_area: usize,
+    ) -> PerCpuGuard<'a, T> {
         let guard = PerCpuGuard {
             slot,
             index,
+            fast_area,
             _not_send: PhantomData,
         };
         self.ensure_ready(slot);
@@ -461,6 +517,55 @@ impl<T> PerCpu<T> {
     pub fn with_cpu<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         let mut guard = self.lock_current("with_cpu");
         f(&mut guard)
+    }
+
+    /// Bench only (feature `__bench`, enabled by `cpulocal-cli`): the lock sequence of
+    /// [`with_cpu`](PerCpu::with_cpu) *without* the re-entry check and *without* the
+    /// parking bookkeeping: nothing is counted or checked per thread, the release is a
+    /// bare store that never looks for sleepers, and a waiter yields instead of
+    /// sleeping. `cpulocal bench` runs it beside `with_cpu` to show what those cost. Not
+    /// for use: nesting is not detected, and a thread asleep in another method on the
+    /// same `PerCpu` would never be woken by its release. Under [`Scheme::Locked`]
+    /// (no fast path) and for mm_cid slots it is `with_cpu`.
+    ///
+    /// [`Scheme::Locked`]: crate::remote::Scheme::Locked
+    #[doc(hidden)]
+    #[cfg(feature = "__bench")]
+    #[inline]
+    pub fn with_cpu_bench_baseline<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        /// Releases with a bare store, also when `f` panics.
+        struct Release<'a>(&'a CpuLock);
+        impl Drop for Release<'_> {
+            #[inline(always)]
+            fn drop(&mut self) {
+                self.0.unlock_without_parking();
+            }
+        }
+        let mut aborts = 0;
+        let (slot, _) = loop {
+            // The area as `with_cpu` gets it (one thread-local load), but nothing stored.
+            let Some(area) = remote::percpu_fast_area() else {
+                if remote::prepare_percpu_fast_path() {
+                    continue;
+                }
+                return self.with_cpu(f);
+            };
+            match self.lock_local(area) {
+                Outcome::Committed(taken) => break taken,
+                // Held: yield (never sleep: this method's releases wake nobody) and retry.
+                Outcome::CompareFailed => std::thread::yield_now(),
+                Outcome::Aborted => {
+                    aborts += 1;
+                    if aborts == remote::MAX_ABORTS {
+                        return self.with_cpu(f);
+                    }
+                }
+            }
+        };
+        let _release = Release(&slot.lock);
+        self.ensure_ready(slot);
+        // SAFETY: we hold the slot's lock and it is ready.
+        f(unsafe { (*slot.value.get()).assume_init_mut() })
     }
 
     /// Locks slot `cpu` from any thread, without changing the caller's affinity, and
@@ -502,7 +607,8 @@ impl<T> PerCpu<T> {
             Index::Cpu => slot.lock.lock_remote(cpu as u32),
             Index::MmCid => slot.lock.lock_atomic(),
         }
-        Ok(self.guard(slot, cpu))
+        remote::note_held();
+        Ok(self.guard(slot, cpu, 0))
     }
 
     /// Runs `f` on slot `cpu`, from any thread, atomically with respect to every other
@@ -667,6 +773,9 @@ impl<T: fmt::Debug> fmt::Debug for PerCpu<T> {
 pub struct PerCpuGuard<'a, T> {
     slot: &'a Slot<T>,
     index: usize,
+    /// The thread's area if the fast path took the slot (which runs only with the
+    /// asymmetric fence and when the thread held no other slot); 0 for every other path.
+    fast_area: usize,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -702,8 +811,13 @@ impl<T> DerefMut for PerCpuGuard<'_, T> {
 impl<T> Drop for PerCpuGuard<'_, T> {
     #[inline]
     fn drop(&mut self) {
-        self.slot.lock.unlock();
-        remote::note_released();
+        if self.fast_area != 0 {
+            self.slot.lock.unlock_asymmetric();
+            remote::note_released_fast(self.fast_area);
+        } else {
+            self.slot.lock.unlock();
+            remote::note_released();
+        }
     }
 }
 

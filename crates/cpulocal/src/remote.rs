@@ -71,10 +71,30 @@
 //! A thread that asks for a slot of a [`crate::PerCpu`] while it holds one of the same
 //! `PerCpu` — on its own CPU or, after a migration, on another — must panic instead of
 //! waiting for itself (or, on two CPUs, for another nested thread) forever. The
-//! thread-local whose address is the token counts the `PerCpu` slots the thread holds.
-//! While it is 0 (nearly always) there is nothing to check; otherwise the `PerCpu`'s lock
-//! words are searched for the thread's token, which only the holder of a slot (or a
-//! thread in the middle of taking it remotely) leaves there.
+//! thread-local whose address is the token (`HELD`) keeps the thread's `PerCpu` state in
+//! one word:
+//!
+//! | value | meaning |
+//! |---|---|
+//! | `0` | holds no `PerCpu` slot; `with_cpu`'s fast path is not set up (yet) |
+//! | `1 ..= 4095` | holds that many `PerCpu` slots |
+//! | from `4096` up | holds none, and may take the fast path: the value is its `rseq` area |
+//!
+//! So `with_cpu`'s fast path reads one word for three questions: is anything held (the
+//! re-entry check), is the scheme [`Scheme::Membarrier`] with the asymmetric fence (so
+//! the release needs only a compiler fence), and where is the thread's area. It then
+//! writes `1` after taking the slot, and its release writes the area back when the word
+//! still says `1` (guards may be dropped in any order: otherwise it counts down). These
+//! are a load and two plain stores, none of which depends on the value loaded, so
+//! back-to-back critical sections carry no chain through memory. The other paths count
+//! up and down, and whenever the count returns to 0 the word is set to the area again
+//! if the fast path may run. While the thread holds a slot, a request for another slot
+//! of the same `PerCpu` searches its lock words for the thread's token, which only the
+//! holder of a slot (or a thread in the middle of taking it remotely) leaves there.
+//!
+//! A signal handler that interrupts a fast-path acquisition between its commit and its
+//! `1` and asks for the same slot finds its own token in the word: the wait refuses it
+//! with the same panic rather than waiting for itself.
 
 use core::cell::Cell;
 use core::fmt;
@@ -221,10 +241,14 @@ pub fn membarrier_rseq_available() -> Result<(), Errno> {
 }
 
 thread_local! {
-    /// Its address is the thread's lock token; its value, how many [`crate::PerCpu`]
-    /// slot locks the thread holds (see "Held locks" in the module docs).
+    /// Its address is the thread's lock token; its value, the thread's `PerCpu` state
+    /// (see "Held locks" in the module docs).
     static HELD: Cell<usize> = const { Cell::new(0) };
 }
+
+/// [`HELD`] values from here up are the thread's area (ready for the fast path); below
+/// it, the number of `PerCpu` slots held. No area is mapped in the first page.
+const FAST_PATH_READY: usize = 4096;
 
 /// The calling thread's lock token.
 #[inline]
@@ -232,6 +256,67 @@ fn token() -> usize {
     // `| 1`: the address is at least 8-aligned, so this stays unique, and the low 32
     // bits (which the futex compares) can never be 0.
     HELD.with(|h| h as *const Cell<usize> as usize | 1)
+}
+
+/// The calling thread's area if it holds no `PerCpu` slot and may take `with_cpu`'s
+/// fast path: the scheme is [`Scheme::Membarrier`] with the asymmetric fence, and the
+/// thread is registered. One thread-local load: the re-entry check, the scheme check
+/// and the area in one.
+#[inline(always)]
+pub(crate) fn percpu_fast_area() -> Option<core::ptr::NonNull<crate::abi::Rseq>> {
+    #[cfg(any(test, feature = "__test-hooks"))]
+    if crate::test_hooks::slow_paths_forced() {
+        return None;
+    }
+    let state = HELD.get();
+    if state >= FAST_PATH_READY {
+        // SAFETY: only `fast_path_state` stores such values, from a registered area.
+        Some(unsafe { core::ptr::NonNull::new_unchecked(state as *mut crate::abi::Rseq) })
+    } else {
+        None
+    }
+}
+
+/// [`HELD`]'s value for a thread that holds no `PerCpu` slot: its area when the fast
+/// path may run, else 0.
+fn fast_path_state() -> usize {
+    // Relaxed: see `fast_path_area`. A thread that reads the scheme flag before
+    // ASYMMETRIC's final value just stays on the slow paths a while longer; the waiters
+    // that rely on ASYMMETRIC read it after the scheme's `OnceLock`.
+    if MEMBARRIER_SCHEME.load(Ordering::Relaxed) && ASYMMETRIC.load(Ordering::Relaxed) {
+        if let Some(area) = thread::current_if_registered() {
+            let area = area.as_ptr() as usize;
+            if area >= FAST_PATH_READY {
+                return area;
+            }
+        }
+    }
+    0
+}
+
+/// Sets up `with_cpu`'s fast path for the calling thread if it holds no `PerCpu` slot
+/// (deciding the scheme and registering the thread first). Returns whether the fast
+/// path may now run.
+#[cfg(feature = "__bench")]
+#[cold]
+pub(crate) fn prepare_percpu_fast_path() -> bool {
+    if HELD.get() == 0 {
+        scheme();
+        thread::current();
+        HELD.set(fast_path_state());
+    }
+    percpu_fast_area().is_some()
+}
+
+/// The calling thread's area was unregistered (its thread is exiting): the fast path
+/// must not be set up with it again. (Should the thread hold a slot taken by the fast
+/// path meanwhile, that release sets the area back; a later fast path then finds
+/// `cpu_id` unset, since the kernel resets it at unregistration, aborts and takes the
+/// slow path, which finds the thread unregistered.)
+pub(crate) fn forget_percpu_fast_path() {
+    if HELD.get() >= FAST_PATH_READY {
+        HELD.set(0);
+    }
 }
 
 /// Panics if the calling thread holds one of `locks` (the slot locks of one
@@ -247,7 +332,8 @@ pub(crate) fn check_not_held<'a, I: Iterator<Item = &'a CpuLock>>(
     locks: impl FnOnce() -> I,
     method: &str,
 ) {
-    if HELD.get() != 0 {
+    let state = HELD.get();
+    if state != 0 && state < FAST_PATH_READY {
         // `locks` is only called here: finding the lock words takes loads (atomic ones,
         // which the compiler may not move) that the usual case must not pay.
         check_not_held_nested(locks(), method);
@@ -269,15 +355,58 @@ fn check_not_held_nested<'a>(mut locks: impl Iterator<Item = &'a CpuLock>, metho
     }
 }
 
-/// Counts a `PerCpu` slot lock the calling thread has just taken.
-#[inline(always)]
+/// Counts a `PerCpu` slot lock the calling thread has just taken by any path but the
+/// fast one.
+#[inline]
 pub(crate) fn note_held() {
-    HELD.set(HELD.get() + 1);
+    let state = HELD.get();
+    let held = if state >= FAST_PATH_READY {
+        1
+    } else {
+        state + 1
+    };
+    assert!(
+        held < FAST_PATH_READY,
+        "a thread holds more than 4095 PerCpu slots at once"
+    );
+    HELD.set(held);
 }
 
-/// Counts a `PerCpu` slot lock the calling thread has just released.
+/// Notes the slot lock the calling thread has just taken by the fast path (which ran
+/// because it held none).
 #[inline(always)]
+pub(crate) fn note_held_fast() {
+    HELD.set(1);
+}
+
+/// Counts a `PerCpu` slot lock the calling thread has just released, taken by any path
+/// but the fast one.
+#[inline]
 pub(crate) fn note_released() {
+    match HELD.get() {
+        1 => HELD.set(fast_path_state()),
+        held => {
+            debug_assert!(held != 0 && held < FAST_PATH_READY);
+            HELD.set(held - 1);
+        }
+    }
+}
+
+/// Notes the release of a slot lock taken by the fast path, with the `area` it ran with.
+#[inline(always)]
+pub(crate) fn note_released_fast(area: usize) {
+    // A branch, not a select: the stores then depend on nothing loaded.
+    if HELD.get() == 1 {
+        HELD.set(area);
+    } else {
+        note_released_nested();
+    }
+}
+
+/// [`note_released_fast`] while other slots are held (guards dropped out of order).
+#[cold]
+#[inline(never)]
+fn note_released_nested() {
     HELD.set(HELD.get() - 1);
 }
 
@@ -419,7 +548,19 @@ impl CpuLock {
             .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
+            self.refuse_own_token(me);
             self.wait_while_held(cpu);
+        }
+    }
+
+    /// Panics if the word holds `me`, the calling thread's token: the thread already
+    /// holds this lock (a signal handler interrupting its holder, or nesting that no
+    /// earlier check saw), and waiting would never end.
+    #[inline]
+    fn refuse_own_token(&self, me: usize) {
+        // Relaxed: only this thread ever stores its own token.
+        if self.word.load(Ordering::Relaxed) == me {
+            refuse_own_token_panic();
         }
     }
 
@@ -433,6 +574,7 @@ impl CpuLock {
             match lock.try_lock_local(rseq, cpu) {
                 Outcome::Committed(()) => Attempt::Done(cpu as usize),
                 Outcome::CompareFailed => {
+                    lock.refuse_own_token(token());
                     lock.wait_while_held(Some(cpu as usize));
                     Attempt::Retry
                 }
@@ -465,15 +607,41 @@ impl CpuLock {
     /// otherwise). See "Waiting" in the module docs for the fences.
     #[inline]
     pub(crate) fn unlock(&self) {
+        // Relaxed: ASYMMETRIC is fixed before any lock is taken (module docs).
+        if ASYMMETRIC.load(Ordering::Relaxed) {
+            self.unlock_asymmetric();
+        } else {
+            // R1. Release: pairs with the Acquire of the next owner.
+            self.word.store(0, Ordering::Release);
+            // R2: R3 must not be hoisted above R1.
+            fence(Ordering::SeqCst);
+            self.wake_if_sleepers();
+        }
+    }
+
+    /// [`unlock`](CpuLock::unlock) when the sleepers fence with membarrier
+    /// (`ASYMMETRIC`), which the caller knows: `with_cpu`'s fast path only runs then.
+    #[inline(always)]
+    pub(crate) fn unlock_asymmetric(&self) {
         // R1. Release: pairs with the Acquire of the next owner.
         self.word.store(0, Ordering::Release);
-        // R2: R3 must not be hoisted above R1. Relaxed: ASYMMETRIC is fixed before any
-        // lock is taken (module docs).
-        if ASYMMETRIC.load(Ordering::Relaxed) {
-            compiler_fence(Ordering::SeqCst);
-        } else {
-            fence(Ordering::SeqCst);
-        }
+        // R2: R3 must not be hoisted above R1; the sleepers' membarrier does the rest.
+        compiler_fence(Ordering::SeqCst);
+        self.wake_if_sleepers();
+    }
+
+    /// The release of [`crate::PerCpu::with_cpu_bench_baseline`]: the store alone,
+    /// with no look for sleepers (that method's waiters never sleep).
+    #[cfg(feature = "__bench")]
+    #[inline(always)]
+    pub(crate) fn unlock_without_parking(&self) {
+        // Release: pairs with the Acquire of the next owner.
+        self.word.store(0, Ordering::Release);
+    }
+
+    /// R3 and R4 of the release.
+    #[inline(always)]
+    fn wake_if_sleepers(&self) {
         // R3. Relaxed: ordered by the fences of both sides (module docs).
         if self.sleepers.load(Ordering::Relaxed) != 0 {
             self.wake_sleepers();
@@ -543,6 +711,16 @@ impl CpuLock {
         self.sleepers.fetch_sub(1, Ordering::Relaxed);
         fenced
     }
+}
+
+#[cold]
+#[inline(never)]
+fn refuse_own_token_panic() -> ! {
+    panic!(
+        "a thread asked for a per-CPU lock it already holds (it already holds a slot of the \
+         same PerCpu: a signal handler interrupting the holder, or nested use): it would wait \
+         for itself forever"
+    );
 }
 
 /// `membarrier(PRIVATE_EXPEDITED_RSEQ)` on `cpu` (or, should the per-CPU form fail, on
@@ -643,3 +821,43 @@ const SPINS: u32 = 100;
 /// How many times a waiter yields before it sleeps: a preempted holder on the waiter's
 /// own CPU gets to run and release.
 const YIELDS: u32 = 3;
+
+#[cfg(test)]
+mod tests {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The window a signal handler can hit: the word holds the thread's own token (a
+    /// lock it took and has not counted yet). Asking for that lock again, locally
+    /// (where the compare fails) or atomically, must panic, not wait for itself.
+    #[test]
+    fn asking_for_a_lock_the_thread_holds_panics_instead_of_waiting_for_itself() {
+        let _delay = crate::tests::delay_shared();
+        let outcome = crate::tests::within(Duration::from_secs(10), || {
+            let locks: Vec<CpuLock> = (0..sys::possible_cpus()).map(|_| CpuLock::new()).collect();
+            let index = CpuLock::lock_current(locks.len(), |i| &locks[i]);
+            let local = catch_unwind(AssertUnwindSafe(|| {
+                // Pinned by nothing: a migration lands on a free lock and returns.
+                let again = CpuLock::lock_current(locks.len(), |i| &locks[i]);
+                if again != index {
+                    locks[again].unlock();
+                    return false;
+                }
+                true
+            }));
+            let atomic = catch_unwind(AssertUnwindSafe(|| locks[index].lock_atomic()));
+            locks[index].unlock();
+            (local.map_err(|_| ()), atomic.is_err())
+        });
+        let (local, atomic) =
+            outcome.expect("still waiting after 10 s: the thread waits for itself");
+        assert!(atomic, "lock_atomic of a lock the thread holds returned");
+        // Ok(false): the thread migrated between the two calls (nothing to check).
+        assert!(
+            local.is_err() || local == Ok(false),
+            "lock_current of its own CPU's lock returned"
+        );
+    }
+}

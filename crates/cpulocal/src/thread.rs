@@ -525,6 +525,7 @@ unsafe extern "C" fn unregister_own(value: *mut libc::c_void) {
         .map_addr(|a| a & !UNREGISTRATION_DEFERRED)
         .cast::<Rseq>();
     AREA.set(UNAVAILABLE);
+    crate::remote::forget_percpu_fast_path();
     // SAFETY: `area` is the area this thread registered with exactly this length and
     // signature (the length cannot change within a process).
     let _ = unsafe {

@@ -153,6 +153,45 @@ fn nesting_after_a_migration_panics_too() {
     });
 }
 
+/// A guard taken by `with_cpu`'s fast path (the thread held nothing), dropped while a
+/// slot of another `PerCpu` taken after it is still held: the re-entry check must keep
+/// seeing that slot, also after a migration (where the current CPU's slot is free).
+#[test]
+fn nesting_is_detected_after_guards_dropped_out_of_order() {
+    let _serial = serial();
+    let cpus = allowed_cpus();
+    if cpus.len() < 2 {
+        println!("skipped: one allowed CPU, no migration possible");
+        return;
+    }
+    within_10s("nesting after out-of-order drops", move || {
+        let a = PerCpu::new(|_| 0u64);
+        let b = PerCpu::new(|_| 0u64);
+        set_affinity(0, &[cpus[0]]).unwrap();
+        a.with_cpu(|v| *v += 1); // first use: sets the fast path up
+        let ga = a.lock(); // the fast path
+        let gb = b.lock(); // nested: the other path
+        assert_eq!(gb.cpu(), cpus[0]);
+        drop(ga); // b's slot is still held
+        set_affinity(0, &[cpus[1]]).unwrap();
+        assert_eq!(cpulocal::current_cpu(), cpus[1]);
+        let err = catch_unwind(AssertUnwindSafe(|| drop(b.lock())))
+            .expect_err("b's slot is held: a second slot of b must panic");
+        assert!(message(&*err).contains("already holds a slot"));
+        drop(gb);
+        set_affinity(0, &cpus).unwrap();
+        // Everything released: both work again, on whatever path.
+        for _ in 0..3 {
+            a.with_cpu(|v| *v += 1);
+            b.with_cpu(|v| *v += 1);
+        }
+        let (mut ta, mut tb) = (0, 0);
+        a.for_each(|_, v| ta += *v);
+        b.for_each(|_, v| tb += *v);
+        assert_eq!((ta, tb), (4, 3));
+    });
+}
+
 #[test]
 fn different_percpus_nest() {
     let _serial = serial();
