@@ -150,7 +150,9 @@ fn lock_group_compares_with_cpu_with_global_and_per_cpu_mutexes() {
     row(&rows, "percpu_mutex");
     // The floor, for the target against a thread-local increment within one run.
     row(&rows, "tls_add");
-    assert_eq!(rows.len(), 5);
+    // The same lock sequence without the re-entry check and the parking (issue 8).
+    assert_eq!(row(&rows, "with_cpu unchecked")["cpulocal"], false);
+    assert_eq!(rows.len(), 6);
 }
 
 #[test]
