@@ -198,7 +198,8 @@ case "$PLAN" in
         step hotplug-under-load 300 hotplug 10
         step hotplug-offline-slots 300 env CPULOCAL_TEST_HOTPLUG=1 /tests/cpulocal-hotplug --nocapture
         if [ "$PLAN" = full ]; then
-            for t in counter_take percpu_remote ring_stress stack_stress single_step; do
+            for t in counter_take percpu_locking percpu_remote ring_stress ring_lifecycle \
+                ring_memory stack_stress alloc_stress alloc_global single_step; do
                 step "$t" 900 tests cpulocal-$t
             done
             step cli-unit 600 tests cpulocal-cli-cpulocal_cli

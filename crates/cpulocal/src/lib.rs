@@ -121,10 +121,10 @@
 //! A debugger single-stepping through a sequence aborts it at every step. Every
 //! operation gives up its sequence after a few aborts in a row and completes through a
 //! slow path that needs none (an atomic add, or the CPU's lock taken as a remote owner),
-//! so a single-stepped program makes progress (tested with `PTRACE_SINGLESTEP` on
-//! x86_64). On aarch64 this is not established: in the VM lane's arm64 guests the same
-//! test makes no progress, probably because a single-stepped load-exclusive/store-exclusive
-//! loop (an atomic without LSE, in the slow path or in the C library) never succeeds.
+//! so a single-stepped program makes progress (tested with `PTRACE_SINGLESTEP` on x86_64
+//! and on aarch64). On aarch64 the debugger must run each load-exclusive/store-exclusive
+//! loop as a whole, as GDB does, since a step between the two makes the store fail;
+//! cpulocal's sequences contain none.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 #[cfg(not(target_os = "linux"))]
