@@ -203,6 +203,9 @@ fn writer_usage(guard: &WriterGuard) -> (Duration, u64) {
         .as_ref()
         .expect("a running writer")
         .as_pthread_t();
+    // std's raw handle is an integer; musl's `pthread_t` is a pointer.
+    #[allow(clippy::unnecessary_cast, reason = "a no-op on glibc, needed on musl")]
+    let thread = thread as libc::pthread_t;
     let mut clock: libc::clockid_t = 0;
     // SAFETY: `thread` is a live thread (the guard has not joined it); `clock` is a
     // valid place for the result.
