@@ -137,11 +137,17 @@ impl RingLayer {
                 let callsite = span.metadata() as *const Metadata<'static> as u64;
                 buf.extend_from_slice(&callsite.to_le_bytes());
                 // The span's fields as encoded when it was created: copied, not formatted.
-                let extensions = span.extensions();
-                let fields = extensions.get::<SpanFields>().map_or(&[][..], |f| &f.bytes);
-                let len = u32::try_from(fields.len()).unwrap_or(u32::MAX);
-                buf.extend_from_slice(&len.to_le_bytes());
-                buf.extend_from_slice(&fields[..len as usize]);
+                // A span whose callsite declares no field has none to copy (the common
+                // `info_span!("name")`): no look-up of its extensions.
+                if span.metadata().fields().is_empty() {
+                    buf.extend_from_slice(&0u32.to_le_bytes());
+                } else {
+                    let extensions = span.extensions();
+                    let fields = extensions.get::<SpanFields>().map_or(&[][..], |f| &f.bytes);
+                    let len = u32::try_from(fields.len()).unwrap_or(u32::MAX);
+                    buf.extend_from_slice(&len.to_le_bytes());
+                    buf.extend_from_slice(&fields[..len as usize]);
+                }
                 spans += 1;
             }
             buf[count_at] = spans;

@@ -244,15 +244,16 @@ fn an_idle_writer_sleeps_until_its_flush_interval() {
     let (cpu_after, sleeps_after) = writer_usage(&guard);
     let (cpu, sleeps) = (cpu_after - cpu_before, sleeps_after - sleeps_before);
     eprintln!("the idle writer over 200 ms: {sleeps} sleeps, {cpu:?} of CPU");
-    // With the default 100 ms flush interval the writer wakes about twice in 200 ms; a
-    // writer that polls every few ms wakes dozens of times. Generous bounds: these are
-    // not speed targets, only "it sleeps".
+    // With the default 100 ms flush interval the writer wakes about twice in 200 ms (and
+    // uses well under a millisecond of CPU here); a writer that polls every few ms wakes
+    // dozens of times, one that spins uses the whole 200 ms. Generous bounds (the VM
+    // lane runs this under emulation): not speed targets, only "it sleeps".
     assert!(
         sleeps <= 10,
         "the idle writer woke {sleeps} times in 200 ms"
     );
     assert!(
-        cpu <= Duration::from_millis(5),
+        cpu <= Duration::from_millis(50),
         "the idle writer used {cpu:?} of CPU in 200 ms"
     );
     assert_eq!(guard.stats().written, 1);
