@@ -239,22 +239,40 @@ fn an_idle_writer_sleeps_until_its_flush_interval() {
     guard.sync();
     // Acquire: pairs with the writer's Release store of its id (set before any sync).
     assert_ne!(guard.shared.writer_tid.load(Ordering::Acquire), 0);
+    // Acquire: as above.
+    let stat = format!(
+        "/proc/self/task/{}/stat",
+        guard.shared.writer_tid.load(Ordering::Acquire)
+    );
     let (cpu_before, sleeps_before) = writer_usage(&guard);
-    std::thread::sleep(Duration::from_millis(200));
+    // The writer's scheduler state, sampled every 10 ms ("S": blocked, "R": running or
+    // runnable). The state is the first field after the parenthesised thread name.
+    let mut seen_asleep = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(10));
+        let line = std::fs::read_to_string(&stat).unwrap();
+        let state = line.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+        seen_asleep += usize::from(state == Some("S"));
+    }
     let (cpu_after, sleeps_after) = writer_usage(&guard);
     let (cpu, sleeps) = (cpu_after - cpu_before, sleeps_after - sleeps_before);
-    eprintln!("the idle writer over 200 ms: {sleeps} sleeps, {cpu:?} of CPU");
-    // With the default 100 ms flush interval the writer wakes about twice in 200 ms (and
-    // uses well under a millisecond of CPU here); a writer that polls every few ms wakes
-    // dozens of times, one that spins uses the whole 200 ms. Generous bounds (the VM
-    // lane runs this under emulation): not speed targets, only "it sleeps".
+    eprintln!(
+        "the idle writer over 200 ms: {sleeps} sleeps, {cpu:?} of CPU, \
+         seen asleep in {seen_asleep} of 20 samples"
+    );
+    // With the default 100 ms flush interval the writer goes to sleep about twice in
+    // 200 ms, and is asleep nearly all the time (it uses well under a millisecond of CPU
+    // on this machine). A writer that polls every few ms goes to sleep dozens of times;
+    // one that spins or yields is never seen asleep (and a `sched_yield` is no voluntary
+    // switch). The CPU time is reported, not asserted: under the VM lane's emulation a
+    // single flush of every CPU's ring costs 60-140 ms of CPU.
     assert!(
         sleeps <= 10,
-        "the idle writer woke {sleeps} times in 200 ms"
+        "the idle writer went to sleep {sleeps} times in 200 ms"
     );
     assert!(
-        cpu <= Duration::from_millis(50),
-        "the idle writer used {cpu:?} of CPU in 200 ms"
+        seen_asleep >= 1,
+        "the idle writer was never seen asleep in 200 ms ({cpu:?} of CPU)"
     );
     assert_eq!(guard.stats().written, 1);
 }
