@@ -70,6 +70,14 @@ step() {
 # A test harness binary, with its name; the test threads default to the vCPUs.
 tests() { bin=/tests/$1; shift; "$bin" "$@"; }
 
+# The library's unit tests as a dynamic glibc binary (loader and libraries packed in
+# /lib): glibc registers each thread's rseq area, and the registration tests assert that
+# cpulocal uses glibc's (a gnu build expects `Registrar::Glibc`).
+glibc_lib_tests() {
+    LD_LIBRARY_PATH=/lib/$(uname -m)-linux-gnu /tests/glibc-cpulocal-lib \
+        --skip tests::stress --skip "$1"
+}
+
 # cpulocal info: CPU counts, features, mechanism against what /sys and the kernel say.
 check_info() {
     cpulocal info || return 1
@@ -193,6 +201,7 @@ case "$PLAN" in
         step abort-path 300 tests $LIB --exact $ABORT --nocapture
         step counter-storm 600 tests $LIB tests::stress
         step lib-tests 900 tests $LIB --skip tests::stress --skip $ABORT
+        step lib-tests-glibc 900 glibc_lib_tests $ABORT
         step stress-all 600 stress_all 3
         step same-cpu 300 same_cpu 3
         step hotplug-under-load 300 hotplug 10

@@ -297,13 +297,41 @@ build_for() {
         --message-format=json-render-diagnostics >"$json"
     nice -n 10 cargo build -p cpulocal-cli --no-default-features --features test-hooks \
         --target "$target"
+    # The library's unit tests once more as a dynamic glibc binary, which the guest runs
+    # with the loader and libraries packed beside it: there glibc registers the thread's
+    # rseq area and cpulocal uses it (the musl build registers its own).
+    local gnu_target="$1-unknown-linux-gnu" gnu_json="$CACHE/build/$arch-gnu.json"
+    if ! rustup target list --installed | grep -qx "$gnu_target"; then
+        rustup target add "$gnu_target"
+    fi
+    CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+        nice -n 10 cargo test -p cpulocal --lib --features "$lib_features" --no-run \
+        --target "$gnu_target" --message-format=json-render-diagnostics >"$gnu_json"
     # "<crate>-<target> <executable>" for every test harness ("<crate>-bin-<target>" for
     # a binary's unit tests), from cargo's JSON messages.
     sed -n 's/.*"package_id":"[^"]*\/\([^/#"]*\)#[^"]*".*"target":{"kind":\["\([a-z-]*\)"\][^}]*"name":"\([^"]*\)".*"profile":{[^}]*"test":true}.*"executable":"\([^"]*\)".*/\1 \2 \3 \4/p' \
         "$json" | awk '{ print ($2 == "bin") ? $1 "-bin-" $3 : $1 "-" $3, $4 }' |
         sort -u >"$list.tmp"
     echo "cpulocal-bin $CARGO_TARGET_DIR/$target/debug/cpulocal" >>"$list.tmp"
+    sed -n 's/.*"executable":"\([^"]*\)".*/glibc-cpulocal-lib \1/p' "$gnu_json" >>"$list.tmp"
     mv "$list.tmp" "$list"
+}
+
+# Copies the dynamic loader and the shared libraries a glibc binary needs, from the
+# host (x86_64) or the cross sysroot that .ci/aarch64.sh installs (aarch64), to the paths
+# the binary names, under the initramfs root $3.
+pack_glibc() {
+    local arch=$1 bin=$2 root=$3 libdir interp lib
+    case "$arch" in
+        x86_64) libdir=/lib/x86_64-linux-gnu ;;
+        aarch64) libdir=/usr/aarch64-linux-gnu/lib ;;
+    esac
+    interp=$(readelf -l "$bin" | sed -n 's/.*interpreter: \([^]]*\)].*/\1/p')
+    mkdir -p "$root$(dirname "$interp")" "$root/lib/$arch-linux-gnu"
+    cp -L "$libdir/$(basename "$interp")" "$root$interp"
+    for lib in $(readelf -d "$bin" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+        cp -L "$libdir/$lib" "$root/lib/$arch-linux-gnu/$lib"
+    done
 }
 
 # Packs the initramfs of an architecture; prints its path.
@@ -315,7 +343,10 @@ pack_initramfs() {
     chmod 755 "$root/init"
     local name path
     while read -r name path; do
-        if [ "$name" = cpulocal-bin ]; then
+        if [ "$name" = glibc-cpulocal-lib ]; then
+            cp "$path" "$root/tests/$name"
+            pack_glibc "$arch" "$path" "$root"
+        elif [ "$name" = cpulocal-bin ]; then
             cp "$path" "$root/bin/cpulocal"
             # The CLI's tests run the binary from the path cargo compiled into them.
             mkdir -p "$root$(dirname "$path")"
