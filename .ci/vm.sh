@@ -105,12 +105,12 @@ MIRROR=http://deb.debian.org/debian
 install_host_tools() {
     mkdir -p "$CACHE/apt/empty"
     local missing=0
-    for tool in qemu-system-x86_64 qemu-system-aarch64 cpio; do
+    for tool in qemu-system-x86_64 qemu-system-aarch64 cpio aarch64-linux-gnu-gcc; do
         command -v "$tool" >/dev/null || missing=1
     done
     [ -x /bin/busybox ] && file_is_static /bin/busybox || missing=1
     if [ "$missing" = 0 ]; then return; fi
-    log "installing qemu (bookworm-backports), busybox-static, cpio"
+    log "installing qemu (bookworm-backports), busybox-static, cpio, the aarch64 glibc cross linker"
     mkdir -p "$APT_HOST/lists/partial" "$APT_HOST/cache/archives/partial"
     cat >"$APT_HOST/sources.list" <<EOF
 deb [signed-by=$KEYRING] $MIRROR bookworm main
@@ -121,7 +121,8 @@ EOF
     apt_host update >/dev/null
     # bookworm's qemu 7.2 would remove a preinstalled qemu-utils from backports (10.x).
     DEBIAN_FRONTEND=noninteractive apt_host install -y --no-install-recommends \
-        -t bookworm-backports qemu-system-x86 qemu-system-arm busybox-static cpio >/dev/null
+        -t bookworm-backports qemu-system-x86 qemu-system-arm busybox-static cpio \
+        gcc-aarch64-linux-gnu libc6-dev-arm64-cross >/dev/null
 }
 
 file_is_static() {
