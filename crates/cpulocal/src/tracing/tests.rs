@@ -132,7 +132,14 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SharedBuffer {
 fn fields_format_as_the_fmt_layer_formats_them() {
     let ours = SharedBuffer::default();
     let theirs = SharedBuffer::default();
-    let (layer, guard) = layer(ours.clone());
+    // No periodic flush: both events reach the writer in one batch (the guard's drop),
+    // ordered by time. With one, a thread that migrated between them could see the
+    // second flushed first from its new CPU's ring, and written first, as the module
+    // docs allow (seen in the VM lane's arm64 guest).
+    let (layer, guard) = Builder::new()
+        .flush_interval(Duration::from_secs(3600))
+        .build(ours.clone())
+        .unwrap();
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(theirs.clone())
         .with_ansi(false);
@@ -285,8 +292,10 @@ fn an_idle_writer_sleeps_until_its_flush_interval() {
 #[test]
 fn json_lines_carry_the_spans_and_their_fields() {
     let out = SharedBuffer::default();
+    // One batch, ordered by time (see `fields_format_as_the_fmt_layer_formats_them`).
     let (layer, guard) = Builder::new()
         .format(Format::Json)
+        .flush_interval(Duration::from_secs(3600))
         .build(out.clone())
         .unwrap();
     let subscriber = tracing_subscriber::registry().with(layer);
