@@ -181,6 +181,46 @@ hotplug() {
     [ "$rc" -eq 0 ] && [ "$(jget passed </tmp/hp.json)" = true ]
 }
 
+# The CPUs of a kernel CPU list, one a line ("0-2,5" -> 0 1 2 5).
+expand_cpus() {
+    echo "$1" | tr ',' '\n' | awk -F- 'NF == 2 { for (c = $1; c <= $2; c++) print c } NF == 1 && $1 != "" { print $1 }'
+}
+
+# A vCPU hot-added while every structure is under load (x86_64 guests started with CPUs
+# possible but not present): the host adds it over QMP when this asks on the console
+# (.ci/vm.sh). The new CPU comes online, runs pinned threads of a second stress (exact
+# totals; `current_cpu()` names it), and the first stress, which runs throughout, passes.
+hotadd() {
+    expand_cpus "$(cat $CPU/present)" >/tmp/present.before
+    cpulocal stress --json --structure mix --threads $((2 * NCPU)) --duration 20 \
+        --signals --affinity-churn --thread-churn --churn-ops 2000 --delay 20 >/tmp/ha.json &
+    pid=$!
+    sleep 2
+    echo CPULOCAL-VM-HOTADD-REQUEST
+    i=0
+    while [ "$(cat $CPU/present)" = "$PRESENT" ]; do
+        i=$((i + 1))
+        [ $i -le 240 ] || { echo "hotadd: no CPU arrived in 120 s"; kill $pid; return 1; }
+        usleep 500000
+    done
+    new=$(expand_cpus "$(cat $CPU/present)" | grep -vxF -f /tmp/present.before | head -n 1)
+    echo "hotadd: present $PRESENT -> $(cat $CPU/present): cpu$new"
+    # No udev here: a hot-added CPU stays offline until someone writes its switch.
+    [ "$(cat $CPU/cpu$new/online)" = 1 ] || echo 1 >$CPU/cpu$new/online || return 1
+    echo "hotadd: online $(cat $CPU/online)"
+    got=$(taskset -c "$new" cpulocal info --json | jget cpu)
+    [ "$got" = "$new" ] || { echo "hotadd: a thread pinned to cpu$new reads cpu $got"; return 1; }
+    taskset -c "0,$new" cpulocal stress --json --structure mix --threads 4 --duration 3 \
+        --signals --affinity-churn >/tmp/ha2.json
+    rc=$?
+    cat /tmp/ha2.json
+    [ "$rc" -eq 0 ] && [ "$(jget passed </tmp/ha2.json)" = true ] || return 1
+    wait $pid
+    rc=$?
+    cat /tmp/ha.json
+    [ "$rc" -eq 0 ] && [ "$(jget passed </tmp/ha.json)" = true ]
+}
+
 # Stress on whatever CPU set the guest has (possible != present != online).
 sets() {
     check_info || return 1
@@ -205,6 +245,10 @@ case "$PLAN" in
         step stress-all 600 stress_all 3
         step same-cpu 300 same_cpu 3
         step hotplug-under-load 300 hotplug 10
+        # x86_64 guests started with fewer vCPUs than they may have (qemu's maxcpus=).
+        if [ "$(uname -m)" = x86_64 ] && [ "$PRESENT" != "$POSSIBLE" ]; then
+            step hotadd 300 hotadd
+        fi
         step hotplug-offline-slots 300 env CPULOCAL_TEST_HOTPLUG=1 /tests/cpulocal-hotplug --nocapture
         if [ "$PLAN" = full ]; then
             for t in counter_take percpu_locking percpu_remote ring_stress ring_lifecycle \

@@ -362,6 +362,44 @@ pack_initramfs() {
 }
 
 # ---------------------------------------------------------------- boots
+# x86_64 guests with vCPUs possible but not present (`-smp N,maxcpus=M`) get a QMP
+# socket: when the guest prints CPULOCAL-VM-HOTADD-REQUEST on its console (the hot-add
+# step of .ci/vm-guest.sh), this adds one vCPU with `device_add`, as a cloud host plugs
+# a CPU into a running machine. One hot-add per boot; the reply goes to $3.
+hotadd_on_request() {
+    local logf=$1 sock=$2 out=$3
+    # Polls the console until the request (the caller kills this when qemu exits).
+    while ! grep -qa '^CPULOCAL-VM-HOTADD-REQUEST' "$logf" 2>/dev/null; do
+        sleep 1
+    done
+    python3 - "$sock" >"$out" 2>&1 <<'PY'
+import json, socket, sys
+
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+stream = sock.makefile("rw")
+
+def command(name, **arguments):
+    stream.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
+    stream.flush()
+    while True:  # events may come before the reply
+        reply = json.loads(stream.readline())
+        if "return" in reply or "error" in reply:
+            return reply
+
+json.loads(stream.readline())  # the greeting
+command("qmp_capabilities")
+slots = command("query-hotpluggable-cpus")["return"]
+free = [s for s in slots if "qom-path" not in s]
+if not free:
+    sys.exit("no possible-but-absent vCPU slot")
+slot = min(free, key=lambda s: sorted(s["props"].items()))
+reply = command("device_add", driver=slot["type"], id="hotadded0", **slot["props"])
+print("device_add", slot["type"], slot["props"], "->", reply)
+sys.exit(1 if "error" in reply else 0)
+PY
+}
+
 # Boots one guest; its console goes to $CACHE/logs/<name>.log. Returns non-zero unless
 # the guest printed a result line with no failed step.
 boot() {
@@ -381,16 +419,28 @@ boot() {
         qemu=(qemu-system-aarch64 -M virt,gic-version=3 -cpu max,pauth-impdef=on)
         console=ttyAMA0
     fi
+    local qmp=() watcher=""
+    if [ "$arch" = x86_64 ] && [[ $smp == *maxcpus=* ]]; then
+        qmp=(-qmp "unix:$RUN/$name.qmp,server=on,wait=off")
+        hotadd_on_request "$logf" "$RUN/$name.qmp" "$RUN/$name.hotadd" &
+        watcher=$!
+    fi
     log "boot $name: $arch $(basename "$kdir") -smp $smp ${extra:+($extra) }plan $plan, limit ${limit}s"
     local t0 rc=0
     t0=$(date +%s)
-    timeout -s KILL "$limit" nice -n "$QEMU_NICE" "${qemu[@]}" \
+    timeout -s KILL "$limit" nice -n "$QEMU_NICE" "${qemu[@]}" "${qmp[@]}" \
         -accel tcg,thread=multi -smp "$smp" -m "$mem" \
         -kernel "$kdir/kernel" -initrd "$initrd" \
         -append "console=$console panic=-1 quiet loglevel=4 rdinit=/init $extra cpulocal.plan=$plan cpulocal.name=$name" \
         -nographic -no-reboot -nodefaults -serial stdio -monitor none \
         </dev/null >"$logf" 2>&1 || rc=$?
     local secs=$(($(date +%s) - t0))
+    if [ -n "$watcher" ]; then
+        kill "$watcher" 2>/dev/null || true
+        wait "$watcher" 2>/dev/null || true
+        if [ -s "$RUN/$name.hotadd" ]; then sed "s/^/   [$name] qmp: /" "$RUN/$name.hotadd"; fi
+        rm -f "$RUN/$name.qmp"
+    fi
     local result
     result=$(grep -a '^CPULOCAL-VM-RESULT' "$logf" | tail -n 1 | tr -d '\r')
     grep -a -E '^(=== VM-STEP-(OK|FAILED|SKIPPED)|CPULOCAL-VM-)' "$logf" | tr -d '\r' | sed "s/^/   [$name] /"

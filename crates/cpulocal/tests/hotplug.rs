@@ -53,6 +53,8 @@ fn an_offline_cpus_slots_stay_reachable_and_work_again_when_it_returns() {
         .rev()
         .find(|&c| is_online(c) && std::fs::metadata(online_file(c)).is_ok())
         .expect("a hotpluggable online CPU");
+    // The VM lane's x86_64 guests hot-add a vCPU before this runs: it is the highest.
+    println!("taking cpu{cpu} offline and back");
     let counter = Counter::new();
     let lists = PerCpu::new(|_| Vec::<u64>::new());
     let stack = Stack::new();
