@@ -395,10 +395,17 @@ impl<T> PerCpu<T> {
     #[inline(always)]
     fn lock_current(&self, method: &'static str) -> PerCpuGuard<'_, T> {
         if let Some(area) = remote::percpu_fast_area() {
+            // Counted before the sequence, so that a signal handler arriving anywhere
+            // after its commit finds the thread holding a slot (see "Held locks" in
+            // `remote`); a handler that arrives before the commit aborts the sequence,
+            // and restores the count itself before it returns.
+            remote::note_held_fast();
             if let Outcome::Committed((slot, index)) = self.lock_local(area) {
-                remote::note_held_fast();
+                #[cfg(any(test, feature = "__test-hooks"))]
+                crate::test_hooks::fast_lock_taken();
                 return self.guard(slot, index, area.as_ptr() as usize);
             }
+            remote::note_fast_lock_failed(area);
         }
         // Returned in registers, with the guard made here: a guard returned by the call
         // would go through memory, and so would the fast path's to meet it.

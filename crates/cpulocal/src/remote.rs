@@ -82,19 +82,26 @@
 //!
 //! So `with_cpu`'s fast path reads one word for three questions: is anything held (the
 //! re-entry check), is the scheme [`Scheme::Membarrier`] with the asymmetric fence (so
-//! the release needs only a compiler fence), and where is the thread's area. It then
-//! writes `1` after taking the slot, and its release writes the area back when the word
-//! still says `1` (guards may be dropped in any order: otherwise it counts down). These
-//! are a load and two plain stores, none of which depends on the value loaded, so
-//! back-to-back critical sections carry no chain through memory. The other paths count
-//! up and down, and whenever the count returns to 0 the word is set to the area again
-//! if the fast path may run. While the thread holds a slot, a request for another slot
-//! of the same `PerCpu` searches its lock words for the thread's token, which only the
-//! holder of a slot (or a thread in the middle of taking it remotely) leaves there.
+//! the release needs only a compiler fence), and where is the thread's area. It writes
+//! `1` *before* its sequence (and the area back if the sequence does not commit), and
+//! its release writes the area back when the word still says `1` (guards may be dropped
+//! in any order: otherwise it counts down). These are a load and two plain stores, none
+//! of which depends on the value loaded, so back-to-back critical sections carry no
+//! chain through memory. The other paths count up and down, and whenever the count
+//! returns to 0 the word is set to the area again if the fast path may run. While the
+//! thread holds a slot, a request for another slot of the same `PerCpu` searches its
+//! lock words for the thread's token, which only the holder of a slot (or a thread in
+//! the middle of taking it remotely) leaves there.
 //!
-//! A signal handler that interrupts a fast-path acquisition between its commit and its
-//! `1` and asks for the same slot finds its own token in the word: the wait refuses it
-//! with the same panic rather than waiting for itself.
+//! Why `1` goes first: a signal handler runs on the thread it interrupts. Were the word
+//! written after the commit, a handler arriving between the two would find the thread
+//! holding nothing and could take a second slot of the same `PerCpu` unchecked (on
+//! another CPU, after a migration; on the same slot, the wait finds the thread's own
+//! token and refuses). Written first, the word says `1` at every instruction after the
+//! commit; a handler arriving before the commit makes the search, finds no token, takes
+//! its slot, and returns with the word as it found it; the interrupted sequence aborts.
+//! The count is checked before any lock is taken, so its limit panics with no slot left
+//! locked.
 
 use core::cell::Cell;
 use core::fmt;
@@ -336,13 +343,23 @@ pub(crate) fn check_not_held<'a, I: Iterator<Item = &'a CpuLock>>(
     if state != 0 && state < FAST_PATH_READY {
         // `locks` is only called here: finding the lock words takes loads (atomic ones,
         // which the compiler may not move) that the usual case must not pay.
-        check_not_held_nested(locks(), method);
+        check_not_held_nested(state, locks(), method);
     }
 }
 
 #[cold]
 #[inline(never)]
-fn check_not_held_nested<'a>(mut locks: impl Iterator<Item = &'a CpuLock>, method: &str) {
+fn check_not_held_nested<'a>(
+    held: usize,
+    mut locks: impl Iterator<Item = &'a CpuLock>,
+    method: &str,
+) {
+    // Before the lock is taken: a panic after it would leave the slot locked for ever.
+    assert!(
+        held < FAST_PATH_READY - 1,
+        "PerCpu::{method}: a thread may hold at most {} PerCpu slots at once",
+        FAST_PATH_READY - 1
+    );
     let me = token();
     // Relaxed: only this thread ever stores its own token.
     if locks.any(|l| l.word.load(Ordering::Relaxed) == me) {
@@ -365,18 +382,28 @@ pub(crate) fn note_held() {
     } else {
         state + 1
     };
-    assert!(
-        held < FAST_PATH_READY,
-        "a thread holds more than 4095 PerCpu slots at once"
-    );
+    // `check_not_held`, before the lock was taken, refused a thread with no room left.
+    debug_assert!(held < FAST_PATH_READY);
     HELD.set(held);
 }
 
-/// Notes the slot lock the calling thread has just taken by the fast path (which ran
-/// because it held none).
+/// Notes the slot lock the calling thread is about to take by the fast path (which runs
+/// because it holds none). Noted before the sequence: between its commit and a store
+/// after it, a signal handler would find the thread holding nothing and could take a
+/// second slot of the same `PerCpu` unchecked.
 #[inline(always)]
 pub(crate) fn note_held_fast() {
     HELD.set(1);
+    // The handler that could read the count runs on this thread: a compiler fence is
+    // all that keeps the store ahead of the sequence.
+    compiler_fence(Ordering::SeqCst);
+}
+
+/// The fast path noted by [`note_held_fast`] did not take the lock: the thread holds
+/// nothing again, with its `area`.
+#[inline(always)]
+pub(crate) fn note_fast_lock_failed(area: core::ptr::NonNull<crate::abi::Rseq>) {
+    HELD.set(area.as_ptr() as usize);
 }
 
 /// Counts a `PerCpu` slot lock the calling thread has just released, taken by any path

@@ -134,3 +134,23 @@ pub fn break_slab_pop(broken: bool) {
 pub(crate) fn slab_pop_broken() -> bool {
     SLAB_POP_BROKEN.load(Ordering::Relaxed)
 }
+
+std::thread_local! {
+    static AFTER_FAST_LOCK: core::cell::Cell<Option<fn()>> = const { core::cell::Cell::new(None) };
+}
+
+/// Makes the calling thread's next `PerCpu` lock taken by the fast path run `f` right
+/// after the sequence commits, before the lock is returned (once), as a signal handler
+/// arriving at that instruction would: tests use it to show that a handler which asks
+/// for another slot of the same `PerCpu` there is refused, not left to deadlock.
+pub fn run_after_fast_lock(f: fn()) {
+    AFTER_FAST_LOCK.set(Some(f));
+}
+
+/// Called by `PerCpu`'s fast path right after its sequence committed.
+#[inline(always)]
+pub(crate) fn fast_lock_taken() {
+    if let Some(f) = AFTER_FAST_LOCK.take() {
+        f();
+    }
+}

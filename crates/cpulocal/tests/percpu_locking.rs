@@ -192,6 +192,78 @@ fn nesting_is_detected_after_guards_dropped_out_of_order() {
     });
 }
 
+/// The `PerCpu` of [`a_handler_right_after_a_fast_lock_is_refused_another_slot`].
+static WINDOW: PerCpu<u64> = PerCpu::new_lazy(|| 0);
+/// What the handler there saw: `None` until it ran, then the panic's message, or
+/// "no panic" if it got a second slot.
+static WINDOW_SEEN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// A signal handler that arrives right after `with_cpu`'s fast path committed its lock
+/// (before the lock is returned) and asks for *another* slot of the same `PerCpu` must
+/// be refused like any nested request: two threads doing so on two CPUs would wait for
+/// each other forever. (The same slot is refused by the wait, which finds the thread's
+/// own token.) The test hook runs the "handler" at exactly that instruction.
+#[test]
+fn a_handler_right_after_a_fast_lock_is_refused_another_slot() {
+    let _serial = serial();
+    within_10s("a handler right after a fast lock", || {
+        WINDOW.with_cpu(|v| *v += 1); // first use: sets the fast path up
+        fn handler() {
+            let other = (cpulocal::current_cpu() + 1) % WINDOW.slots();
+            let seen = match catch_unwind(AssertUnwindSafe(|| drop(WINDOW.lock_cpu(other)))) {
+                Ok(()) => "no panic".to_string(),
+                Err(panic) => message(&*panic),
+            };
+            *WINDOW_SEEN.lock().unwrap() = Some(seen);
+        }
+        cpulocal::test_hooks::run_after_fast_lock(handler);
+        WINDOW.with_cpu(|v| *v += 1);
+        match WINDOW_SEEN.lock().unwrap().take() {
+            // No fast path here (no rseq, or the locked scheme): the window does not exist.
+            None => println!(
+                "skipped: with_cpu took no fast path (scheme {})",
+                cpulocal::remote_scheme()
+            ),
+            Some(seen) => assert!(
+                seen.contains("already holds a slot"),
+                "a second slot taken right after a fast lock: {seen}"
+            ),
+        }
+        let mut total = 0;
+        WINDOW.for_each(|_, v| total += *v);
+        assert_eq!(total, 2);
+    });
+}
+
+/// A thread may hold 4,095 `PerCpu` slots at once; asking for one more panics *before*
+/// taking it, so the slot stays free for every other thread.
+#[test]
+fn one_slot_too_many_panics_before_locking_it() {
+    let _serial = serial();
+    within_10s("one slot too many", || {
+        let percpus: Vec<PerCpu<u64>> = (0..4096).map(|_| PerCpu::new(|_| 0u64)).collect();
+        let (held, last) = percpus.split_at(4095);
+        let guards: Vec<_> = held.iter().map(|p| p.lock()).collect();
+        let err = catch_unwind(AssertUnwindSafe(|| drop(last[0].lock())))
+            .expect_err("a 4,096th slot must be refused");
+        assert!(
+            message(&*err).contains("at most 4095"),
+            "{}",
+            message(&*err)
+        );
+        drop(guards);
+        // Every slot of the refused PerCpu is free: another thread locks them all.
+        let last = Arc::new(percpus.into_iter().last().unwrap());
+        let other = Arc::clone(&last);
+        std::thread::spawn(move || other.for_each(|_, v| *v += 1))
+            .join()
+            .unwrap();
+        let mut total = 0;
+        last.for_each(|_, v| total += *v);
+        assert_eq!(total, last.slots() as u64);
+    });
+}
+
 #[test]
 fn different_percpus_nest() {
     let _serial = serial();
@@ -342,16 +414,53 @@ fn waiters_cpu_time(hold: Duration) -> Duration {
     used
 }
 
-/// Sleeping waiters use well under 1 % of the hold here (issue 8's target is 5 %), and
-/// 5-6 % in the VM lane's emulated 16-vCPU arm64 guest, where the bounded spin before
-/// sleeping is slow; waiters that spin and yield used 25–95 % (depending on the load).
-/// The bound, 12.5 %, tells the two apart on both.
+/// What four waiters that spin and yield (`sched_yield`) instead of sleeping use over
+/// `hold`, placed as in [`waiters_cpu_time`]: the yardstick for it in the same run.
+fn yielding_waiters_cpu_time(hold: Duration) -> Duration {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let released = Arc::new(AtomicBool::new(false));
+    let pin_to_0 = allowed_cpus().contains(&0);
+    let ready = Arc::new(Barrier::new(5));
+    let waiters: Vec<_> = (0..4)
+        .map(|i| {
+            let (released, ready) = (Arc::clone(&released), Arc::clone(&ready));
+            std::thread::spawn(move || {
+                if i % 2 == 1 && pin_to_0 {
+                    set_affinity(0, &[0]).unwrap();
+                }
+                ready.wait();
+                let before = thread_cpu_time();
+                // Acquire: pairs with the Release store below.
+                while !released.load(Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+                thread_cpu_time() - before
+            })
+        })
+        .collect();
+    ready.wait();
+    std::thread::sleep(hold);
+    released.store(true, Ordering::Release);
+    let used = waiters.into_iter().map(|w| w.join().unwrap()).sum();
+    println!("4 yielding waiters over {hold:?}: {used:?} CPU in total");
+    used
+}
+
+/// Sleeping waiters use well under 1 % of the hold on an idle host (issue 8's target is
+/// 5 %), but 5–13 % in the VM lane's emulated 16-vCPU arm64 guest, where the bounded
+/// spin before sleeping is slow and the host is shared; waiters that spin and yield use
+/// 25–200 %. So the bound is relative to yielding waiters measured in the same run: a
+/// quarter of what they use (or 12.5 % of the hold, whichever is larger, for a machine
+/// so loaded that the yielding waiters barely ran).
 fn assert_waiters_sleep() {
     let hold = Duration::from_millis(300);
+    let yielding = yielding_waiters_cpu_time(hold);
     let used = waiters_cpu_time(hold);
+    let bound = (yielding / 4).max(hold / 8);
     assert!(
-        used < hold / 8,
-        "4 waiters used {used:?} of CPU while the slot was held {hold:?}: they do not sleep"
+        used < bound,
+        "4 waiters used {used:?} of CPU while the slot was held {hold:?} (yielding waiters: \
+         {yielding:?}; bound {bound:?}): they do not sleep"
     );
 }
 
