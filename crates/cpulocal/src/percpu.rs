@@ -7,7 +7,6 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::marker::PhantomData;
 use core::mem::MaybeUninit;
-use core::ops::{Deref, DerefMut};
 use core::ptr::{self, NonNull};
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
@@ -15,6 +14,9 @@ use crate::arch::Outcome;
 use crate::pool::{self, Item, Pool};
 use crate::remote::{self, CpuLock, InvalidCpu};
 use crate::{cpu, sys};
+
+mod guard;
+pub use guard::PerCpuGuard;
 
 /// How a [`PerCpu`] picks the calling thread's slot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -772,67 +774,5 @@ impl<T: fmt::Debug> fmt::Debug for PerCpu<T> {
             .field("lazy", &self.init.is_some())
             .field("index", &self.index)
             .finish_non_exhaustive()
-    }
-}
-
-/// The lock of one [`PerCpu`] slot, held; derefs to the slot's `T`. Unlocks on drop.
-/// Not `Send`: the lock token is the owning thread's.
-pub struct PerCpuGuard<'a, T> {
-    slot: &'a Slot<T>,
-    index: usize,
-    /// The thread's area if the fast path took the slot (which runs only with the
-    /// asymmetric fence and when the thread held no other slot); 0 for every other path.
-    fast_area: usize,
-    _not_send: PhantomData<*const ()>,
-}
-
-// SAFETY: sharing the guard shares `&T` only (through Deref), which needs `T: Sync`.
-unsafe impl<T: Sync> Sync for PerCpuGuard<'_, T> {}
-
-impl<T> PerCpuGuard<'_, T> {
-    /// The slot's index: the CPU (or mm_cid) it belongs to.
-    pub fn cpu(&self) -> usize {
-        self.index
-    }
-}
-
-impl<T> Deref for PerCpuGuard<'_, T> {
-    type Target = T;
-    #[inline]
-    fn deref(&self) -> &T {
-        // SAFETY: we hold the slot's lock, so no other reference to its `T` exists, and
-        // the slot is ready (`ensure_ready` ran before the guard was returned).
-        unsafe { (*self.slot.value.get()).assume_init_ref() }
-    }
-}
-
-impl<T> DerefMut for PerCpuGuard<'_, T> {
-    #[inline]
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: we hold the slot's lock, and `&mut self` makes this the only
-        // reference through the guard; the slot is ready.
-        unsafe { (*self.slot.value.get()).assume_init_mut() }
-    }
-}
-
-impl<T> Drop for PerCpuGuard<'_, T> {
-    #[inline]
-    fn drop(&mut self) {
-        if self.fast_area != 0 {
-            self.slot.lock.unlock_asymmetric();
-            remote::note_released_fast(self.fast_area);
-        } else {
-            self.slot.lock.unlock();
-            remote::note_released();
-        }
-    }
-}
-
-impl<T: fmt::Debug> fmt::Debug for PerCpuGuard<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PerCpuGuard")
-            .field("cpu", &self.index)
-            .field("value", &**self)
-            .finish()
     }
 }

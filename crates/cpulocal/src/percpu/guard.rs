@@ -1,0 +1,72 @@
+//! [`PerCpuGuard`]: a held slot of a [`PerCpu`], and its release.
+
+use core::fmt;
+use core::marker::PhantomData;
+use core::ops::{Deref, DerefMut};
+
+#[cfg(doc)]
+use super::PerCpu;
+use super::Slot;
+use crate::remote;
+
+/// The lock of one [`PerCpu`] slot, held; derefs to the slot's `T`. Unlocks on drop.
+/// Not `Send`: the lock token is the owning thread's.
+pub struct PerCpuGuard<'a, T> {
+    pub(super) slot: &'a Slot<T>,
+    pub(super) index: usize,
+    /// The thread's area if the fast path took the slot (which runs only with the
+    /// asymmetric fence and when the thread held no other slot); 0 for every other path.
+    pub(super) fast_area: usize,
+    pub(super) _not_send: PhantomData<*const ()>,
+}
+
+// SAFETY: sharing the guard shares `&T` only (through Deref), which needs `T: Sync`.
+unsafe impl<T: Sync> Sync for PerCpuGuard<'_, T> {}
+
+impl<T> PerCpuGuard<'_, T> {
+    /// The slot's index: the CPU (or mm_cid) it belongs to.
+    pub fn cpu(&self) -> usize {
+        self.index
+    }
+}
+
+impl<T> Deref for PerCpuGuard<'_, T> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        // SAFETY: we hold the slot's lock, so no other reference to its `T` exists, and
+        // the slot is ready (`ensure_ready` ran before the guard was returned).
+        unsafe { (*self.slot.value.get()).assume_init_ref() }
+    }
+}
+
+impl<T> DerefMut for PerCpuGuard<'_, T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: we hold the slot's lock, and `&mut self` makes this the only
+        // reference through the guard; the slot is ready.
+        unsafe { (*self.slot.value.get()).assume_init_mut() }
+    }
+}
+
+impl<T> Drop for PerCpuGuard<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        if self.fast_area != 0 {
+            self.slot.lock.unlock_asymmetric();
+            remote::note_released_fast(self.fast_area);
+        } else {
+            self.slot.lock.unlock();
+            remote::note_released();
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for PerCpuGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PerCpuGuard")
+            .field("cpu", &self.index)
+            .field("value", &**self)
+            .finish()
+    }
+}

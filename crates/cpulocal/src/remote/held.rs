@@ -1,0 +1,233 @@
+//! Held locks: what `PerCpu` slots the calling thread holds, in one thread-local word,
+//! and the re-entry check built on it.
+//!
+//! A thread that asks for a slot of a [`crate::PerCpu`] while it holds one of the same
+//! `PerCpu` — on its own CPU or, after a migration, on another — must panic instead of
+//! waiting for itself (or, on two CPUs, for another nested thread) forever. The
+//! thread-local whose address is the token (`HELD`) keeps the thread's `PerCpu` state in
+//! one word:
+//!
+//! | value | meaning |
+//! |---|---|
+//! | `0` | holds no `PerCpu` slot; `with_cpu`'s fast path is not set up (yet) |
+//! | `1 ..= 4095` | holds that many `PerCpu` slots |
+//! | from `4096` up | holds none, and may take the fast path: the value is its `rseq` area |
+//!
+//! So `with_cpu`'s fast path reads one word for three questions: is anything held (the
+//! re-entry check), is the scheme [`Scheme::Membarrier`](super::Scheme::Membarrier) with the asymmetric fence (so
+//! the release needs only a compiler fence), and where is the thread's area. It writes
+//! `1` *before* its sequence (and the area back if the sequence does not commit), and
+//! its release writes the area back when the word still says `1` (guards may be dropped
+//! in any order: otherwise it counts down). These are a load and two plain stores, none
+//! of which depends on the value loaded, so back-to-back critical sections carry no
+//! chain through memory. The other paths count up and down, and whenever the count
+//! returns to 0 the word is set to the area again if the fast path may run. While the
+//! thread holds a slot, a request for another slot of the same `PerCpu` searches its
+//! lock words for the thread's token, which only the holder of a slot (or a thread in
+//! the middle of taking it remotely) leaves there.
+//!
+//! Why `1` goes first: a signal handler runs on the thread it interrupts. Were the word
+//! written after the commit, a handler arriving between the two would find the thread
+//! holding nothing and could take a second slot of the same `PerCpu` unchecked (on
+//! another CPU, after a migration; on the same slot, the wait finds the thread's own
+//! token and refuses). Written first, the word says `1` at every instruction after the
+//! commit; a handler arriving before the commit makes the search, finds no token, takes
+//! its slot, and returns with the word as it found it; the interrupted sequence aborts.
+//! The count is checked before any lock is taken, so its limit panics with no slot left
+//! locked.
+
+use core::cell::Cell;
+use core::sync::atomic::{compiler_fence, Ordering};
+
+use super::{scheme, CpuLock, ASYMMETRIC, MEMBARRIER_SCHEME};
+use crate::thread;
+
+thread_local! {
+    /// Its address is the thread's lock token; its value, the thread's `PerCpu` state
+    /// (see the module docs).
+    static HELD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// [`HELD`] values from here up are the thread's area (ready for the fast path); below
+/// it, the number of `PerCpu` slots held. No area is mapped in the first page.
+const FAST_PATH_READY: usize = 4096;
+
+/// The calling thread's lock token.
+#[inline]
+pub(super) fn token() -> usize {
+    // `| 1`: the address is at least 8-aligned, so this stays unique, and the low 32
+    // bits (which the futex compares) can never be 0.
+    HELD.with(|h| h as *const Cell<usize> as usize | 1)
+}
+
+/// The calling thread's area if it holds no `PerCpu` slot and may take `with_cpu`'s
+/// fast path: the scheme is [`Scheme::Membarrier`](super::Scheme::Membarrier) with the asymmetric fence, and the
+/// thread is registered. One thread-local load: the re-entry check, the scheme check
+/// and the area in one.
+#[inline(always)]
+pub(crate) fn percpu_fast_area() -> Option<core::ptr::NonNull<crate::abi::Rseq>> {
+    #[cfg(any(test, feature = "__test-hooks"))]
+    if crate::test_hooks::slow_paths_forced() {
+        return None;
+    }
+    let state = HELD.get();
+    if state >= FAST_PATH_READY {
+        // SAFETY: only `fast_path_state` stores such values, from a registered area.
+        Some(unsafe { core::ptr::NonNull::new_unchecked(state as *mut crate::abi::Rseq) })
+    } else {
+        None
+    }
+}
+
+/// [`HELD`]'s value for a thread that holds no `PerCpu` slot: its area when the fast
+/// path may run, else 0.
+fn fast_path_state() -> usize {
+    // Relaxed: see `fast_path_area`. A thread that reads the scheme flag before
+    // ASYMMETRIC's final value just stays on the slow paths a while longer; the waiters
+    // that rely on ASYMMETRIC read it after the scheme's `OnceLock`.
+    if MEMBARRIER_SCHEME.load(Ordering::Relaxed) && ASYMMETRIC.load(Ordering::Relaxed) {
+        if let Some(area) = thread::current_if_registered() {
+            let area = area.as_ptr() as usize;
+            if area >= FAST_PATH_READY {
+                return area;
+            }
+        }
+    }
+    0
+}
+
+/// Sets up `with_cpu`'s fast path for the calling thread if it holds no `PerCpu` slot
+/// (deciding the scheme and registering the thread first). Returns whether the fast
+/// path may now run.
+#[cfg(feature = "__bench")]
+#[cold]
+pub(crate) fn prepare_percpu_fast_path() -> bool {
+    if HELD.get() == 0 {
+        scheme();
+        thread::current();
+        HELD.set(fast_path_state());
+    }
+    percpu_fast_area().is_some()
+}
+
+/// The calling thread's area was unregistered (its thread is exiting): the fast path
+/// must not be set up with it again. (Should the thread hold a slot taken by the fast
+/// path meanwhile, that release sets the area back; a later fast path then finds
+/// `cpu_id` unset, since the kernel resets it at unregistration, aborts and takes the
+/// slow path, which finds the thread unregistered.)
+pub(crate) fn forget_percpu_fast_path() {
+    if HELD.get() >= FAST_PATH_READY {
+        HELD.set(0);
+    }
+}
+
+/// Panics if the calling thread holds one of `locks` (the slot locks of one
+/// `PerCpu`): asking for another would wait forever for itself (on the same slot), or
+/// deadlock with another thread doing the same on a second CPU. `method` is the public
+/// method asked, for the message.
+///
+/// A thread that holds no `PerCpu` lock at all (the usual case) pays one thread-local
+/// load and a predicted branch; one that holds some reads the lock words of `locks`,
+/// looking for its token.
+#[inline(always)]
+pub(crate) fn check_not_held<'a, I: Iterator<Item = &'a CpuLock>>(
+    locks: impl FnOnce() -> I,
+    method: &str,
+) {
+    let state = HELD.get();
+    if state != 0 && state < FAST_PATH_READY {
+        // `locks` is only called here: finding the lock words takes loads (atomic ones,
+        // which the compiler may not move) that the usual case must not pay.
+        check_not_held_nested(state, locks(), method);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn check_not_held_nested<'a>(
+    held: usize,
+    mut locks: impl Iterator<Item = &'a CpuLock>,
+    method: &str,
+) {
+    // Before the lock is taken: a panic after it would leave the slot locked for ever.
+    assert!(
+        held < FAST_PATH_READY - 1,
+        "PerCpu::{method}: a thread may hold at most {} PerCpu slots at once",
+        FAST_PATH_READY - 1
+    );
+    let me = token();
+    // Relaxed: only this thread ever stores its own token.
+    if locks.any(|l| l.word.load(Ordering::Relaxed) == me) {
+        panic!(
+            "PerCpu::{method} called by a thread that already holds a slot of the same PerCpu \
+             (nested with_cpu/lock/on_cpu/lock_cpu/for_each, or a signal handler interrupting \
+             one): it would wait for itself forever, or deadlock with another thread nesting on \
+             another CPU. Release the first slot before taking another, or use two PerCpus"
+        );
+    }
+}
+
+/// Counts a `PerCpu` slot lock the calling thread has just taken by any path but the
+/// fast one.
+#[inline]
+pub(crate) fn note_held() {
+    let state = HELD.get();
+    let held = if state >= FAST_PATH_READY {
+        1
+    } else {
+        state + 1
+    };
+    // `check_not_held`, before the lock was taken, refused a thread with no room left.
+    debug_assert!(held < FAST_PATH_READY);
+    HELD.set(held);
+}
+
+/// Notes the slot lock the calling thread is about to take by the fast path (which runs
+/// because it holds none). Noted before the sequence: between its commit and a store
+/// after it, a signal handler would find the thread holding nothing and could take a
+/// second slot of the same `PerCpu` unchecked.
+#[inline(always)]
+pub(crate) fn note_held_fast() {
+    HELD.set(1);
+    // The handler that could read the count runs on this thread: a compiler fence is
+    // all that keeps the store ahead of the sequence.
+    compiler_fence(Ordering::SeqCst);
+}
+
+/// The fast path noted by [`note_held_fast`] did not take the lock: the thread holds
+/// nothing again, with its `area`.
+#[inline(always)]
+pub(crate) fn note_fast_lock_failed(area: core::ptr::NonNull<crate::abi::Rseq>) {
+    HELD.set(area.as_ptr() as usize);
+}
+
+/// Counts a `PerCpu` slot lock the calling thread has just released, taken by any path
+/// but the fast one.
+#[inline]
+pub(crate) fn note_released() {
+    match HELD.get() {
+        1 => HELD.set(fast_path_state()),
+        held => {
+            debug_assert!(held != 0 && held < FAST_PATH_READY);
+            HELD.set(held - 1);
+        }
+    }
+}
+
+/// Notes the release of a slot lock taken by the fast path, with the `area` it ran with.
+#[inline(always)]
+pub(crate) fn note_released_fast(area: usize) {
+    // A branch, not a select: the stores then depend on nothing loaded.
+    if HELD.get() == 1 {
+        HELD.set(area);
+    } else {
+        note_released_nested();
+    }
+}
+
+/// [`note_released_fast`] while other slots are held (guards dropped out of order).
+#[cold]
+#[inline(never)]
+fn note_released_nested() {
+    HELD.set(HELD.get() - 1);
+}
