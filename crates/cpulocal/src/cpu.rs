@@ -25,6 +25,19 @@ pub(crate) fn cpu_id_start(rseq: core::ptr::NonNull<crate::abi::Rseq>) -> u32 {
     unsafe { load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) }
 }
 
+/// The `mm_cid` of the calling thread's area, if the kernel keeps it current there (the
+/// registered feature size covers it): the mm_cid a sequence should expect.
+#[inline(always)]
+pub(crate) fn mm_cid_in_area(rseq: core::ptr::NonNull<crate::abi::Rseq>) -> Option<u32> {
+    if thread::usable_size_now() >= abi::MM_CID_END {
+        // SAFETY: `rseq` comes from `thread::current`: the calling thread's live area,
+        // whose `mm_cid` the kernel fills (the usable size covers it).
+        Some(unsafe { load_u32(&raw const (*rseq.as_ptr()).mm_cid) })
+    } else {
+        None
+    }
+}
+
 /// The CPU the calling thread is running on.
 ///
 /// With rseq this is one load of `cpu_id_start`, which the kernel keeps current on every

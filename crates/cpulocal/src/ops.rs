@@ -90,7 +90,9 @@ pub unsafe fn add(v: *mut usize, count: usize, cpu: u32) -> Outcome {
 pub unsafe fn compare_store(v: *mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome {
     match thread::current() {
         // SAFETY: `rseq` is this thread's area; the rest is the caller's contract.
-        Some(rseq) => unsafe { arch::compare_store(rseq.as_ptr(), v, expect, newv, cpu) },
+        Some(rseq) => unsafe {
+            arch::compare_store::<{ arch::CPU_ID_FIELD }>(rseq.as_ptr(), v, expect, newv, cpu)
+        },
         // SAFETY: the caller's contract.
         None => unsafe { fallback::compare_store(v, expect, newv) },
     }

@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use crate::arch::Outcome;
 use crate::pool::{self, Item, Pool};
 use crate::remote::{self, CpuLock, InvalidCpu};
-use crate::{cpu, sys};
+use crate::{arch, cpu, sys};
 
 mod guard;
 pub use guard::PerCpuGuard;
@@ -33,13 +33,22 @@ pub enum Index {
     /// a lazy [`PerCpu::with_index_lazy`], a 4-thread process on a 256-CPU host
     /// populates at most 4 ranges.
     ///
-    /// An mm_cid is not a CPU, so no per-CPU fence can target it: every acquisition of
-    /// an mm_cid slot is an atomic compare-exchange (about as costly as an uncontended
-    /// mutex), and no restartable sequence ever touches such a slot, so remote
-    /// acquisitions need no fence at all. (A future sequence on mm_cid slots would need
-    /// `membarrier(PRIVATE_EXPEDITED_RSEQ)` without `FLAG_CPU` for every remote
-    /// acquisition: an IPI to every CPU running a thread of the process, microseconds
-    /// each, as in tcmalloc's virtual-CPU mode.)
+    /// The owning thread takes the slot's lock with the same restartable
+    /// compare-and-store as [`Index::Cpu`], which checks the thread's mm_cid instead of
+    /// its CPU: a thread keeps its mm_cid while it runs, and every preemption, where the
+    /// kernel may hand it another, restarts the section. Every other acquisition
+    /// ([`PerCpu::on_cpu`], [`PerCpu::lock_cpu`], [`PerCpu::for_each`], and a thread's
+    /// own slot after repeated aborts or while it waits) cannot name the CPU where that
+    /// mm_cid's sequences run, so it fences *every* CPU running a thread of the process
+    /// (`membarrier(PRIVATE_EXPEDITED_RSEQ)` without `FLAG_CPU`, as tcmalloc's
+    /// virtual-CPU mode does): an IPI to each, several microseconds that grow with the
+    /// CPUs, against one IPI for a per-CPU slot. Choose it for data reached mostly from
+    /// its own thread.
+    ///
+    /// Where the kernel does not keep `mm_cid` in the thread's area (feature size below
+    /// 28: before Linux 6.3), mm_cid slots are indexed by CPU, as
+    /// [`current_mm_cid`](crate::current_mm_cid) is; the other acquisitions still fence
+    /// every CPU.
     MmCid,
 }
 
@@ -416,38 +425,56 @@ impl<T> PerCpu<T> {
     }
 
     /// The fast path of [`lock`](PerCpu::lock) and [`with_cpu`](PerCpu::with_cpu): one
-    /// restartable compare-and-store on the slot of the CPU the thread runs on, with the
-    /// `area` of [`remote::percpu_fast_area`] (so the thread holds no slot of any
-    /// `PerCpu` and the scheme is [`Scheme::Membarrier`](remote::Scheme::Membarrier)).
-    /// `Aborted` also when this `PerCpu` has no fast path now (mm_cid slots, a lazy
-    /// `PerCpu` before its first use); `CompareFailed` when the slot is held.
+    /// restartable compare-and-store on the slot of the CPU the thread runs on (or of its
+    /// mm_cid), with the `area` of [`remote::percpu_fast_area`] (so the thread holds no
+    /// slot of any `PerCpu` and the scheme is
+    /// [`Scheme::Membarrier`](remote::Scheme::Membarrier)). `Aborted` also when this
+    /// `PerCpu` has no fast path now (a lazy `PerCpu` before its first use);
+    /// `CompareFailed` when the slot is held.
     #[inline(always)]
     fn lock_local(&self, area: NonNull<crate::abi::Rseq>) -> Outcome<(&Slot<T>, usize)> {
-        if self.index != Index::Cpu {
-            return Outcome::Aborted;
+        match self.index {
+            Index::Cpu => {
+                self.lock_local_at::<{ arch::CPU_ID_FIELD }>(area, cpu::cpu_id_start(area))
+            }
+            Index::MmCid => match cpu::mm_cid_in_area(area) {
+                Some(cid) => self.lock_local_at::<{ arch::MM_CID_FIELD }>(area, cid),
+                // No mm_cid in this process's areas: mm_cid slots are indexed by CPU, as
+                // `current_mm_cid` does for every thread.
+                None => self.lock_local_at::<{ arch::CPU_ID_FIELD }>(area, cpu::cpu_id_start(area)),
+            },
         }
+    }
+
+    /// [`lock_local`](PerCpu::lock_local) on slot `index`, which the field of the area at
+    /// `INDEX_FIELD` (`cpu_id` or `mm_cid`) must still hold when the sequence commits.
+    #[inline(always)]
+    fn lock_local_at<const INDEX_FIELD: usize>(
+        &self,
+        area: NonNull<crate::abi::Rseq>,
+        index: u32,
+    ) -> Outcome<(&Slot<T>, usize)> {
         // Acquire: as in `base_and_len`; 0 until a lazy PerCpu's first use.
         let len = self.len.load(Ordering::Acquire) as usize;
-        if len == 0 {
+        if index as usize >= len {
             return Outcome::Aborted;
         }
         // Relaxed: ordered by the load of `len` above.
         let base = self.slots.load(Ordering::Relaxed);
-        let cpu = cpu::cpu_id_start(area);
-        if cpu as usize >= len {
-            return Outcome::Aborted;
-        }
-        // SAFETY: `cpu < len`.
-        let slot = unsafe { self.slot(base, cpu as usize) };
-        match slot.lock.try_lock_local(area.as_ptr(), cpu) {
-            Outcome::Committed(()) => Outcome::Committed((slot, cpu as usize)),
+        // SAFETY: `index < len`.
+        let slot = unsafe { self.slot(base, index as usize) };
+        match slot
+            .lock
+            .try_lock_local::<INDEX_FIELD>(area.as_ptr(), index)
+        {
+            Outcome::Committed(()) => Outcome::Committed((slot, index as usize)),
             Outcome::CompareFailed => Outcome::CompareFailed,
             Outcome::Aborted => Outcome::Aborted,
         }
     }
 
     /// Every other way to lock the calling thread's slot: the re-entry check while the
-    /// thread holds a slot of some `PerCpu`, first use, mm_cid slots, the locked scheme,
+    /// thread holds a slot of some `PerCpu`, first use, the locked scheme,
     /// a held slot (waiting), repeated aborts.
     #[cold]
     #[inline(never)]
@@ -465,7 +492,7 @@ impl<T> PerCpu<T> {
                     i %= slots; // cannot happen: the kernel keeps mm_cids below the CPUs
                 }
                 // SAFETY: `i < slots`.
-                unsafe { self.slot(base, i) }.lock.lock_atomic();
+                unsafe { self.slot(base, i) }.lock.lock_mm_cid_slot();
                 i
             }
         };
@@ -535,7 +562,7 @@ impl<T> PerCpu<T> {
     /// sleeping. `cpulocal bench` runs it beside `with_cpu` to show what those cost. Not
     /// for use: nesting is not detected, and a thread asleep in another method on the
     /// same `PerCpu` would never be woken by its release. Under [`Scheme::Locked`]
-    /// (no fast path) and for mm_cid slots it is `with_cpu`.
+    /// (no fast path) it is `with_cpu`.
     ///
     /// [`Scheme::Locked`]: crate::remote::Scheme::Locked
     #[doc(hidden)]
@@ -614,7 +641,7 @@ impl<T> PerCpu<T> {
         let slot = unsafe { self.slot(base, cpu) };
         match self.index {
             Index::Cpu => slot.lock.lock_remote(cpu as u32),
-            Index::MmCid => slot.lock.lock_atomic(),
+            Index::MmCid => slot.lock.lock_mm_cid_slot(),
         }
         remote::note_held();
         Ok(self.guard(slot, cpu, 0))

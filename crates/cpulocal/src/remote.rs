@@ -292,16 +292,25 @@ impl CpuLock {
     }
 
     /// Tries to take the lock of `cpu` (whose slot this is) with one restartable
-    /// compare-and-store, from a thread that believes it runs on `cpu`.
+    /// compare-and-store, from a thread that believes it runs on `cpu`, or, with
+    /// `INDEX_FIELD` = [`arch::MM_CID_FIELD`], whose mm_cid is `cpu`.
     ///
-    /// Only under [`Scheme::Membarrier`], with the calling thread's `rseq` area.
+    /// Only under [`Scheme::Membarrier`], with the calling thread's `rseq` area, which
+    /// has the field (for mm_cid: the feature size covers it).
     #[inline(always)]
-    pub(crate) fn try_lock_local(&self, rseq: *mut crate::abi::Rseq, cpu: u32) -> Outcome {
+    pub(crate) fn try_lock_local<const INDEX_FIELD: usize>(
+        &self,
+        rseq: *mut crate::abi::Rseq,
+        cpu: u32,
+    ) -> Outcome {
         // The word is written only by sequences expecting `cpu`, by remote owners whose
         // compare-exchange is fenced by membarrier against them, and by the release.
-        // SAFETY: `rseq` is the calling thread's area (the caller's contract), and the
-        // word's writers are all excluded as above; readers use atomics.
-        let outcome = unsafe { arch::compare_store(rseq, self.word.as_ptr(), 0, token(), cpu) };
+        // SAFETY: `rseq` is the calling thread's area with the field (the caller's
+        // contract), and the word's writers are all excluded as above; readers use
+        // atomics.
+        let outcome = unsafe {
+            arch::compare_store::<INDEX_FIELD>(rseq, self.word.as_ptr(), 0, token(), cpu)
+        };
         if outcome == Outcome::Committed(()) {
             // Acquire: pairs with the Release store of the previous owner, which may
             // have run on another CPU.
@@ -312,17 +321,33 @@ impl CpuLock {
 
     /// Takes the lock from any thread, on any CPU: compare-exchange, then (under
     /// [`Scheme::Membarrier`]) the membarrier fence on `cpu` and the check that our token
-    /// survived it. Spins, then yields, while somebody else holds it.
+    /// survived it. Waits while somebody else holds it.
     pub(crate) fn lock_remote(&self, cpu: u32) {
+        self.lock_fenced(Some(cpu));
+    }
+
+    /// [`lock_remote`](CpuLock::lock_remote) for a slot indexed by mm_cid, whose
+    /// sequences may run on any CPU: the fence is [`fence_sequences_everywhere`].
+    pub(crate) fn lock_mm_cid_slot(&self) {
+        self.lock_fenced(None);
+    }
+
+    /// [`lock_remote`](CpuLock::lock_remote) on `cpu`, or on every CPU (`None`).
+    fn lock_fenced(&self, cpu: Option<u32>) {
         if scheme() != Scheme::Membarrier {
             return self.lock_atomic();
         }
         let me = token();
+        let slot_cpu = cpu.map(|c| c as usize);
         loop {
-            self.acquire_word(me, Some(cpu as usize));
-            // Restart every sequence in flight on `cpu`: any that read the word as free
-            // before our exchange either committed already or never will.
-            if let Err(refused) = fence_sequences_on(cpu) {
+            self.acquire_word(me, slot_cpu);
+            // Restart every sequence in flight on `cpu` (on every CPU): any that read the
+            // word as free before our exchange either committed already or never will.
+            let fenced = match cpu {
+                Some(cpu) => fence_sequences_on(cpu),
+                None => fence_sequences_everywhere(),
+            };
+            if let Err(refused) = fenced {
                 // Without the fence we cannot exclude `cpu`'s sequences. Our token (or a
                 // local owner's, which overwrote it) is in the word: give it back before
                 // unwinding, so the slot stays usable for every other thread.
@@ -342,12 +367,12 @@ impl CpuLock {
             }
             // A local compare-and-store committed before the fence: that thread owns the
             // lock now (it overwrote our token). Wait for its release, then try again.
-            self.wait_while_held(Some(cpu as usize));
+            self.wait_while_held(slot_cpu);
         }
     }
 
     /// Takes the lock with a compare-exchange alone: for slots that no sequence ever
-    /// locks (mm_cid-indexed slots, [`Scheme::Locked`]).
+    /// locks ([`Scheme::Locked`]).
     pub(crate) fn lock_atomic(&self) {
         // Decided before any lock is taken: releases and waits read ASYMMETRIC.
         scheme();
@@ -386,7 +411,7 @@ impl CpuLock {
     pub(crate) fn lock_current<'a>(slots: usize, lock_of: impl Fn(usize) -> &'a CpuLock) -> usize {
         let local = on_current_cpu(slots, |rseq, cpu| {
             let lock = lock_of(cpu as usize);
-            match lock.try_lock_local(rseq, cpu) {
+            match lock.try_lock_local::<{ arch::CPU_ID_FIELD }>(rseq, cpu) {
                 Outcome::Committed(()) => Attempt::Done(cpu as usize),
                 Outcome::CompareFailed => {
                     lock.refuse_own_token(token());
@@ -550,20 +575,44 @@ fn refuse_own_token_panic() -> ! {
 /// exclusion, and unwinding with the word held would wedge the slot process-wide.
 pub(crate) fn fence_sequences_on(cpu: u32) -> Result<(), FenceRefused> {
     let per_cpu = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, mb::CMD_FLAG_CPU, cpu as i32);
-    if let Err(first) = per_cpu {
-        if let Err(second) = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0) {
-            return Err(FenceRefused { cpu, first, second });
-        }
+    match per_cpu {
+        Ok(_) => Ok(()),
+        Err(first) => fence_sequences_everywhere().map_err(|refused| FenceRefused {
+            cpu: Some(cpu),
+            first: Some(first),
+            ..refused
+        }),
     }
-    Ok(())
+}
+
+/// `membarrier(PRIVATE_EXPEDITED_RSEQ)` on every CPU that runs a thread of the process:
+/// the fence for slots indexed by mm_cid, whose sequences may run on any CPU. An IPI to
+/// each of those CPUs (microseconds, growing with them), against one for
+/// [`fence_sequences_on`].
+///
+/// # Errors
+///
+/// As for [`fence_sequences_on`].
+pub(crate) fn fence_sequences_everywhere() -> Result<(), FenceRefused> {
+    match sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0) {
+        Ok(_) => Ok(()),
+        Err(second) => Err(FenceRefused {
+            cpu: None,
+            first: None,
+            second,
+        }),
+    }
 }
 
 /// The kernel refused the membarrier fence to this thread after the process registered
 /// for it.
 #[derive(Debug)]
 pub(crate) struct FenceRefused {
-    cpu: u32,
-    first: Errno,
+    /// The CPU fenced, or `None` for every CPU (mm_cid slots).
+    cpu: Option<u32>,
+    /// The error of the per-CPU form, if it was tried.
+    first: Option<Errno>,
+    /// The error of the all-CPU form.
     second: Errno,
 }
 
@@ -572,11 +621,19 @@ impl FenceRefused {
     #[cold]
     fn panic(self) -> ! {
         let FenceRefused { cpu, first, second } = self;
+        let whose = match cpu {
+            Some(cpu) => format!("CPU {cpu}'s"),
+            None => "the mm_cid slots'".to_string(),
+        };
+        let tried = match first {
+            Some(first) => format!("{first:?} on one CPU, then {second:?}"),
+            None => format!("{second:?}"),
+        };
         panic!(
-            "membarrier(PRIVATE_EXPEDITED_RSEQ) failed ({first:?} on CPU {cpu}, then {second:?}) \
-             after registration (a seccomp filter on this thread?): this thread cannot exclude \
-             CPU {cpu}'s restartable sequences, so it cannot operate on another CPU's data; \
-             the lock was released and nothing was changed"
+            "membarrier(PRIVATE_EXPEDITED_RSEQ) failed ({tried}) after registration (a seccomp \
+             filter on this thread?): this thread cannot exclude {whose} restartable sequences, \
+             so it cannot operate on another CPU's data; the lock was released and nothing was \
+             changed"
         );
     }
 }

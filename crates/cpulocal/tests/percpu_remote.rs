@@ -264,6 +264,35 @@ fn per_cpu_by_mm_cid_total_is_exact_with_remote_updates_and_readers() {
     assert_exact(&run(Index::MmCid, 8, Duration::from_millis(1500)));
 }
 
+/// The test above with cpulocal's own registration instead of glibc's: where the kernel
+/// keeps `mm_cid` in the area (Linux 6.3+), `with_cpu` on mm_cid slots commits with a
+/// sequence that checks the mm_cid, and `on_cpu`/`for_each` fence every CPU.
+#[test]
+fn per_cpu_by_mm_cid_is_exact_with_mm_cid_sequences() {
+    let _serial = serial();
+    let name = "per_cpu_by_mm_cid_is_exact_with_mm_cid_sequences";
+    common::in_child(name, &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")], || {
+        let cpulocal::Mechanism::Rseq { usable_size, .. } = cpulocal::mechanism() else {
+            println!("skipped: no rseq ({})", cpulocal::mechanism());
+            return;
+        };
+        if usable_size < 28 {
+            println!("skipped: the kernel keeps no mm_cid (usable size {usable_size})");
+            return;
+        }
+        let report = run(Index::MmCid, 8, Duration::from_millis(1500));
+        assert_exact(&report);
+        if cpulocal::remote_scheme() == Scheme::Membarrier {
+            if let Some(aborts) = report.kernel_aborts {
+                assert!(
+                    aborts > 0,
+                    "no sequence was aborted: the windows were not hit"
+                );
+            }
+        }
+    });
+}
+
 #[test]
 fn per_cpu_is_exact_with_the_locked_scheme() {
     let _serial = serial();

@@ -46,6 +46,13 @@ pub(crate) use none::*;
 #[cfg(test)]
 mod tests;
 
+/// The field a sequence checks to know the thread is still where it started, as its
+/// byte offset in `struct rseq`: `cpu_id`, for per-CPU slots.
+pub(crate) const CPU_ID_FIELD: usize = core::mem::offset_of!(crate::abi::Rseq, cpu_id);
+/// `mm_cid`, for slots indexed by mm_cid: a thread keeps its mm_cid while it runs, and
+/// every preemption (where the kernel may give it another) aborts the section.
+pub(crate) const MM_CID_FIELD: usize = core::mem::offset_of!(crate::abi::Rseq, mm_cid);
+
 /// Called on the kernel's abort path only (label `6`, reached when the kernel restarted
 /// a sequence): test builds count these so stress runs can show the abort path ran.
 /// Sequences that find themselves on the wrong CPU, or a guard held, leave through the

@@ -26,7 +26,6 @@ macro_rules! unreachable_primitive {
 
 unreachable_primitive! {
     add(v: *mut usize, count: usize, cpu: u32) -> Outcome;
-    compare_store(v: *mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome;
     pop(v: *mut usize, expect_not: usize, offset: isize, cpu: u32) -> Outcome<usize>;
     compare_try_store_release(v: *mut usize, expect: usize, v2: *mut usize, newv2: usize, newv: usize, cpu: u32) -> Outcome;
     compare_store_guarded(guard: *const usize, v: *mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome;
@@ -40,6 +39,18 @@ unreachable_primitive! {
 #[cfg(any(test, feature = "__test-hooks"))]
 unreachable_primitive! {
     slab_pop_without_restart(guard: *const usize, hdr: *mut usize, cpu: u32) -> Outcome<usize>;
+}
+
+/// Never called: without sequences no thread holds a registered area.
+#[allow(clippy::missing_safety_doc)]
+pub(crate) unsafe fn compare_store<const INDEX_FIELD: usize>(
+    _rseq: *mut Rseq,
+    _v: *mut usize,
+    _expect: usize,
+    _newv: usize,
+    _cpu: u32,
+) -> Outcome {
+    Outcome::Aborted
 }
 
 /// Never called: without sequences no thread holds a registered area.

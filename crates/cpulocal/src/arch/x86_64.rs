@@ -34,16 +34,23 @@ macro_rules! rseq_descriptor {
 }
 
 /// Arms `rseq->rseq_cs` with the descriptor `3`, opens the section (label `4`) and
-/// checks that the thread is still on `{cpu}`.
+/// checks that the thread is still on `{cpu}`: that `rseq->cpu_id` (byte 4) still
+/// holds it, or, given a field's byte offset (`"{index_field}"`, a `const` operand),
+/// that this field does (`mm_cid`, for slots indexed by mm_cid).
 ///
 /// Operands used: `{rseq}`, `{cpu}`, `{tmp}`, `{moved}` (the Rust label for "not on `{cpu}`").
 macro_rules! rseq_arm_and_check_cpu {
     () => {
+        rseq_arm_and_check_cpu!("4")
+    };
+    ($field:literal) => {
         concat!(
             "leaq 3b(%rip), {tmp}\n",
             "movq {tmp}, 8({rseq})\n",
             "4:\n",
-            "cmpl {cpu:e}, 4({rseq})\n",
+            "cmpl {cpu:e}, ",
+            $field,
+            "({rseq})\n",
             "jnz {moved}\n",
             rseq_test_delay!(),
         )
@@ -51,12 +58,16 @@ macro_rules! rseq_arm_and_check_cpu {
 }
 
 /// Opens a critical section `[4, 5)` with abort label `6`: emits its descriptor, arms
-/// `rseq->rseq_cs`, and checks that the thread is still on `{cpu}`.
+/// `rseq->rseq_cs`, and checks that the thread is still on `{cpu}` (or, given a field,
+/// as in [`rseq_arm_and_check_cpu!`]).
 ///
 /// Operands used: `{rseq}`, `{cpu}`, `{tmp}`, `{moved}` (the Rust label for "not on `{cpu}`").
 macro_rules! rseq_start {
     () => {
         concat!(rseq_descriptor!(), rseq_arm_and_check_cpu!())
+    };
+    ($field:literal) => {
+        concat!(rseq_descriptor!(), rseq_arm_and_check_cpu!($field))
     };
 }
 
@@ -185,19 +196,23 @@ pub(crate) unsafe fn add(rseq: *mut Rseq, v: *mut usize, count: usize, cpu: u32)
     Outcome::Committed(())
 }
 
-/// `if *v == expect { *v = newv }` on `cpu`.
+/// `if *v == expect { *v = newv }` on `cpu`: on the CPU numbered `cpu`, or, with
+/// `INDEX_FIELD` = [`MM_CID_FIELD`](super::MM_CID_FIELD), while the thread's mm_cid is
+/// `cpu` (the field the kernel keeps current that the section checks, as a byte offset
+/// in `struct rseq`).
 ///
 /// ```text
-/// if rseq->cpu_id != cpu: abort
+/// if rseq->cpu_id (or ->mm_cid) != cpu: abort
 /// if *v != expect: compare failed
 /// *v = newv                         commit
 /// ```
 ///
 /// # Safety
 ///
-/// As for [`add`].
+/// As for [`add`], and: the thread's area has the field at `INDEX_FIELD`, kept current
+/// by the kernel (for `mm_cid`: the registered feature size covers it).
 #[inline(always)]
-pub(crate) unsafe fn compare_store(
+pub(crate) unsafe fn compare_store<const INDEX_FIELD: usize>(
     rseq: *mut Rseq,
     v: *mut usize,
     expect: usize,
@@ -207,7 +222,7 @@ pub(crate) unsafe fn compare_store(
     // SAFETY: as in `add`; the compare jumps out of the section before any store.
     unsafe {
         asm!(
-            rseq_start!(),
+            rseq_start!("{index_field}"),
             "cmpq {expect}, ({v})",
             "jnz {fail}",
             "movq {newv}, ({v})",
@@ -218,6 +233,7 @@ pub(crate) unsafe fn compare_store(
             expect = in(reg) expect,
             newv = in(reg) newv,
             tmp = out(reg) _,
+            index_field = const INDEX_FIELD,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
             moved = label { return Outcome::Aborted; },

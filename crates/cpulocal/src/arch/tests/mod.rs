@@ -52,7 +52,7 @@ fn add_without_restart(area: &mut Rseq, v: &mut usize, count: usize, cpu: u32) -
 fn compare_store(area: &mut Rseq, v: &mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome {
     let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add`.
-    unsafe { arch::compare_store(area, v, expect, newv, cpu) }
+    unsafe { arch::compare_store::<{ arch::CPU_ID_FIELD }>(area, v, expect, newv, cpu) }
 }
 
 fn compare_try_store_release(
@@ -256,6 +256,22 @@ fn compare_store_on_another_cpu_aborts_and_stores_nothing() {
         Outcome::Aborted
     );
     assert_eq!(v, 10);
+}
+
+/// The mm_cid variant checks `mm_cid` (5 in the fake area), not `cpu_id`.
+#[test]
+fn compare_store_by_mm_cid_checks_the_mm_cid_not_the_cpu() {
+    let by_mm_cid = |a: &mut Rseq, v: &mut usize, cid: u32| {
+        let _delay = crate::tests::delay_shared();
+        // SAFETY: as in `add`; the fake area has an mm_cid.
+        unsafe { arch::compare_store::<{ arch::MM_CID_FIELD }>(a, v, 10, 11, cid) }
+    };
+    let mut a = area(CPU);
+    let mut v = 10;
+    assert_eq!(by_mm_cid(&mut a, &mut v, CPU), Outcome::Aborted);
+    assert_eq!(v, 10);
+    assert_eq!(by_mm_cid(&mut a, &mut v, 5), Outcome::Committed(()));
+    assert_eq!(v, 11);
 }
 
 // pop
