@@ -73,6 +73,7 @@ mod stack;
 pub use config::{Amount, Config, Sleep, HAS_TEST_HOOKS, MAX_THREADS, NEEDS_TEST_HOOKS};
 pub use counter::CounterCheck;
 pub use lock::LockCheck;
+pub use part::Faults;
 pub use registry::{structure_help, Structure};
 pub use report::{header, Report};
 pub use ring::RingCheck;

@@ -211,9 +211,9 @@ fn check(config: &Config, shared: &Shared, tallies: &[Tally], facts: Facts) -> R
         }
     }
     let sections = Sections(entries);
-    let lost = sections.present().map(|s| s.lost).sum();
-    let duplicated = sections.present().map(|s| s.duplicated).sum();
-    let corrupt = sections.present().map(|s| s.corrupt).sum();
+    let lost = sections.present().map(|s| s.faults.lost).sum();
+    let duplicated = sections.present().map(|s| s.faults.duplicated).sum();
+    let corrupt = sections.present().map(|s| s.faults.corrupt).sum();
     let slow_path = sections.present().find_map(|s| s.slow_path);
     Report {
         structure: config.structure.name(),
