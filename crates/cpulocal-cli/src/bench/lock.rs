@@ -7,6 +7,7 @@
 //! check adds the slots up.
 
 use std::hint::black_box;
+use std::marker::PhantomData;
 use std::sync::Mutex;
 
 use cpulocal::{CachePadded, PerCpu};
@@ -27,44 +28,62 @@ pub(crate) const GROUP: GroupDef = GroupDef {
     untimed: None,
 };
 
-/// `PerCpu::with_cpu` adding 1 to the calling thread's slot.
-struct WithCpu {
+/// A `PerCpu` slot lock adding 1 to the calling thread's slot, `L` the way it takes
+/// the lock ([`Checked`] or [`Baseline`]): a zero-sized type, so that each row's
+/// measured loop calls its lock method directly, inlined as if written out.
+struct WithCpu<L> {
     slots: PerCpu<u64>,
+    lock: PhantomData<fn() -> L>,
 }
 
-impl Subject for WithCpu {
-    #[inline(never)]
-    fn work(&self, ops: u64) {
-        for _ in 0..ops {
-            self.slots.with_cpu(|v| *v += black_box(1));
+impl<L> WithCpu<L> {
+    fn new() -> Self {
+        WithCpu {
+            slots: PerCpu::new(|_| 0),
+            lock: PhantomData,
         }
     }
+}
 
-    fn reset(&mut self, _threads: usize, _ops: u64) {
-        self.slots.iter_mut().for_each(|v| *v = 0);
-    }
+/// How a [`WithCpu`] row takes its slot's lock.
+trait SlotLock {
+    /// What the row's check calls the sum it checks.
+    const SUM: &'static str;
+    /// `f` on the calling thread's slot, under its lock.
+    fn with(slots: &PerCpu<u64>, f: impl FnOnce(&mut u64));
+}
 
-    fn check(&mut self, expected: u64) -> Result<(), String> {
-        sum_check(
-            "the sum of the PerCpu slots",
-            percpu_sum(&self.slots),
-            expected,
-        )
+/// `PerCpu::with_cpu`.
+struct Checked;
+
+impl SlotLock for Checked {
+    const SUM: &'static str = "the sum of the PerCpu slots";
+
+    #[inline(always)]
+    fn with(slots: &PerCpu<u64>, f: impl FnOnce(&mut u64)) {
+        slots.with_cpu(f);
     }
 }
 
-/// The same lock sequence as [`WithCpu`] without the re-entry check and without the
+/// The same lock sequence as [`Checked`] without the re-entry check and without the
 /// parking bookkeeping (`PerCpu::with_cpu_bench_baseline`, behind cpulocal's internal
 /// `__bench` feature): what issue 8's checks are measured against, in the same run.
-struct WithCpuBaseline {
-    slots: PerCpu<u64>,
+struct Baseline;
+
+impl SlotLock for Baseline {
+    const SUM: &'static str = "the sum of the baseline's PerCpu slots";
+
+    #[inline(always)]
+    fn with(slots: &PerCpu<u64>, f: impl FnOnce(&mut u64)) {
+        slots.with_cpu_bench_baseline(f);
+    }
 }
 
-impl Subject for WithCpuBaseline {
+impl<L: SlotLock> Subject for WithCpu<L> {
     #[inline(never)]
     fn work(&self, ops: u64) {
         for _ in 0..ops {
-            self.slots.with_cpu_bench_baseline(|v| *v += black_box(1));
+            L::with(&self.slots, |v| *v += black_box(1));
         }
     }
 
@@ -73,11 +92,7 @@ impl Subject for WithCpuBaseline {
     }
 
     fn check(&mut self, expected: u64) -> Result<(), String> {
-        sum_check(
-            "the sum of the baseline's PerCpu slots",
-            percpu_sum(&self.slots),
-            expected,
-        )
+        sum_check(L::SUM, percpu_sum(&self.slots), expected)
     }
 }
 
@@ -141,18 +156,8 @@ impl Subject for PerCpuMutex {
 
 fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
     vec![
-        Row::cpulocal(
-            "PerCpu::with_cpu",
-            WithCpu {
-                slots: PerCpu::new(|_| 0),
-            },
-        ),
-        Row::new(
-            "with_cpu unchecked",
-            WithCpuBaseline {
-                slots: PerCpu::new(|_| 0),
-            },
-        ),
+        Row::cpulocal("PerCpu::with_cpu", WithCpu::<Checked>::new()),
+        Row::new("with_cpu unchecked", WithCpu::<Baseline>::new()),
         Row::new("global_mutex", Locked::default()),
         Row::new("parking_lot_mutex", ParkingLotMutex::default()),
         Row::new(

@@ -10,7 +10,7 @@ use cpulocal::Counter;
 use serde::Serialize;
 
 use super::harness::{hooks, Rng, Shared};
-use super::part::{Check, Entry, ErasedPart, Part, PartDef, StructureDef, Turn};
+use super::part::{Check, Entry, ErasedPart, Faults, Part, PartDef, StructureDef, Turn};
 
 /// `--structure counter`.
 pub(super) const STRUCTURE: StructureDef = StructureDef {
@@ -78,11 +78,12 @@ impl fmt::Display for CounterCheck {
 }
 
 impl Check for CounterCheck {
-    fn lost(&self) -> u64 {
-        self.lost
-    }
-    fn duplicated(&self) -> u64 {
-        self.duplicated
+    fn faults(&self) -> Faults {
+        Faults {
+            corrupt: 0,
+            lost: self.lost,
+            duplicated: self.duplicated,
+        }
     }
     fn slow_path(&self) -> Option<u64> {
         self.slow_path
@@ -109,11 +110,8 @@ impl fmt::Display for SignalCounterCheck {
 }
 
 impl Check for SignalCounterCheck {
-    fn lost(&self) -> u64 {
-        self.0.lost
-    }
-    fn duplicated(&self) -> u64 {
-        self.0.duplicated
+    fn faults(&self) -> Faults {
+        self.0.faults()
     }
     fn slow_path(&self) -> Option<u64> {
         self.0.slow_path

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use cpulocal::{sys, Counter};
 
 use super::part::{ErasedPart, PartDef, Turn};
+use super::registry::registered_parts;
 use super::{Amount, Config};
 
 /// The signal of `--signals`.
@@ -232,7 +233,7 @@ impl Shared {
             let named = |p: &&PartDef| p.name == def.name;
             structure.parts.iter().any(named) || structure.remote.iter().any(named)
         };
-        let parts: Vec<(&'static PartDef, Box<dyn ErasedPart>)> = super::registered_parts()
+        let parts: Vec<(&'static PartDef, Box<dyn ErasedPart>)> = registered_parts()
             .into_iter()
             .filter(|def| uses(def))
             .map(|def| (def, (def.new)(config)))

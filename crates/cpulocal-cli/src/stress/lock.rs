@@ -9,7 +9,7 @@ use cpulocal::PerCpu;
 use serde::Serialize;
 
 use super::harness::{Rng, Shared};
-use super::part::{Check, Entry, ErasedPart, Part, PartDef, StructureDef, Turn};
+use super::part::{Check, Entry, ErasedPart, Faults, Part, PartDef, StructureDef, Turn};
 
 /// `--structure lock`.
 pub(super) const STRUCTURE: StructureDef = StructureDef {
@@ -74,11 +74,12 @@ impl fmt::Display for LockCheck {
 }
 
 impl Check for LockCheck {
-    fn lost(&self) -> u64 {
-        self.lost
-    }
-    fn duplicated(&self) -> u64 {
-        self.duplicated
+    fn faults(&self) -> Faults {
+        Faults {
+            corrupt: 0,
+            lost: self.lost,
+            duplicated: self.duplicated,
+        }
     }
 }
 

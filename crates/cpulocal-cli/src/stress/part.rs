@@ -141,18 +141,23 @@ impl<P: Part> ErasedPart for P {
 
 /// What a part's check reports: its JSON object, its line of text and its verdict.
 pub(super) trait Check: Serialize + fmt::Display {
-    /// Updates, items or records lost.
-    fn lost(&self) -> u64;
-    /// Ones counted, held or read more than once.
-    fn duplicated(&self) -> u64;
-    /// Values that are not what any thread wrote.
-    fn corrupt(&self) -> u64 {
-        0
-    }
+    /// What the check found wrong.
+    fn faults(&self) -> Faults;
     /// Adds that went through `Counter`'s slow path, for a part checking a `Counter`.
     fn slow_path(&self) -> Option<u64> {
         None
     }
+}
+
+/// The verdict of a check, the last keys of its JSON object (`#[serde(flatten)]`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Faults {
+    /// Values that are not what any thread wrote.
+    pub corrupt: u64,
+    /// Updates, items or records lost.
+    pub lost: u64,
+    /// Ones counted, held or read more than once.
+    pub duplicated: u64,
 }
 
 /// A check as the report keeps it.
@@ -160,9 +165,7 @@ pub(super) trait Check: Serialize + fmt::Display {
 pub(super) struct Section {
     json: Box<RawValue>,
     text: String,
-    pub(super) lost: u64,
-    pub(super) duplicated: u64,
-    pub(super) corrupt: u64,
+    pub(super) faults: Faults,
     pub(super) slow_path: Option<u64>,
 }
 
@@ -181,9 +184,7 @@ impl Entry {
             section: check.map(|c| Section {
                 json: serde_json::value::to_raw_value(c).expect("a check serialises"),
                 text: c.to_string(),
-                lost: c.lost(),
-                duplicated: c.duplicated(),
-                corrupt: c.corrupt(),
+                faults: c.faults(),
                 slow_path: c.slow_path(),
             }),
         }

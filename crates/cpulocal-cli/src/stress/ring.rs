@@ -13,7 +13,7 @@ use cpulocal::ring::{Mode, ReserveError, RingBuffer, RingConfig};
 use serde::Serialize;
 
 use super::harness::{Rng, Shared};
-use super::part::{Check, Entry, ErasedPart, Part, PartDef, StructureDef, Turn};
+use super::part::{Check, Entry, ErasedPart, Faults, Part, PartDef, StructureDef, Turn};
 
 /// `--structure ring`.
 pub(super) const STRUCTURE: StructureDef = StructureDef {
@@ -59,12 +59,12 @@ pub struct RingCheck {
     pub abandoned: u64,
     /// Flushes by the consumer and the remote thread.
     pub flushes: u64,
-    /// Records whose length, filler or checksum is wrong, or that no writer wrote.
-    pub corrupt: u64,
-    /// Committed records never read, and refusals missing from `discarded`.
-    pub lost: u64,
-    /// Records read more than once, and `discarded` beyond the refusals.
-    pub duplicated: u64,
+    /// `corrupt`: records whose length, filler or checksum is wrong, or that no writer
+    /// wrote; `lost`: committed records never read, and refusals missing from
+    /// `discarded`; `duplicated`: records read more than once, and `discarded` beyond
+    /// the refusals.
+    #[serde(flatten)]
+    pub faults: Faults,
 }
 
 /// The ring part's ring: small, so that it fills under load and refusals are checked.
@@ -201,14 +201,8 @@ impl fmt::Display for RingCheck {
 }
 
 impl Check for RingCheck {
-    fn lost(&self) -> u64 {
-        self.lost
-    }
-    fn duplicated(&self) -> u64 {
-        self.duplicated
-    }
-    fn corrupt(&self) -> u64 {
-        self.corrupt
+    fn faults(&self) -> Faults {
+        self.faults
     }
 }
 
@@ -326,9 +320,11 @@ impl Part for RingPart {
             overwritten: stats.overwritten,
             abandoned: stats.abandoned,
             flushes: seen.flushes + sum(&|t| t.flushes),
-            corrupt: seen.corrupt + stats.overwritten + stats.abandoned,
-            duplicated: seen.duplicated,
-            ..RingCheck::default()
+            faults: Faults {
+                corrupt: seen.corrupt + stats.overwritten + stats.abandoned,
+                lost: 0,
+                duplicated: seen.duplicated,
+            },
         };
         let mut committed = vec![0u64; seen.bits.len()];
         for t in tallies {
@@ -340,12 +336,12 @@ impl Part for RingPart {
         }
         for (w, &c) in committed.iter().enumerate() {
             let (missing, phantom) = seen.missing_and_phantom(w, c);
-            r.lost += missing;
-            r.corrupt += phantom;
+            r.faults.lost += missing;
+            r.faults.corrupt += phantom;
         }
         // `discarded` is a Counter too: it must match the refusals exactly.
-        r.lost += r.refused.saturating_sub(r.discarded);
-        r.duplicated += r.discarded.saturating_sub(r.refused);
+        r.faults.lost += r.refused.saturating_sub(r.discarded);
+        r.faults.duplicated += r.discarded.saturating_sub(r.refused);
         vec![Entry::new("ring", Some(&r))]
     }
 }

@@ -10,7 +10,7 @@ use cpulocal::{Node, NodeList, Stack};
 use serde::Serialize;
 
 use super::harness::{hooks, Rng, Shared};
-use super::part::{Check, Entry, ErasedPart, Part, PartDef, StructureDef, Turn};
+use super::part::{Check, Entry, ErasedPart, Faults, Part, PartDef, StructureDef, Turn};
 
 /// `--structure stack`.
 pub(super) const STRUCTURE: StructureDef = StructureDef {
@@ -73,12 +73,10 @@ pub struct StackCheck {
     pub found_twice: u64,
     /// Ids never found at the end.
     pub missing: u64,
-    /// Values that are no node id.
-    pub corrupt: u64,
-    /// `missing`.
-    pub lost: u64,
+    /// `corrupt`: values that are no node id; `lost`: `missing`; `duplicated`:
     /// `held_twice + found_twice`.
-    pub duplicated: u64,
+    #[serde(flatten)]
+    pub faults: Faults,
 }
 
 impl fmt::Display for StackCheck {
@@ -103,14 +101,8 @@ impl fmt::Display for StackCheck {
 }
 
 impl Check for StackCheck {
-    fn lost(&self) -> u64 {
-        self.lost
-    }
-    fn duplicated(&self) -> u64 {
-        self.duplicated
-    }
-    fn corrupt(&self) -> u64 {
-        self.corrupt
+    fn faults(&self) -> Faults {
+        self.faults
     }
 }
 
@@ -211,8 +203,8 @@ impl Part for StackPart {
             s.held_twice += t.held_twice;
         }
         drain_stack(&self.stack, self.nodes, &mut s);
-        s.lost = s.missing;
-        s.duplicated = s.held_twice + s.found_twice;
+        s.faults.lost = s.missing;
+        s.faults.duplicated = s.held_twice + s.found_twice;
         vec![Entry::new("stack", Some(&s))]
     }
 }
@@ -283,7 +275,7 @@ fn drain_stack(stack: &Stack<Item>, nodes: usize, s: &mut StackCheck) {
         while let Some(node) = list.next() {
             match times.get_mut(node.id) {
                 None => {
-                    s.corrupt += 1;
+                    s.faults.corrupt += 1;
                     core::mem::forget(node);
                     core::mem::forget(list);
                     break;
@@ -304,7 +296,7 @@ fn drain_stack(stack: &Stack<Item>, nodes: usize, s: &mut StackCheck) {
     }
     s.found = kept.len() as u64;
     s.missing = times.iter().filter(|&&n| n == 0).count() as u64;
-    if s.found_twice + s.held_twice + s.corrupt + s.missing > 0 {
+    if s.found_twice + s.held_twice + s.faults.corrupt + s.missing > 0 {
         kept.into_iter().for_each(core::mem::forget);
     }
 }
