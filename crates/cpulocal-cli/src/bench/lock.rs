@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::marker::PhantomData;
 use std::sync::Mutex;
 
-use cpulocal::{CachePadded, PerCpu};
+use cpulocal::{CachePadded, Index, PerCpu};
 
 use super::counter::{Locked, TlsAdd};
 use super::harness::{per_cpu_slots, sum_check, GroupDef, Row, Shape, Subject, TargetSpec};
@@ -37,9 +37,9 @@ struct WithCpu<L> {
 }
 
 impl<L> WithCpu<L> {
-    fn new() -> Self {
+    fn new(index: Index) -> Self {
         WithCpu {
-            slots: PerCpu::new(|_| 0),
+            slots: PerCpu::with_index(index, |_| 0),
             lock: PhantomData,
         }
     }
@@ -156,8 +156,9 @@ impl Subject for PerCpuMutex {
 
 fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
     vec![
-        Row::cpulocal("PerCpu::with_cpu", WithCpu::<Checked>::new()),
-        Row::new("with_cpu unchecked", WithCpu::<Baseline>::new()),
+        Row::cpulocal("PerCpu::with_cpu", WithCpu::<Checked>::new(Index::Cpu)),
+        Row::new("with_cpu unchecked", WithCpu::<Baseline>::new(Index::Cpu)),
+        Row::new("with_cpu (mm_cid)", WithCpu::<Checked>::new(Index::MmCid)),
         Row::new("global_mutex", Locked::default()),
         Row::new("parking_lot_mutex", ParkingLotMutex::default()),
         Row::new(
@@ -171,7 +172,7 @@ fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
 }
 
 /// What each row name stands for, for the legend under the table.
-const LEGEND: [(&str, &str); 6] = [
+const LEGEND: [(&str, &str); 7] = [
     (
         "tls_add",
         "const thread_local! Cell<u64> increment (the floor of the counter group)",
@@ -179,6 +180,10 @@ const LEGEND: [(&str, &str); 6] = [
     (
         "PerCpu::with_cpu",
         "cpulocal::PerCpu<u64>::with_cpu(|v| *v += 1)",
+    ),
+    (
+        "with_cpu (mm_cid)",
+        "the same on a PerCpu indexed by mm_cid (a sequence that checks the mm_cid)",
     ),
     (
         "with_cpu unchecked",

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use cpulocal::remote::Scheme;
-use cpulocal::{Node, PerCpu, Stack};
+use cpulocal::{Index, Node, PerCpu, Stack};
 
 use super::harness::{sum_check, GroupDef, Row, Subject, TargetSpec};
 use super::lock::percpu_sum;
@@ -190,12 +190,18 @@ fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
                 slots: PerCpu::new(|_| 0),
             },
         ),
+        Row::new(
+            "on_cpu (mm_cid)",
+            OnCpu {
+                slots: PerCpu::with_index(Index::MmCid, |_| 0),
+            },
+        ),
         Row::new("Stack::steal", Steal::default()),
     ]
 }
 
 /// What each row name stands for, for the legend under the table.
-const LEGEND: [(&str, &str); 3] = [
+const LEGEND: [(&str, &str); 4] = [
     (
         "Stack::push+pop",
         "cpulocal::Stack push then pop of a node (an empty pop steals from another CPU)",
@@ -203,6 +209,10 @@ const LEGEND: [(&str, &str); 3] = [
     (
         "PerCpu::on_cpu",
         "cpulocal::PerCpu<u64>::on_cpu(another CPU, |v| *v += 1), round-robin",
+    ),
+    (
+        "on_cpu (mm_cid)",
+        "the same on a PerCpu indexed by mm_cid: its fence restarts every CPU's sequences",
     ),
     (
         "Stack::steal",
