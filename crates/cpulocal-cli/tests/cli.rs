@@ -152,14 +152,16 @@ fn lock_group_compares_with_cpu_with_global_and_per_cpu_mutexes() {
     row(&rows, "tls_add");
     // The same lock sequence without the re-entry check and the parking (issue 8).
     assert_eq!(row(&rows, "with_cpu unchecked")["cpulocal"], false);
-    assert_eq!(rows.len(), 6);
+    // The same on a PerCpu indexed by mm_cid.
+    assert_eq!(row(&rows, "with_cpu (mm_cid)")["cpulocal"], false);
+    assert_eq!(rows.len(), 7);
 }
 
 #[test]
 fn remote_group_reports_on_cpu_and_steal_with_the_scheme() {
     let rows = quick_json_rows_of("remote");
     assert_eq!(row(&rows, "Stack::push+pop")["ratio_to_cpulocal"], 1.0);
-    for name in ["PerCpu::on_cpu", "Stack::steal"] {
+    for name in ["PerCpu::on_cpu", "on_cpu (mm_cid)", "Stack::steal"] {
         let r = row(&rows, name);
         let note = r["note"].as_str().unwrap_or_else(|| panic!("{r}"));
         assert!(note.starts_with("scheme: "), "{r}");
