@@ -146,12 +146,15 @@ fn a_configuration_over_rlimit_as_is_refused_with_that_reason() {
             };
             // SAFETY: `limit` is a live rlimit; lowering our own soft limit is allowed.
             assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+            // About 32 GiB in all (at least 2 GiB per CPU), whatever the number of
+            // possible CPUs up to 512: over the rlimit, under the 2^40 stated limit.
+            let sub_buffers = (32 / cpulocal::possible_cpus()).next_power_of_two().max(2);
             let big = RingConfig {
                 sub_buffer_size: 1 << 30,
-                sub_buffers: 32,
+                sub_buffers,
                 ..RingConfig::default()
             };
-            let err = RingBuffer::new(big).expect_err("32 GiB per CPU over a 16 GiB RLIMIT_AS");
+            let err = RingBuffer::new(big).expect_err("32 GiB over a 16 GiB RLIMIT_AS");
             assert_eq!(
                 err,
                 ConfigError::OverAddressSpaceLimit {
