@@ -1,5 +1,6 @@
-//! The per-CPU memory pool: where [`Counter`](crate::Counter) and
-//! [`PerCpu`](crate::PerCpu) keep their per-CPU items, packed, with no padding per item.
+//! The per-CPU memory pool: where [`Counter`](crate::Counter), [`PerCpu`](crate::PerCpu)
+//! and [`Stack`](crate::Stack) keep their per-CPU items, packed, with no padding per
+//! item.
 //!
 //! # Layout
 //!

@@ -7,11 +7,13 @@ use core::ops::{Deref, DerefMut};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
+use core::alloc::Layout;
+
 use crate::abi::Rseq;
 use crate::arch::{self, Outcome};
-use crate::cache_padded::CachePadded;
+use crate::pool::{self, Item, Pool};
 use crate::remote::{self, Attempt, CpuLock, InvalidCpu};
-use crate::sys;
+use crate::{sys, Index};
 
 /// An element of a [`Stack`]: a `T` with the link the stack threads through it.
 ///
@@ -74,7 +76,9 @@ const NEXT_OFFSET: isize = offset_of!(Node<()>, next) as isize;
 const _: () = assert!(NEXT_OFFSET == 0);
 
 /// One CPU's list: the lock word and the head share a cache line, so the guard check
-/// costs no second line.
+/// costs no second line. One [`Item`] of the per-CPU pool: 24 bytes per CPU, packed
+/// with other items of that CPU, never sharing a line with another CPU's (a padded
+/// slot took 128).
 #[repr(C)]
 struct Slot {
     /// The CPU's lock word: the guard every sequence on this list checks.
@@ -83,12 +87,12 @@ struct Slot {
     head: AtomicUsize,
 }
 
-/// `slots[c]` is `c << SLOT_SHIFT` bytes past `slots[0]`; the sequences compute it from
-/// the CPU number they read.
-const SLOT_SHIFT: u32 = 7;
+const SLOT: Layout = Layout::new::<Slot>();
+/// CPU `c`'s slot is `c << SLOT_SHIFT` bytes past CPU 0's (the pool's stride); the
+/// sequences compute it from the CPU number they read.
+const SLOT_SHIFT: u32 = pool::shift_for(SLOT);
 const GUARD_OFFSET: i32 = offset_of!(Slot, lock) as i32;
 const HEAD_OFFSET: i32 = offset_of!(Slot, head) as i32;
-const _: () = assert!(core::mem::size_of::<CachePadded<Slot>>() == 1 << SLOT_SHIFT);
 const _: () = assert!(
     HEAD_OFFSET - GUARD_OFFSET < 64,
     "guard and head share a line"
@@ -132,7 +136,10 @@ const _: () = assert!(
 /// assert_eq!(got, [1, 2]);
 /// ```
 pub struct Stack<T> {
-    slots: Box<[CachePadded<Slot>]>,
+    /// The lists: a [`Slot`] per possible CPU, zeroed (empty and unlocked) by the pool.
+    slots: Item,
+    /// The possible CPUs: the slots.
+    len: usize,
     _owns: PhantomData<Box<Node<T>>>,
 }
 
@@ -146,21 +153,24 @@ impl<T> Stack<T> {
     /// Empty lists, one per possible CPU.
     pub fn new() -> Self {
         Stack {
-            slots: (0..sys::possible_cpus())
-                .map(|_| {
-                    CachePadded::new(Slot {
-                        lock: CpuLock::new(),
-                        head: AtomicUsize::new(0),
-                    })
-                })
-                .collect(),
+            // A zeroed slot is an empty list with its lock free (both words 0).
+            slots: Pool::for_index(Index::Cpu).alloc(SLOT),
+            len: sys::possible_cpus(),
             _owns: PhantomData,
         }
     }
 
     /// The number of lists (the possible CPUs): every CPU number below it is valid.
     pub fn slots(&self) -> usize {
-        self.slots.len()
+        self.len
+    }
+
+    /// CPU `cpu`'s list.
+    #[inline(always)]
+    fn slot_at(&self, cpu: usize) -> Option<&Slot> {
+        // SAFETY: the pool item holds a `Slot` for each of the `len` CPUs, zeroed (a
+        // valid `Slot`: atomics) and alive as long as `self`.
+        (cpu < self.len).then(|| unsafe { &*self.slots.at(cpu).cast::<Slot>() })
     }
 
     /// Pushes `value` onto the calling thread's CPU's list, in a node allocated for it.
@@ -243,7 +253,7 @@ impl<T> Stack<T> {
             arch::push_guarded_on_current_cpu::<SLOT_SHIFT, GUARD_OFFSET, HEAD_OFFSET>(
                 rseq,
                 self.base(),
-                self.slots.len(),
+                self.len,
                 node.cast(),
             )
         }
@@ -256,7 +266,7 @@ impl<T> Stack<T> {
         static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
         // SAFETY: `rseq` is the calling thread's live area.
         let cpu = unsafe { crate::cpu::load_u32(&raw const (*rseq).cpu_id_start) };
-        let Some(slot) = self.slots.get(cpu as usize) else {
+        let Some(slot) = self.slot_at(cpu as usize) else {
             return Outcome::Aborted;
         };
         let head = slot.head.load(Ordering::Relaxed);
@@ -278,11 +288,11 @@ impl<T> Stack<T> {
     #[cold]
     #[inline(never)]
     fn push_retry(&self, node: *mut Node<T>) {
-        let pushed = remote::on_current_cpu(self.slots.len(), |rseq, cpu| {
+        let pushed = remote::on_current_cpu(self.len, |rseq, cpu| {
             match self.try_push(rseq, node) {
                 Outcome::Committed(()) => Attempt::Done(()),
                 Outcome::CompareFailed => Attempt::Retry, // the head moved under us
-                Outcome::Aborted => self.slots[cpu as usize].lock.aborted(),
+                Outcome::Aborted => self.own_slot(cpu as usize).lock.aborted(),
             }
         });
         if pushed.is_none() {
@@ -298,8 +308,8 @@ impl<T> Stack<T> {
     /// leaking it.
     #[cold]
     fn push_locked(&self, node: Box<Node<T>>) {
-        let index = CpuLock::lock_current(self.slots.len(), |i| &self.slots[i].lock);
-        let slot = &self.slots[index];
+        let index = CpuLock::lock_current(self.len, |i| &self.own_slot(i).lock);
+        let slot = self.own_slot(index);
         // SAFETY: the node is ours (from the box); we hold the slot's lock, so the list
         // is ours.
         unsafe { link(slot, Box::into_raw(node)) };
@@ -340,7 +350,7 @@ impl<T> Stack<T> {
                 GUARD_OFFSET,
                 HEAD_OFFSET,
                 { NEXT_OFFSET as i32 },
-            >(rseq, self.base(), self.slots.len())
+            >(rseq, self.base(), self.len)
         };
         match outcome {
             Outcome::Committed(head) => Outcome::Committed(head as *mut Node<T>),
@@ -356,7 +366,7 @@ impl<T> Stack<T> {
         static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
         // SAFETY: `rseq` is the calling thread's live area.
         let cpu = unsafe { crate::cpu::load_u32(&raw const (*rseq).cpu_id_start) };
-        let Some(slot) = self.slots.get(cpu as usize) else {
+        let Some(slot) = self.slot_at(cpu as usize) else {
             return Outcome::Aborted;
         };
         // SAFETY: as in `try_pop`, but for the guard, which is broken on purpose.
@@ -380,12 +390,11 @@ impl<T> Stack<T> {
     #[cold]
     #[inline(never)]
     fn pop_retry(&self) -> Option<Box<Node<T>>> {
-        let popped =
-            remote::on_current_cpu(self.slots.len(), |rseq, cpu| match self.try_pop(rseq) {
-                Outcome::Committed(node) => Attempt::Done(node),
-                Outcome::CompareFailed => Attempt::Done(core::ptr::null_mut()),
-                Outcome::Aborted => self.slots[cpu as usize].lock.aborted(),
-            });
+        let popped = remote::on_current_cpu(self.len, |rseq, cpu| match self.try_pop(rseq) {
+            Outcome::Committed(node) => Attempt::Done(node),
+            Outcome::CompareFailed => Attempt::Done(core::ptr::null_mut()),
+            Outcome::Aborted => self.own_slot(cpu as usize).lock.aborted(),
+        });
         match popped {
             // SAFETY: the node left the list in the commit: it is ours, and it came from
             // `Box::into_raw` in `push`.
@@ -396,8 +405,8 @@ impl<T> Stack<T> {
 
     #[cold]
     fn pop_locked(&self) -> Option<Box<Node<T>>> {
-        let index = CpuLock::lock_current(self.slots.len(), |i| &self.slots[i].lock);
-        let slot = &self.slots[index];
+        let index = CpuLock::lock_current(self.len, |i| &self.own_slot(i).lock);
+        let slot = self.own_slot(index);
         // SAFETY: we hold the slot's lock.
         let node = unsafe { unlink(slot) };
         slot.lock.unlock();
@@ -407,7 +416,14 @@ impl<T> Stack<T> {
     /// The first slot, which the sequences index from.
     #[inline(always)]
     fn base(&self) -> *mut u8 {
-        self.slots.as_ptr().cast_mut().cast()
+        self.slots.base().as_ptr()
+    }
+
+    /// Slot `index`, below [`slots`](Stack::slots) (a CPU the calling code read from the
+    /// kernel or got from `lock_current`).
+    #[inline]
+    fn own_slot(&self, index: usize) -> &Slot {
+        self.slot_at(index).expect("a CPU below the possible CPUs")
     }
 
     /// Pops the most recently pushed node of CPU `cpu`'s list, from any thread.
@@ -426,8 +442,8 @@ impl<T> Stack<T> {
 
     /// Detaches the calling thread's CPU's whole list.
     pub fn pop_all(&self) -> NodeList<T> {
-        let index = CpuLock::lock_current(self.slots.len(), |i| &self.slots[i].lock);
-        let slot = &self.slots[index];
+        let index = CpuLock::lock_current(self.len, |i| &self.own_slot(i).lock);
+        let slot = self.own_slot(index);
         // Relaxed: we hold the lock; it orders the list's nodes.
         let head = slot.head.swap(0, Ordering::Relaxed);
         slot.lock.unlock();
@@ -450,10 +466,22 @@ impl<T> Stack<T> {
     }
 
     fn slot(&self, cpu: usize) -> Result<&Slot, InvalidCpu> {
-        self.slots.get(cpu).map(|s| &**s).ok_or(InvalidCpu {
+        self.slot_at(cpu).ok_or(InvalidCpu {
             cpu,
-            slots: self.slots.len(),
+            slots: self.len,
         })
+    }
+}
+
+/// What the pool's tests check of a stack's layout.
+#[cfg(test)]
+pub(crate) mod tests_api {
+    /// The bytes of one CPU's list.
+    pub(crate) const SLOT_BYTES: usize = core::mem::size_of::<super::Slot>();
+
+    /// The address of CPU `cpu`'s list.
+    pub(crate) fn slot_address<T>(stack: &super::Stack<T>, cpu: usize) -> usize {
+        stack.slots.at(cpu) as usize
     }
 }
 
@@ -498,18 +526,21 @@ impl<T> Default for Stack<T> {
 
 impl<T> Drop for Stack<T> {
     fn drop(&mut self) {
-        for slot in self.slots.iter_mut() {
-            drop(NodeList::<T>::from_head(core::mem::take(
-                slot.head.get_mut(),
-            )));
+        for cpu in 0..self.len {
+            // Relaxed: `&mut self`: no other thread uses the stack any more.
+            let head = self.own_slot(cpu).head.swap(0, Ordering::Relaxed);
+            drop(NodeList::<T>::from_head(head));
         }
+        // SAFETY: from `alloc` of this pool with `SLOT`, freed once (here), and nothing
+        // uses it any more (`&mut self`, the lists emptied).
+        unsafe { Pool::for_index(Index::Cpu).free(self.slots, SLOT) };
     }
 }
 
 impl<T> fmt::Debug for Stack<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Stack")
-            .field("cpus", &self.slots.len())
+            .field("cpus", &self.len)
             .finish_non_exhaustive()
     }
 }
