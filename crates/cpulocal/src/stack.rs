@@ -473,18 +473,6 @@ impl<T> Stack<T> {
     }
 }
 
-/// What the pool's tests check of a stack's layout.
-#[cfg(test)]
-pub(crate) mod tests_api {
-    /// The bytes of one CPU's list.
-    pub(crate) const SLOT_BYTES: usize = core::mem::size_of::<super::Slot>();
-
-    /// The address of CPU `cpu`'s list.
-    pub(crate) fn slot_address<T>(stack: &super::Stack<T>, cpu: usize) -> usize {
-        stack.slots.at(cpu) as usize
-    }
-}
-
 /// Pushes `node` on `slot`'s list.
 ///
 /// # Safety
@@ -594,5 +582,17 @@ impl<T> fmt::Debug for NodeList<T> {
         f.debug_struct("NodeList")
             .field("empty", &self.head.is_null())
             .finish()
+    }
+}
+
+/// What the pool's tests check of a stack's layout.
+#[cfg(test)]
+pub(crate) mod tests_api {
+    /// The bytes of one CPU's list.
+    pub(crate) const SLOT_BYTES: usize = core::mem::size_of::<super::Slot>();
+
+    /// The address of CPU `cpu`'s list.
+    pub(crate) fn slot_address<T>(stack: &super::Stack<T>, cpu: usize) -> usize {
+        stack.slots.at(cpu) as usize
     }
 }
