@@ -311,6 +311,14 @@ impl RingBuffer {
     /// [`flush`](RingBuffer::flush) of `cpu`'s ring, `ring`.
     fn flush_ring(&self, cpu: usize, ring: &Ring) {
         let sub = self.config.sub_buffer_size;
+        // Nothing open: no lock, no fence. An idle consumer that flushes on a timer then
+        // costs each CPU nothing (the lock's membarrier interrupts the CPU when one of
+        // the process's threads runs there). Relaxed: a reservation ordered before this
+        // call (by whatever made the caller flush now) is seen; one that races it is
+        // the next flush's, as it would be had it come just after.
+        if ring.write.load(Ordering::Relaxed) & (sub - 1) == 0 {
+            return;
+        }
         ring.lock.lock_remote(cpu as u32);
         let held = Held(&ring.lock);
         // Relaxed: we hold the lock.
