@@ -154,7 +154,9 @@ fn lock_group_compares_with_cpu_with_global_and_per_cpu_mutexes() {
     assert_eq!(row(&rows, "with_cpu unchecked")["cpulocal"], false);
     // The same on a PerCpu indexed by mm_cid.
     assert_eq!(row(&rows, "with_cpu (mm_cid)")["cpulocal"], false);
-    assert_eq!(rows.len(), 7);
+    // Parking without the re-entry check: the two costs apart.
+    assert_eq!(row(&rows, "with_cpu park only")["cpulocal"], false);
+    assert_eq!(rows.len(), 8);
 }
 
 #[test]

@@ -79,6 +79,20 @@ impl SlotLock for Baseline {
     }
 }
 
+/// The same lock sequence with the release's look for sleepers but without the re-entry
+/// bookkeeping (`PerCpu::with_cpu_bench_park_only`): between [`Baseline`] and
+/// [`Checked`], it splits what parking and the re-entry check each cost.
+struct ParkOnly;
+
+impl SlotLock for ParkOnly {
+    const SUM: &'static str = "the sum of the park-only row's PerCpu slots";
+
+    #[inline(always)]
+    fn with(slots: &PerCpu<u64>, f: impl FnOnce(&mut u64)) {
+        slots.with_cpu_bench_park_only(f);
+    }
+}
+
 impl<L: SlotLock> Subject for WithCpu<L> {
     #[inline(never)]
     fn work(&self, ops: u64) {
@@ -158,6 +172,7 @@ fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
     vec![
         Row::cpulocal("PerCpu::with_cpu", WithCpu::<Checked>::new(Index::Cpu)),
         Row::new("with_cpu unchecked", WithCpu::<Baseline>::new(Index::Cpu)),
+        Row::new("with_cpu park only", WithCpu::<ParkOnly>::new(Index::Cpu)),
         Row::new("with_cpu (mm_cid)", WithCpu::<Checked>::new(Index::MmCid)),
         Row::new("global_mutex", Locked::default()),
         Row::new("parking_lot_mutex", ParkingLotMutex::default()),
@@ -172,7 +187,7 @@ fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
 }
 
 /// What each row name stands for, for the legend under the table.
-const LEGEND: [(&str, &str); 7] = [
+const LEGEND: [(&str, &str); 8] = [
     (
         "tls_add",
         "const thread_local! Cell<u64> increment (the floor of the counter group)",
@@ -184,6 +199,10 @@ const LEGEND: [(&str, &str); 7] = [
     (
         "with_cpu (mm_cid)",
         "the same on a PerCpu indexed by mm_cid (a sequence that checks the mm_cid)",
+    ),
+    (
+        "with_cpu park only",
+        "with_cpu's lock sequence and release (the look for sleepers) without the re-entry check",
     ),
     (
         "with_cpu unchecked",
@@ -201,7 +220,7 @@ const LEGEND: [(&str, &str); 7] = [
 ];
 
 /// The targets on this group's rows.
-const TARGETS: [TargetSpec; 3] = [
+const TARGETS: [TargetSpec; 4] = [
     TargetSpec {
         target: "PerCpu::with_cpu at least 2x faster than a global Mutex",
         threads: 2,
@@ -216,6 +235,14 @@ const TARGETS: [TargetSpec; 3] = [
         numerator: "PerCpu::with_cpu",
         denominator: "tls_add",
         bound: 2.5,
+        at_most: true,
+    },
+    TargetSpec {
+        target: "PerCpu::with_cpu's re-entry check costs nothing measurable",
+        threads: 1,
+        numerator: "PerCpu::with_cpu",
+        denominator: "with_cpu park only",
+        bound: 1.03,
         at_most: true,
     },
     TargetSpec {
