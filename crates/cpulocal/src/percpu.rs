@@ -15,6 +15,8 @@ use crate::pool::{self, Item, Pool};
 use crate::remote::{self, CpuLock, InvalidCpu};
 use crate::{arch, cpu, sys};
 
+#[cfg(feature = "__bench")]
+mod bench;
 mod guard;
 pub use guard::PerCpuGuard;
 
@@ -553,100 +555,6 @@ impl<T> PerCpu<T> {
     pub fn with_cpu<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         let mut guard = self.lock_current("with_cpu");
         f(&mut guard)
-    }
-
-    /// Bench only (feature `__bench`, enabled by `cpulocal-cli`): the lock sequence of
-    /// [`with_cpu`](PerCpu::with_cpu) *without* the re-entry check and *without* the
-    /// parking bookkeeping: nothing is counted or checked per thread, the release is a
-    /// bare store that never looks for sleepers, and a waiter yields instead of
-    /// sleeping. `cpulocal bench` runs it beside `with_cpu` to show what those cost. Not
-    /// for use: nesting is not detected, and a thread asleep in another method on the
-    /// same `PerCpu` would never be woken by its release. Under [`Scheme::Locked`]
-    /// (no fast path) it is `with_cpu`.
-    ///
-    /// [`Scheme::Locked`]: crate::remote::Scheme::Locked
-    #[doc(hidden)]
-    #[cfg(feature = "__bench")]
-    #[inline]
-    pub fn with_cpu_bench_baseline<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        /// Releases with a bare store, also when `f` panics.
-        struct Release<'a>(&'a CpuLock);
-        impl Drop for Release<'_> {
-            #[inline(always)]
-            fn drop(&mut self) {
-                self.0.unlock_without_parking();
-            }
-        }
-        let mut aborts = 0;
-        let (slot, _) = loop {
-            // The area as `with_cpu` gets it (one thread-local load), but nothing stored.
-            let Some(area) = remote::percpu_fast_area() else {
-                if remote::prepare_percpu_fast_path() {
-                    continue;
-                }
-                return self.with_cpu(f);
-            };
-            match self.lock_local(area) {
-                Outcome::Committed(taken) => break taken,
-                // Held: yield (never sleep: this method's releases wake nobody) and retry.
-                Outcome::CompareFailed => std::thread::yield_now(),
-                Outcome::Aborted => {
-                    aborts += 1;
-                    if aborts == remote::MAX_ABORTS {
-                        return self.with_cpu(f);
-                    }
-                }
-            }
-        };
-        let _release = Release(&slot.lock);
-        self.ensure_ready(slot);
-        // SAFETY: we hold the slot's lock and it is ready.
-        f(unsafe { (*slot.value.get()).assume_init_mut() })
-    }
-
-    /// Bench only (feature `__bench`): [`with_cpu`](PerCpu::with_cpu)'s lock sequence and
-    /// its release with the look for sleepers, *without* the re-entry bookkeeping (the
-    /// thread's held-slot word is read for the area, never written). Beside
-    /// [`with_cpu_bench_baseline`](PerCpu::with_cpu_bench_baseline) and `with_cpu`, it
-    /// splits what the two additions cost: parking (baseline to this) and the re-entry
-    /// check (this to `with_cpu`). A held slot or repeated aborts go to `with_cpu`. Not
-    /// for use: nesting is not detected.
-    #[doc(hidden)]
-    #[cfg(feature = "__bench")]
-    #[inline]
-    pub fn with_cpu_bench_park_only<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        /// Releases as `with_cpu`'s fast path does (waking sleepers), also when `f`
-        /// panics.
-        struct Release<'a>(&'a CpuLock);
-        impl Drop for Release<'_> {
-            #[inline(always)]
-            fn drop(&mut self) {
-                self.0.unlock_asymmetric();
-            }
-        }
-        let mut aborts = 0;
-        let (slot, _) = loop {
-            let Some(area) = remote::percpu_fast_area() else {
-                if remote::prepare_percpu_fast_path() {
-                    continue;
-                }
-                return self.with_cpu(f);
-            };
-            match self.lock_local(area) {
-                Outcome::Committed(taken) => break taken,
-                Outcome::CompareFailed => return self.with_cpu(f),
-                Outcome::Aborted => {
-                    aborts += 1;
-                    if aborts == remote::MAX_ABORTS {
-                        return self.with_cpu(f);
-                    }
-                }
-            }
-        };
-        let _release = Release(&slot.lock);
-        self.ensure_ready(slot);
-        // SAFETY: we hold the slot's lock and it is ready.
-        f(unsafe { (*slot.value.get()).assume_init_mut() })
     }
 
     /// Locks slot `cpu` from any thread, without changing the caller's affinity, and

@@ -193,9 +193,11 @@ fn nesting_is_detected_after_guards_dropped_out_of_order() {
 }
 
 /// The `PerCpu` of [`a_handler_right_after_a_fast_lock_is_refused_another_slot`].
+#[cfg(feature = "__test-hooks")]
 static WINDOW: PerCpu<u64> = PerCpu::new_lazy(|| 0);
 /// What the handler there saw: `None` until it ran, then the panic's message, or
 /// "no panic" if it got a second slot.
+#[cfg(feature = "__test-hooks")]
 static WINDOW_SEEN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// A signal handler that arrives right after `with_cpu`'s fast path committed its lock
@@ -203,7 +205,9 @@ static WINDOW_SEEN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(Non
 /// be refused like any nested request: two threads doing so on two CPUs would wait for
 /// each other forever. (The same slot is refused by the wait, which finds the thread's
 /// own token.) The test hook runs the "handler" at exactly that instruction.
+/// (Needs the test hooks: `--features __test-hooks`, which CI's test run enables.)
 #[test]
+#[cfg(feature = "__test-hooks")]
 fn a_handler_right_after_a_fast_lock_is_refused_another_slot() {
     let _serial = serial();
     within_10s("a handler right after a fast lock", || {

@@ -39,7 +39,7 @@
 use core::cell::Cell;
 use core::sync::atomic::{compiler_fence, Ordering};
 
-use super::{scheme, CpuLock, ASYMMETRIC, MEMBARRIER_SCHEME};
+use super::{CpuLock, ASYMMETRIC, MEMBARRIER_SCHEME};
 use crate::thread;
 
 thread_local! {
@@ -103,7 +103,7 @@ fn fast_path_state() -> usize {
 #[cold]
 pub(crate) fn prepare_percpu_fast_path() -> bool {
     if HELD.get() == 0 {
-        scheme();
+        super::scheme();
         thread::current();
         HELD.set(fast_path_state());
     }
