@@ -574,6 +574,8 @@ fn refuse_own_token_panic() -> ! {
 /// back and then call [`FenceRefused::panic`]: continuing would silently break mutual
 /// exclusion, and unwinding with the word held would wedge the slot process-wide.
 pub(crate) fn fence_sequences_on(cpu: u32) -> Result<(), FenceRefused> {
+    #[cfg(any(test, feature = "__test-hooks"))]
+    crate::test_hooks::note_fence();
     let per_cpu = sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, mb::CMD_FLAG_CPU, cpu as i32);
     match per_cpu {
         Ok(_) => Ok(()),
@@ -594,6 +596,8 @@ pub(crate) fn fence_sequences_on(cpu: u32) -> Result<(), FenceRefused> {
 ///
 /// As for [`fence_sequences_on`].
 pub(crate) fn fence_sequences_everywhere() -> Result<(), FenceRefused> {
+    #[cfg(any(test, feature = "__test-hooks"))]
+    crate::test_hooks::note_fence();
     match sys::membarrier(mb::CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0) {
         Ok(_) => Ok(()),
         Err(second) => Err(FenceRefused {

@@ -154,3 +154,23 @@ pub(crate) fn fast_lock_taken() {
         f();
     }
 }
+
+/// `membarrier` fences cpulocal has issued to restart other CPUs' sequences.
+static FENCES: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn note_fence() {
+    // Relaxed: a statistic.
+    FENCES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many fences against other CPUs' sequences (`membarrier(PRIVATE_EXPEDITED_RSEQ)`,
+/// one CPU or all) this process has issued, so that tests can show which operations
+/// interrupt other CPUs and which do not.
+///
+/// ```
+/// let before = cpulocal::test_hooks::fences();
+/// assert!(cpulocal::test_hooks::fences() >= before);
+/// ```
+pub fn fences() -> u64 {
+    FENCES.load(Ordering::Relaxed)
+}
