@@ -102,14 +102,10 @@ pub fn current_node() -> u32 {
 /// ```
 #[inline]
 pub fn current_mm_cid() -> usize {
-    if let Some(rseq) = thread::current() {
-        if thread::usable_size_now() >= abi::MM_CID_END {
-            // SAFETY: `rseq` is the calling thread's live area, and the kernel fills
-            // `mm_cid` (the usable size covers it).
-            return unsafe { load_u32(&raw const (*rseq.as_ptr()).mm_cid) } as usize;
-        }
+    match thread::current().and_then(mm_cid_in_area) {
+        Some(cid) => cid as usize,
+        None => current_cpu(),
     }
-    current_cpu()
 }
 
 /// The number of CPU ids the kernel may ever report (highest possible CPU + 1): the
