@@ -17,11 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use cpulocal::remote::Scheme;
-use cpulocal::{Index, Node, PerCpu, Stack};
+use cpulocal::{Index, PerCpu, Stack};
 
 use super::harness::{sum_check, GroupDef, Row, Subject, TargetSpec};
 use super::lock::percpu_sum;
-use super::stack::{each_item_once, Container, Item, PushPop};
+use super::stack::{each_item_once, new_item, Container, Item, ItemValue, PushPop};
 
 /// The group, as [`super::Group::ALL`] lists it.
 pub(crate) const GROUP: GroupDef = GroupDef {
@@ -92,7 +92,7 @@ const STEAL_PREFILL_MAX: u64 = 1 << 18;
 /// counted.
 #[derive(Default)]
 struct Steal {
-    stack: Stack<u64>,
+    stack: Stack<ItemValue>,
     /// Nodes off the lists, between `check` and `reset`.
     spare: Mutex<Vec<Item>>,
     created: u64,
@@ -123,7 +123,7 @@ impl Subject for Steal {
         let per_cpu = (threads as u64).saturating_mul(ops).min(STEAL_PREFILL_MAX);
         let cpus = self.stack.slots();
         while (nodes.len() as u64) < per_cpu * cpus as u64 {
-            nodes.push(Node::new(self.created));
+            nodes.push(new_item(self.created));
             self.created += 1;
         }
         let stack = &self.stack;
@@ -183,7 +183,7 @@ fn on_each_cpu(cpus: usize, mut f: impl FnMut()) {
 
 fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
     vec![
-        Row::cpulocal("Stack::push+pop", PushPop::new(Stack::<u64>::new())),
+        Row::cpulocal("Stack::push+pop", PushPop::new(Stack::<ItemValue>::new())),
         Row::new(
             "PerCpu::on_cpu",
             OnCpu {
