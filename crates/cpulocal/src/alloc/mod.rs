@@ -50,8 +50,9 @@
 //!
 //! # Memory bounds
 //!
-//! Per CPU and class at most `cap` blocks (`32 KiB / class size`, between 16 and 256);
-//! per class at most 8 batches in the transfer cache. [`CpuCache::drain_cpu`] (and
+//! Per CPU and class at most `cap` blocks (`32 KiB / class size`, between 16 and 2048:
+//! so at most 32 KiB of blocks per class above 16 blocks, and about 1 MiB per CPU over the
+//! 32 classes); per class at most 8 batches in the transfer cache. [`CpuCache::drain_cpu`] (and
 //! [`CpuCache::drain_all`]) give a CPU's cached blocks back to `A` with the remote
 //! protocol of [`crate::remote`]: lock the slab (set every header's guard), fence the
 //! CPU with `membarrier(PRIVATE_EXPEDITED_RSEQ)`, move the blocks out, unlock; a
