@@ -50,34 +50,41 @@ impl RingBuffer {
         mut f: impl FnMut(usize, Option<u64>, &[u8]),
     ) {
         let pos = pos & !CLAIMED;
-        let end = pos + self.config.sub_buffer_size;
-        debug_assert!((pos..=end).contains(&from));
-        let mut at = from;
-        while at < end {
-            let p = self.at(ring, at).cast::<u64>();
+        let sub = self.config.sub_buffer_size;
+        let header_len = self.header_len();
+        debug_assert!((pos..=pos + sub).contains(&from));
+        // A sub-buffer never wraps around the ring: walk it by offset from its first
+        // byte. The loop's critical path is the header load and the three operations
+        // that give the next offset (records and padding end 8-aligned), which bounds
+        // how fast one consumer reads.
+        let first = self.at(ring, pos);
+        let mut at = from - pos;
+        while at < sub {
             // SAFETY: the sub-buffer is complete: every byte in it belongs to a committed
             // record or padding, whose writes the Acquire in `is_complete` made visible,
-            // and no reservation can cover it until `consumed` moves past it.
-            let header = unsafe { p.read() };
-            let len = (header & u64::from(u32::MAX)) as usize;
+            // and no reservation can cover it until `consumed` moves past it. `at` is
+            // 8-aligned and below `sub`.
+            let header = unsafe { first.add(at).cast::<u64>().read() };
+            let len = header as u32 as usize;
             match header >> KIND_SHIFT {
                 KIND_RECORD => {
                     let timestamp = self.config.timestamps.then(|| {
                         // SAFETY: as above; records with timestamps have one after the
                         // header.
-                        unsafe { p.add(1).read() }
+                        unsafe { first.add(at + HEADER).cast::<u64>().read() }
                     });
-                    let payload = self.at(ring, at + self.header_len());
                     // SAFETY: as above; the payload is `len` bytes inside the sub-buffer.
-                    let data = unsafe { core::slice::from_raw_parts(payload, len) };
-                    at += self.header_len() + len.next_multiple_of(8);
-                    f(at, timestamp, data);
+                    let data =
+                        unsafe { core::slice::from_raw_parts(first.add(at + header_len), len) };
+                    at = (at + header_len + len + 7) & !7;
+                    f(pos + at, timestamp, data);
                 }
+                // Padding lengths are multiples of 8.
                 KIND_PADDING => at += HEADER + len,
-                kind => unreachable!("corrupt ring: kind {kind} at position {at}"),
+                kind => unreachable!("corrupt ring: kind {kind} at position {}", pos + at),
             }
         }
-        debug_assert_eq!(at, end, "records overran their sub-buffer");
+        debug_assert_eq!(at, sub, "records overran their sub-buffer");
     }
 
     /// Reads every complete sub-buffer of CPU `cpu`'s ring, oldest first, calling `f` on

@@ -206,6 +206,9 @@ pub struct RingBuffer {
     sub_shift: u32,
     /// log2 of `capacity` (both sizes are powers of two).
     cap_shift: u32,
+    /// Payloads shorter than this may take the inline reserve: those that fit in a
+    /// sub-buffer, or none when records carry timestamps (one bound to check, not two).
+    fast_len_end: usize,
     discarded: Counter,
     overwritten: Counter,
     remote_commits: Counter,
@@ -299,6 +302,11 @@ impl RingBuffer {
             capacity,
             sub_shift: sub.trailing_zeros(),
             cap_shift: capacity.trailing_zeros(),
+            fast_len_end: if config.timestamps {
+                0
+            } else {
+                sub - HEADER + 1
+            },
             discarded: Counter::new(),
             overwritten: Counter::new(),
             remote_commits: Counter::new(),

@@ -8,7 +8,8 @@ use std::io;
 
 use super::consume::{claim, resume_point};
 use super::{
-    monotonic_ns, Held, Mode, Ring, RingBuffer, CLAIMED, HEADER, KIND_PADDING, KIND_RECORD,
+    monotonic_ns, Held, Mode, Ring, RingBuffer, SubBuffer, CLAIMED, HEADER, KIND_PADDING,
+    KIND_RECORD, KIND_SHIFT,
 };
 use crate::arch::{self, Outcome};
 use crate::remote::{self, Attempt, CpuLock};
@@ -52,6 +53,81 @@ impl RingBuffer {
     /// discarded).
     #[inline]
     pub fn reserve(&self, len: usize) -> Result<Reservation<'_>, ReserveError> {
+        // The common case inline, everything else (a sub-buffer boundary, a full ring,
+        // timestamps, an abort, the first use) out of line: the inline part is one
+        // sequence and a header store, with no loop or result plumbing to spill around.
+        match self.try_reserve_fast(len) {
+            Some(r) => Ok(r),
+            None => self.reserve_slow(len),
+        }
+    }
+
+    /// One attempt at the common reserve: a record without timestamp that fits in the
+    /// current sub-buffer, which has room; `None` for everything else, which
+    /// [`reserve_slow`](Self::reserve_slow) handles from scratch.
+    #[inline(always)]
+    fn try_reserve_fast(&self, len: usize) -> Option<Reservation<'_>> {
+        if len >= self.fast_len_end {
+            return None;
+        }
+        let sub = self.config.sub_buffer_size;
+        let rseq = remote::fast_path_area()?;
+        let cpu = crate::cpu::cpu_id_start(rseq) as usize;
+        let ring = self.rings.get(cpu)?;
+        // Cannot overflow: `len` is below a sub-buffer (2^30).
+        let size = HEADER + len.next_multiple_of(8);
+        // Relaxed: the sequence compares it again.
+        let old = ring.write.load(Ordering::Relaxed);
+        // The record fits in the sub-buffer of `old`, and that sub-buffer is free: `has_room`
+        // for a record that does not move on, shortened (the limit is sub-buffer aligned,
+        // so the sub-buffer holding `old` is free exactly when `old` is below it).
+        // Acquire: see `has_room`.
+        let limit = (ring.consumed.load(Ordering::Acquire) & !CLAIMED) + self.capacity;
+        if (old & (sub - 1)) + size > sub || old >= limit {
+            return None;
+        }
+        // Before the sequence, whose memory clobber would make the compiler load the
+        // buffer's fields again after it.
+        let record = self.at(ring, old);
+        let counts = self.sub(ring, old);
+        // SAFETY: as in `reserve_slow`.
+        let outcome = unsafe {
+            arch::compare_store_guarded(
+                rseq.as_ptr(),
+                ring.lock.guard(),
+                ring.write.as_ptr(),
+                old,
+                old + size,
+                cpu as u32,
+            )
+        };
+        if outcome != Outcome::Committed(()) {
+            return None;
+        }
+        // SAFETY: [old, old + size) was reserved by us; `old` is 8-aligned.
+        unsafe {
+            record
+                .cast::<u64>()
+                .write((KIND_RECORD << KIND_SHIFT) | len as u64)
+        };
+        Some(Reservation {
+            buffer: self,
+            // Inside the ring: the record fits in its sub-buffer.
+            payload: record.wrapping_add(HEADER),
+            counts,
+            pos: old,
+            // All four fit: a record is at most one sub-buffer (2^30 bytes).
+            cpu: cpu as u32,
+            size: size as u32,
+            len: len as u32,
+            written: 0,
+        })
+    }
+
+    /// [`reserve`](Self::reserve) in full: every case, retries and the locked path.
+    #[cold]
+    #[inline(never)]
+    fn reserve_slow(&self, len: usize) -> Result<Reservation<'_>, ReserveError> {
         if len > self.max_payload() {
             return Err(ReserveError::TooLarge {
                 len,
@@ -207,6 +283,7 @@ impl RingBuffer {
         Reservation {
             buffer: self,
             payload: self.at(ring, begin + self.header_len()),
+            counts: self.sub(ring, begin),
             pos: begin,
             // All four fit: a record is at most one sub-buffer (2^30 bytes).
             cpu: cpu as u32,
@@ -224,6 +301,41 @@ impl RingBuffer {
         if (pos + bytes) & (self.config.sub_buffer_size - 1) == 0 {
             self.sub_buffer_closed();
         }
+    }
+
+    /// The common commit: one restartable add on the ring's CPU, that does not close its
+    /// sub-buffer. False (nothing done) for everything else.
+    #[inline(always)]
+    fn try_commit_fast(&self, counts: &SubBuffer, cpu: usize, pos: usize, bytes: usize) -> bool {
+        if (pos + bytes) & (self.config.sub_buffer_size - 1) == 0 {
+            return false; // closes the sub-buffer: wake consumers (slow path)
+        }
+        let Some(rseq) = remote::fast_path_area() else {
+            return false;
+        };
+        if crate::cpu::cpu_id_start(rseq) as usize != cpu {
+            return false; // migrated since the reserve (or about to abort anyway)
+        }
+        // Release: as in `add_commit`.
+        fence(Ordering::Release);
+        // SAFETY: as in `add_commit`; `counts` are the record's sub-buffer's, in the ring
+        // of `cpu`.
+        let outcome = unsafe {
+            arch::add(
+                rseq.as_ptr(),
+                counts.commit_local.as_ptr(),
+                bytes,
+                cpu as u32,
+            )
+        };
+        outcome == Outcome::Committed(())
+    }
+
+    /// [`Reservation::commit`] when [`try_commit_fast`](Self::try_commit_fast) did not.
+    #[cold]
+    #[inline(never)]
+    fn commit_bytes_slow(&self, cpu: usize, pos: usize, bytes: usize) {
+        self.commit_bytes(cpu, pos, bytes, true);
     }
 
     /// The add of [`commit_bytes`](Self::commit_bytes).
@@ -351,6 +463,8 @@ pub struct Reservation<'a> {
     buffer: &'a RingBuffer,
     /// The payload's first byte (computed once, at the reserve).
     payload: *mut u8,
+    /// The commit counts of the record's sub-buffer (also computed at the reserve).
+    counts: &'a SubBuffer,
     pos: usize,
     cpu: u32,
     size: u32,
@@ -435,9 +549,12 @@ impl Reservation<'_> {
     /// Publishes the record.
     #[inline]
     pub fn commit(self) {
-        self.buffer
-            .commit_bytes(self.cpu as usize, self.pos, self.size as usize, true);
+        let (buffer, counts) = (self.buffer, self.counts);
+        let (cpu, pos, size) = (self.cpu as usize, self.pos, self.size as usize);
         core::mem::forget(self);
+        if !buffer.try_commit_fast(counts, cpu, pos, size) {
+            buffer.commit_bytes_slow(cpu, pos, size);
+        }
     }
 }
 
