@@ -121,6 +121,9 @@ impl RingBuffer {
             size: size as u32,
             len: len as u32,
             written: 0,
+            // The scheme allows restartable sequences (we just ran one), and the
+            // sub-buffer goes on after this record, so its commit wakes nobody.
+            inline_commit: (old & (sub - 1)) + size < sub,
         })
     }
 
@@ -290,6 +293,7 @@ impl RingBuffer {
             size: size as u32,
             len: len as u32,
             written: 0,
+            inline_commit: false,
         }
     }
 
@@ -303,35 +307,7 @@ impl RingBuffer {
         }
     }
 
-    /// The common commit: one restartable add on the ring's CPU, that does not close its
-    /// sub-buffer. False (nothing done) for everything else.
-    #[inline(always)]
-    fn try_commit_fast(&self, counts: &SubBuffer, cpu: usize, pos: usize, bytes: usize) -> bool {
-        if (pos + bytes) & (self.config.sub_buffer_size - 1) == 0 {
-            return false; // closes the sub-buffer: wake consumers (slow path)
-        }
-        let Some(rseq) = remote::fast_path_area() else {
-            return false;
-        };
-        if crate::cpu::cpu_id_start(rseq) as usize != cpu {
-            return false; // migrated since the reserve (or about to abort anyway)
-        }
-        // Release: as in `add_commit`.
-        fence(Ordering::Release);
-        // SAFETY: as in `add_commit`; `counts` are the record's sub-buffer's, in the ring
-        // of `cpu`.
-        let outcome = unsafe {
-            arch::add(
-                rseq.as_ptr(),
-                counts.commit_local.as_ptr(),
-                bytes,
-                cpu as u32,
-            )
-        };
-        outcome == Outcome::Committed(())
-    }
-
-    /// [`Reservation::commit`] when [`try_commit_fast`](Self::try_commit_fast) did not.
+    /// [`Reservation::commit`] when [`try_commit_inline`] did not.
     #[cold]
     #[inline(never)]
     fn commit_bytes_slow(&self, cpu: usize, pos: usize, bytes: usize) {
@@ -471,6 +447,9 @@ pub struct Reservation<'a> {
     len: u32,
     /// Bytes written through [`io::Write`], from the payload's start.
     written: u32,
+    /// Whether [`commit`](Reservation::commit) may try the inline add without looking
+    /// at the scheme or the sub-buffer's end: both were settled at the reserve.
+    inline_commit: bool,
 }
 
 // SAFETY: a reservation owns its bytes exclusively until it commits or drops, from
@@ -549,10 +528,10 @@ impl Reservation<'_> {
     /// Publishes the record.
     #[inline]
     pub fn commit(self) {
-        let (buffer, counts) = (self.buffer, self.counts);
+        let (buffer, counts, inline) = (self.buffer, self.counts, self.inline_commit);
         let (cpu, pos, size) = (self.cpu as usize, self.pos, self.size as usize);
         core::mem::forget(self);
-        if !buffer.try_commit_fast(counts, cpu, pos, size) {
+        if !(inline && try_commit_inline(counts, cpu, size)) {
             buffer.commit_bytes_slow(cpu, pos, size);
         }
     }
@@ -602,4 +581,30 @@ impl fmt::Debug for Reservation<'_> {
             .field("len", &self.len)
             .finish_non_exhaustive()
     }
+}
+
+/// The common commit: one restartable add to `counts.commit_local` on `cpu`, for a
+/// reservation whose [`inline_commit`](Reservation::inline_commit) is set. False
+/// (nothing done) when the thread is not on `cpu` or the add aborted.
+#[inline(always)]
+fn try_commit_inline(counts: &SubBuffer, cpu: usize, bytes: usize) -> bool {
+    let Some(rseq) = crate::thread::current_if_registered() else {
+        return false; // another thread, not registered, commits it
+    };
+    if crate::cpu::cpu_id_start(rseq) as usize != cpu {
+        return false; // migrated since the reserve (or about to abort anyway)
+    }
+    // Release: as in `add_commit`.
+    fence(Ordering::Release);
+    // SAFETY: as in `add_commit`; `counts` are the record's sub-buffer's, in the ring of
+    // `cpu`.
+    let outcome = unsafe {
+        arch::add(
+            rseq.as_ptr(),
+            counts.commit_local.as_ptr(),
+            bytes,
+            cpu as u32,
+        )
+    };
+    outcome == Outcome::Committed(())
 }
