@@ -526,6 +526,7 @@ unsafe extern "C" fn unregister_own(value: *mut libc::c_void) {
         .cast::<Rseq>();
     AREA.set(UNAVAILABLE);
     crate::remote::forget_percpu_fast_path();
+    crate::remote::forget_fast_path_area();
     // SAFETY: `area` is the area this thread registered with exactly this length and
     // signature (the length cannot change within a process).
     let _ = unsafe {
