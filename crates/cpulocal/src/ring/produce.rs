@@ -43,6 +43,18 @@ impl fmt::Display for ReserveError {
 
 impl std::error::Error for ReserveError {}
 
+/// What [`RingBuffer::reserve_slow`] returns: two words, so that they come back in
+/// registers. `cpu` is [`CPU_FULL`] or [`CPU_TOO_LARGE`] for the errors.
+struct SlowReserve {
+    pos: usize,
+    cpu: usize,
+}
+
+/// [`SlowReserve::cpu`] for [`ReserveError::Full`] (no CPU has this number).
+const CPU_FULL: usize = usize::MAX;
+/// [`SlowReserve::cpu`] for [`ReserveError::TooLarge`].
+const CPU_TOO_LARGE: usize = usize::MAX - 1;
+
 impl RingBuffer {
     /// Reserves room for a `len`-byte record in the calling thread's CPU's ring.
     ///
@@ -51,14 +63,44 @@ impl RingBuffer {
     /// [`ReserveError::TooLarge`] when no sub-buffer can hold it;
     /// [`ReserveError::Full`] when the ring is full (the record is counted as
     /// discarded).
-    #[inline]
+    #[inline(always)]
     pub fn reserve(&self, len: usize) -> Result<Reservation<'_>, ReserveError> {
         // The common case inline, everything else (a sub-buffer boundary, a full ring,
         // timestamps, an abort, the first use) out of line: the inline part is one
         // sequence and a header store, with no loop or result plumbing to spill around.
-        match self.try_reserve_fast(len) {
-            Some(r) => Ok(r),
-            None => self.reserve_slow(len),
+        if let Some(r) = self.try_reserve_fast(len) {
+            return Ok(r);
+        }
+        // The out-of-line path returns two words, in registers, and the reservation is
+        // made here: had it returned the reservation (through memory), the inline path's
+        // would go through memory too, to meet it.
+        let SlowReserve { pos, cpu } = self.reserve_slow(len);
+        match cpu {
+            CPU_FULL => Err(ReserveError::Full),
+            CPU_TOO_LARGE => Err(ReserveError::TooLarge {
+                len,
+                max: self.max_payload(),
+            }),
+            _ => Ok(self.reservation(cpu, pos, len)),
+        }
+    }
+
+    /// The reservation of the `len`-byte record at `pos` in `cpu`'s ring, whose headers
+    /// are written, made out of line: its commit takes the out-of-line path too.
+    #[inline(always)]
+    fn reservation(&self, cpu: usize, pos: usize, len: usize) -> Reservation<'_> {
+        let ring = &self.rings[cpu];
+        Reservation {
+            buffer: self,
+            payload: self.at(ring, pos + self.header_len()),
+            counts: self.sub(ring, pos),
+            pos,
+            // All four fit: a record is at most one sub-buffer (2^30 bytes).
+            cpu: cpu as u32,
+            size: (self.header_len() + len.next_multiple_of(8)) as u32,
+            len: len as u32,
+            written: 0,
+            inline_commit: false,
         }
     }
 
@@ -67,10 +109,14 @@ impl RingBuffer {
     /// [`reserve_slow`](Self::reserve_slow) handles from scratch.
     #[inline(always)]
     fn try_reserve_fast(&self, len: usize) -> Option<Reservation<'_>> {
-        if len >= self.fast_len_end {
+        let fast_len_end = self.fast_len_end;
+        if len >= fast_len_end {
             return None;
         }
-        let sub = self.config.sub_buffer_size;
+        // `sub_buffer_size`, derived from the bound just loaded rather than loaded too:
+        // the bound is `sub - HEADER + 1` whenever this point is reached.
+        let sub = fast_len_end + HEADER - 1;
+        debug_assert_eq!(sub, self.config.sub_buffer_size);
         let rseq = remote::fast_path_area()?;
         let cpu = crate::cpu::cpu_id_start(rseq) as usize;
         let ring = self.rings.get(cpu)?;
@@ -128,14 +174,16 @@ impl RingBuffer {
     }
 
     /// [`reserve`](Self::reserve) in full: every case, retries and the locked path.
+    /// Writes the record's headers and returns where it is, or the error as
+    /// [`CPU_FULL`] or [`CPU_TOO_LARGE`].
     #[cold]
     #[inline(never)]
-    fn reserve_slow(&self, len: usize) -> Result<Reservation<'_>, ReserveError> {
+    fn reserve_slow(&self, len: usize) -> SlowReserve {
         if len > self.max_payload() {
-            return Err(ReserveError::TooLarge {
-                len,
-                max: self.max_payload(),
-            });
+            return SlowReserve {
+                pos: 0,
+                cpu: CPU_TOO_LARGE,
+            };
         }
         // Cannot overflow: `len` is at most a sub-buffer (2^30).
         let size = self.header_len() + len.next_multiple_of(8);
@@ -175,19 +223,23 @@ impl RingBuffer {
         });
         match reserved {
             Some(Ok((cpu, old, begin, timestamp))) => {
-                Ok(self.reserved(cpu, old, begin, size, len, timestamp))
+                self.write_headers(cpu, old, begin, len, timestamp)
             }
-            Some(Err(full)) => {
+            Some(Err(ReserveError::Full)) => {
                 self.discarded.add(1);
-                Err(full)
+                SlowReserve {
+                    pos: 0,
+                    cpu: CPU_FULL,
+                }
             }
+            Some(Err(ReserveError::TooLarge { .. })) => unreachable!("checked above"),
             None => self.reserve_locked(size, len),
         }
     }
 
     /// The reserve without a sequence: under the CPU's lock.
     #[cold]
-    fn reserve_locked(&self, size: usize, len: usize) -> Result<Reservation<'_>, ReserveError> {
+    fn reserve_locked(&self, size: usize, len: usize) -> SlowReserve {
         loop {
             let cpu = CpuLock::lock_current(self.rings.len(), |i| &self.rings[i].lock);
             let ring = &self.rings[cpu];
@@ -200,12 +252,15 @@ impl RingBuffer {
                 let timestamp = self.config.timestamps.then(monotonic_ns);
                 ring.write.store(begin + size, Ordering::Relaxed);
                 drop(held);
-                return Ok(self.reserved(cpu, old, begin, size, len, timestamp));
+                return self.write_headers(cpu, old, begin, len, timestamp);
             }
             drop(held);
             if !self.make_room(ring) {
                 self.discarded.add(1);
-                return Err(ReserveError::Full);
+                return SlowReserve {
+                    pos: 0,
+                    cpu: CPU_FULL,
+                };
             }
         }
     }
@@ -264,16 +319,14 @@ impl RingBuffer {
     }
 
     /// Writes the headers of a fresh reservation (and of the padding before it).
-    #[inline]
-    fn reserved(
+    fn write_headers(
         &self,
         cpu: usize,
         old: usize,
         begin: usize,
-        size: usize,
         len: usize,
         timestamp: Option<u64>,
-    ) -> Reservation<'_> {
+    ) -> SlowReserve {
         let ring = &self.rings[cpu];
         if begin > old {
             // The tail of the previous sub-buffer becomes padding, committed at once.
@@ -283,18 +336,7 @@ impl RingBuffer {
         }
         // SAFETY: [begin, begin + size) was reserved by us.
         unsafe { self.write_header(ring, begin, KIND_RECORD, len, timestamp) };
-        Reservation {
-            buffer: self,
-            payload: self.at(ring, begin + self.header_len()),
-            counts: self.sub(ring, begin),
-            pos: begin,
-            // All four fit: a record is at most one sub-buffer (2^30 bytes).
-            cpu: cpu as u32,
-            size: size as u32,
-            len: len as u32,
-            written: 0,
-            inline_commit: false,
-        }
+        SlowReserve { pos: begin, cpu }
     }
 
     /// Adds `bytes` to the commit count of the sub-buffer holding `pos` in `cpu`'s ring:
