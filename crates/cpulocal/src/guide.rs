@@ -12,7 +12,7 @@
 //!
 //! | | `Counter` | `ThreadLocal<Cell<u64>>` |
 //! |---|---|---|
-//! | `add` | 2.0 / 1.7 ns | 2.2 / 1.7 ns (a `const thread_local!` cell: 1.0 / 0.8 ns) |
+//! | `add` | 0.85 / 0.87 ns | 1.25 / 1.28 ns (a `const thread_local!` cell: 0.58 / 0.62 ns) |
 //! | memory | 16 bytes per CPU that ever adds, bounded by the CPUs | one shard per thread that ever added (reused after it exits), grows with the thread count |
 //! | exact `take` (read and reset while others add) | yes: nothing lost or counted twice | no: a shard is a plain `Cell` of another thread; reading it while it adds is a race, resetting it loses adds |
 //! | from a signal handler | `add` is async-signal-safe (after the thread's first use) | the first access allocates: not signal-safe |
@@ -20,18 +20,18 @@
 //!
 //! A plain `thread_local!` cell is faster per `add` (no restartable sequence, nothing to
 //! check) and wins when one thread owns the count or the total is read only after the
-//! threads end; `ThreadLocal` shards cost about what `Counter` costs per `add`. `Counter` wins when threads are many or come and go (a pool of
+//! threads end; `ThreadLocal` shards cost more per `add` than `Counter` here. `Counter` wins when threads are many or come and go (a pool of
 //! hundreds of workers on 8 CPUs keeps 8 slots, not hundreds), when the total must be
 //! taken exactly while others add (rates exported per scrape), and in signal handlers.
-//! Both beat one shared `AtomicU64` as soon as two threads add (32 ns with 2
-//! threads here).
+//! Both beat one shared `AtomicU64` as soon as two threads add (10 ns with 2
+//! threads here, and more with more CPUs).
 //!
 //! ## [`Stack`](crate::Stack) or `crossbeam::queue::ArrayQueue`
 //!
 //! | | `Stack::push` + `pop` | `ArrayQueue::push` + `pop` |
 //! |---|---|---|
-//! | same thread pushes and pops | 3.4 / 4.4 ns | 8.0 / 22 ns |
-//! | a value pushed on one CPU, popped on another | only with `steal` / `pop_all_on`: a `membarrier` each, 260 ns or more | as above: any thread pops any value |
+//! | same thread pushes and pops | 2.5 / 2.5 ns | 9.9 / 22 ns |
+//! | a value pushed on one CPU, popped on another | only with `steal` / `pop_all_on`: a `membarrier` each, about 480 ns or more | as above: any thread pops any value |
 //! | order, bound | LIFO per CPU, unbounded (intrusive nodes) | FIFO, fixed capacity |
 //!
 //! `Stack` is for objects that are freed and reused on the same CPU (object caches,
@@ -44,16 +44,16 @@
 //!
 //! | | `PerCpu::with_cpu` | `parking_lot::Mutex` | `std::sync::Mutex` |
 //! |---|---|---|---|
-//! | lock, `+= 1`, unlock | 2.4 / 3.1 ns | 5.9 / 17 ns | 5.2 / 30 ns |
-//! | one CPU's slot from another thread (`on_cpu`) | 280 ns or more (a `membarrier`) | | |
+//! | lock, `+= 1`, unlock | 2.0 / 2.0 ns | 5.2 / 27 ns | 4.4 / 27 ns |
+//! | one CPU's slot from another thread (`on_cpu`) | 430 ns or more (a `membarrier`) | | |
 //!
 //! `PerCpu` is for state that splits per CPU and is combined rarely: histograms,
 //! per-CPU caches, statistics. Each thread touches only its CPU's slot, so threads never
 //! contend unless the scheduler preempts one inside its critical section. State that must
 //! be consistent as a whole (a map every thread looks things up in) needs one lock (or a
 //! concurrent map): reading all CPUs' slots costs one remote acquisition per CPU. With
-//! one thread alone an uncontended mutex costs about twice what `with_cpu` does here,
-//! and once threads update at the same time, 6-10 times.
+//! one thread alone an uncontended mutex costs more than twice what `with_cpu` does
+//! here, and once threads update at the same time, over 10 times.
 //!
 //! # Recipes
 //!
