@@ -152,6 +152,9 @@ pub struct PerCpu<T> {
     slots: AtomicPtr<Slot<T>>,
     /// The number of slots: 0 until `slots` is set, then stored with Release after it.
     len: AtomicU32,
+    /// `len` when the slots are indexed by CPU, else 0 (stored with it): the fast path's
+    /// bound, first-use and index-mode checks in one load and one compare.
+    cpu_len: AtomicU32,
     index: Index,
     /// Creates a lazy slot's `T` on its first use; `None` when every slot was created
     /// with the `PerCpu`.
@@ -203,6 +206,11 @@ impl<T> PerCpu<T> {
         let per_cpu = PerCpu {
             slots: AtomicPtr::new(item.base().as_ptr().cast()),
             len: AtomicU32::new(pool::ranges() as u32),
+            cpu_len: AtomicU32::new(if matches!(index, Index::Cpu) {
+                pool::ranges() as u32
+            } else {
+                0
+            }),
             index,
             init: None,
             _owns: PhantomData,
@@ -251,6 +259,7 @@ impl<T> PerCpu<T> {
         PerCpu {
             slots: AtomicPtr::new(ptr::null_mut()),
             len: AtomicU32::new(0),
+            cpu_len: AtomicU32::new(0),
             index,
             init: Some(init),
             _owns: PhantomData,
@@ -311,6 +320,10 @@ impl<T> PerCpu<T> {
         // Release: pairs with the Acquire in `base_and_len`. Every thread that uses the
         // slots stores it (the same value) before its first use.
         self.len.store(len as u32, Ordering::Release);
+        if self.index == Index::Cpu {
+            // Release: as `len`, for the fast path's Acquire in `lock_local`.
+            self.cpu_len.store(len as u32, Ordering::Release);
+        }
         (base, len)
     }
 
@@ -435,8 +448,26 @@ impl<T> PerCpu<T> {
     /// `CompareFailed` when the slot is held.
     #[inline(always)]
     fn lock_local(&self, area: NonNull<crate::abi::Rseq>) -> Outcome<(&Slot<T>, usize)> {
+        let cpu = cpu::cpu_id_start(area);
+        // Acquire: as `len` in `base_and_len`. One field for three checks: the slots are
+        // indexed by CPU, they exist (a lazy `PerCpu` after its first use), and this CPU
+        // has one.
+        if (cpu as usize) < self.cpu_len.load(Ordering::Acquire) as usize {
+            // Relaxed: ordered by the load of `cpu_len` above.
+            let base = self.slots.load(Ordering::Relaxed);
+            // SAFETY: `cpu < cpu_len`, which is `len` when non-zero.
+            let slot = unsafe { self.slot(base, cpu as usize) };
+            return match slot
+                .lock
+                .try_lock_local::<{ arch::CPU_ID_FIELD }>(area.as_ptr(), cpu)
+            {
+                Outcome::Committed(()) => Outcome::Committed((slot, cpu as usize)),
+                Outcome::CompareFailed => Outcome::CompareFailed,
+                Outcome::Aborted => Outcome::Aborted,
+            };
+        }
         if self.index == Index::Cpu {
-            return self.lock_local_at::<{ arch::CPU_ID_FIELD }>(area, cpu::cpu_id_start(area));
+            return Outcome::Aborted; // before a lazy `PerCpu`'s first use
         }
         // Laid out after the CPU-indexed path, which then runs straight through. As a
         // `match`, the compiler put this first and the usual case jumped over it:
