@@ -60,10 +60,10 @@ impl RingBuffer {
         let first = self.at(ring, pos);
         let mut at = from - pos;
         while at < sub {
-            // SAFETY: the sub-buffer is complete: every byte in it belongs to a committed
-            // record or padding, whose writes the Acquire in `is_complete` made visible,
-            // and no reservation can cover it until `consumed` moves past it. `at` is
-            // 8-aligned and below `sub`.
+            // The sub-buffer is complete: every byte in it belongs to a committed record
+            // or padding, whose writes the Acquire in `is_complete` made visible, and no
+            // reservation can cover it until `consumed` moves past it.
+            // SAFETY: as just said; `at` is 8-aligned and below `sub`.
             let header = unsafe { first.add(at).cast::<u64>().read() };
             let len = header as u32 as usize;
             match header >> KIND_SHIFT {

@@ -102,6 +102,12 @@ const HEADER: usize = 8;
 const KIND_SHIFT: u32 = 32;
 const KIND_RECORD: u64 = 1;
 const KIND_PADDING: u64 = 2;
+/// A header: `len` (a payload length, or the bytes of padding after the header) and
+/// `kind`.
+#[inline(always)]
+const fn header_word(kind: u64, len: usize) -> u64 {
+    (kind << KIND_SHIFT) | len as u64
+}
 /// The low bit of `consumed`: a consumer is reading the sub-buffer at that position.
 const CLAIMED: usize = 1;
 
@@ -374,10 +380,10 @@ impl RingBuffer {
             .as_ptr()
             .wrapping_add(self.capacity)
             .cast::<SubBuffer>();
-        // SAFETY: `subs` points to `sub_buffers` counters in the mapping (see `new`),
-        // which lives as long as `self`, 8-aligned (`capacity` is a multiple of the
-        // 64-byte minimum sub-buffer); all-zero bytes (an untouched page) are valid
-        // counters, and they are only accessed atomically.
+        // `subs` points to `sub_buffers` counters in the mapping (see `new`), which lives
+        // as long as `self`, 8-aligned (`capacity` is a multiple of the 64-byte minimum
+        // sub-buffer); all-zero bytes (an untouched page) are valid counters.
+        // SAFETY: as just said; they are only accessed atomically.
         unsafe { &*subs.add(self.sub_index(pos)) }
     }
 
@@ -389,7 +395,7 @@ impl RingBuffer {
         // SAFETY: `pos` is 8-aligned (positions advance in multiples of 8), inside the
         // ring, and owned by the caller.
         unsafe {
-            p.write((kind << KIND_SHIFT) | len as u64);
+            p.write(header_word(kind, len));
             if let Some(ts) = ts {
                 p.add(1).write(ts);
             }

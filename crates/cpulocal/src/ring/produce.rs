@@ -8,8 +8,8 @@ use std::io;
 
 use super::consume::{claim, resume_point};
 use super::{
-    monotonic_ns, Held, Mode, Ring, RingBuffer, SubBuffer, CLAIMED, HEADER, KIND_PADDING,
-    KIND_RECORD, KIND_SHIFT,
+    header_word, monotonic_ns, Held, Mode, Ring, RingBuffer, SubBuffer, CLAIMED, HEADER,
+    KIND_PADDING, KIND_RECORD,
 };
 use crate::arch::{self, Outcome};
 use crate::remote::{self, Attempt, CpuLock};
@@ -54,6 +54,17 @@ struct SlowReserve {
 const CPU_FULL: usize = usize::MAX;
 /// [`SlowReserve::cpu`] for [`ReserveError::TooLarge`].
 const CPU_TOO_LARGE: usize = usize::MAX - 1;
+
+impl SlowReserve {
+    const FULL: SlowReserve = SlowReserve {
+        pos: 0,
+        cpu: CPU_FULL,
+    };
+    const TOO_LARGE: SlowReserve = SlowReserve {
+        pos: 0,
+        cpu: CPU_TOO_LARGE,
+    };
+}
 
 impl RingBuffer {
     /// Reserves room for a `len`-byte record in the calling thread's CPU's ring.
@@ -151,11 +162,7 @@ impl RingBuffer {
             return None;
         }
         // SAFETY: [old, old + size) was reserved by us; `old` is 8-aligned.
-        unsafe {
-            record
-                .cast::<u64>()
-                .write((KIND_RECORD << KIND_SHIFT) | len as u64)
-        };
+        unsafe { record.cast::<u64>().write(header_word(KIND_RECORD, len)) };
         Some(Reservation {
             buffer: self,
             // Inside the ring: the record fits in its sub-buffer.
@@ -180,10 +187,7 @@ impl RingBuffer {
     #[inline(never)]
     fn reserve_slow(&self, len: usize) -> SlowReserve {
         if len > self.max_payload() {
-            return SlowReserve {
-                pos: 0,
-                cpu: CPU_TOO_LARGE,
-            };
+            return SlowReserve::TOO_LARGE;
         }
         // Cannot overflow: `len` is at most a sub-buffer (2^30).
         let size = self.header_len() + len.next_multiple_of(8);
@@ -227,10 +231,7 @@ impl RingBuffer {
             }
             Some(Err(ReserveError::Full)) => {
                 self.discarded.add(1);
-                SlowReserve {
-                    pos: 0,
-                    cpu: CPU_FULL,
-                }
+                SlowReserve::FULL
             }
             Some(Err(ReserveError::TooLarge { .. })) => unreachable!("checked above"),
             None => self.reserve_locked(size, len),
@@ -257,10 +258,7 @@ impl RingBuffer {
             drop(held);
             if !self.make_room(ring) {
                 self.discarded.add(1);
-                return SlowReserve {
-                    pos: 0,
-                    cpu: CPU_FULL,
-                };
+                return SlowReserve::FULL;
             }
         }
     }
