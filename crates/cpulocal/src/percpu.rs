@@ -452,19 +452,9 @@ impl<T> PerCpu<T> {
         // Acquire: as `len` in `base_and_len`. One field for three checks: the slots are
         // indexed by CPU, they exist (a lazy `PerCpu` after its first use), and this CPU
         // has one.
-        if (cpu as usize) < self.cpu_len.load(Ordering::Acquire) as usize {
-            // Relaxed: ordered by the load of `cpu_len` above.
-            let base = self.slots.load(Ordering::Relaxed);
-            // SAFETY: `cpu < cpu_len`, which is `len` when non-zero.
-            let slot = unsafe { self.slot(base, cpu as usize) };
-            return match slot
-                .lock
-                .try_lock_local::<{ arch::CPU_ID_FIELD }>(area.as_ptr(), cpu)
-            {
-                Outcome::Committed(()) => Outcome::Committed((slot, cpu as usize)),
-                Outcome::CompareFailed => Outcome::CompareFailed,
-                Outcome::Aborted => Outcome::Aborted,
-            };
+        let cpu_len = self.cpu_len.load(Ordering::Acquire) as usize;
+        if (cpu as usize) < cpu_len {
+            return self.lock_local_at::<{ arch::CPU_ID_FIELD }>(area, cpu, cpu_len);
         }
         if self.index == Index::Cpu {
             return Outcome::Aborted; // before a lazy `PerCpu`'s first use
@@ -474,28 +464,31 @@ impl<T> PerCpu<T> {
         // `with_cpu` took 1.36 / 1.87 ns at 1 / 2 threads against 1.33 / 1.50 now; mm_cid
         // slots pay for the empty call instead (1.55 ns then, 2.09 now).
         mm_cid_path();
+        // Acquire: as in `base_and_len`; 0 until a lazy PerCpu's first use.
+        let len = self.len.load(Ordering::Acquire) as usize;
         match cpu::mm_cid_in_area(area) {
-            Some(cid) => self.lock_local_at::<{ arch::MM_CID_FIELD }>(area, cid),
+            Some(cid) => self.lock_local_at::<{ arch::MM_CID_FIELD }>(area, cid, len),
             // No mm_cid in this process's areas: mm_cid slots are indexed by CPU, as
             // `current_mm_cid` does for every thread.
-            None => self.lock_local_at::<{ arch::CPU_ID_FIELD }>(area, cpu::cpu_id_start(area)),
+            None => self.lock_local_at::<{ arch::CPU_ID_FIELD }>(area, cpu, len),
         }
     }
 
     /// [`lock_local`](PerCpu::lock_local) on slot `index`, which the field of the area at
     /// `INDEX_FIELD` (`cpu_id` or `mm_cid`) must still hold when the sequence commits.
+    /// `len` is the slot count the caller loaded with Acquire (`len` or `cpu_len`): 0
+    /// until a lazy PerCpu's first use.
     #[inline(always)]
     fn lock_local_at<const INDEX_FIELD: usize>(
         &self,
         area: NonNull<crate::abi::Rseq>,
         index: u32,
+        len: usize,
     ) -> Outcome<(&Slot<T>, usize)> {
-        // Acquire: as in `base_and_len`; 0 until a lazy PerCpu's first use.
-        let len = self.len.load(Ordering::Acquire) as usize;
         if index as usize >= len {
             return Outcome::Aborted;
         }
-        // Relaxed: ordered by the load of `len` above.
+        // Relaxed: ordered by the caller's Acquire load of `len`.
         let base = self.slots.load(Ordering::Relaxed);
         // SAFETY: `index < len`.
         let slot = unsafe { self.slot(base, index as usize) };

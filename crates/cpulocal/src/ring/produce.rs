@@ -135,12 +135,10 @@ impl RingBuffer {
         let size = HEADER + len.next_multiple_of(8);
         // Relaxed: the sequence compares it again.
         let old = ring.write.load(Ordering::Relaxed);
-        // The record fits in the sub-buffer of `old`, and that sub-buffer is free: `has_room`
-        // for a record that does not move on, shortened (the limit is sub-buffer aligned,
-        // so the sub-buffer holding `old` is free exactly when `old` is below it).
-        // Acquire: see `has_room`.
-        let limit = (ring.consumed.load(Ordering::Acquire) & !CLAIMED) + self.capacity;
-        if (old & (sub - 1)) + size > sub || old >= limit {
+        // The record fits in the sub-buffer of `old` (else it moves on: out of line), and
+        // that sub-buffer is free.
+        let end_in_sub = (old & (sub - 1)) + size;
+        if end_in_sub > sub || !self.has_room(ring, old) {
             return None;
         }
         // Before the sequence, whose memory clobber would make the compiler load the
@@ -176,7 +174,7 @@ impl RingBuffer {
             written: 0,
             // The scheme allows restartable sequences (we just ran one), and the
             // sub-buffer goes on after this record, so its commit wakes nobody.
-            inline_commit: (old & (sub - 1)) + size < sub,
+            inline_commit: end_in_sub < sub,
         })
     }
 
@@ -279,11 +277,13 @@ impl RingBuffer {
     /// Whether the sub-buffer that `begin` falls in is free (consumed, or never used).
     #[inline]
     fn has_room(&self, ring: &Ring, begin: usize) -> bool {
-        let sub = self.config.sub_buffer_size;
         // Acquire: pairs with the consumer's Release when it hands a sub-buffer back,
         // so its reads of that space are over before we write to it.
         let consumed = ring.consumed.load(Ordering::Acquire) & !CLAIMED;
-        (begin & !(sub - 1)) + sub <= consumed + self.capacity
+        // The sub-buffer of `begin` ends at or before `consumed + capacity`; both are
+        // sub-buffer aligned, so that is `begin` being below it (one comparison, no
+        // rounding).
+        begin < consumed + self.capacity
     }
 
     /// In [`Mode::OverwriteOldest`], drops the oldest sub-buffer if it is complete and
