@@ -220,8 +220,7 @@ impl<T> PerCpu<T> {
             let slot = unsafe { &*per_cpu.slot_at(item.base().as_ptr().cast(), cpu) };
             // SAFETY: as above: nobody else reaches the slot.
             unsafe { (*slot.value.get()).write(init(cpu)) };
-            // Relaxed: the `PerCpu` is not shared yet; sharing it synchronises.
-            slot.lock.flag().store(true, Ordering::Relaxed);
+            slot.lock.set_flag_unshared();
         }
         per_cpu
     }
@@ -429,7 +428,14 @@ impl<T> PerCpu<T> {
             if let Outcome::Committed((slot, index)) = self.lock_local(area) {
                 #[cfg(any(test, feature = "__test-hooks"))]
                 crate::test_hooks::fast_lock_taken();
-                return self.guard(slot, index, area.as_ptr() as usize);
+                // No `ensure_ready`: the sequence took a `READY` word, whose slot has its
+                // `T` (see `lock_local`).
+                return PerCpuGuard {
+                    slot,
+                    index,
+                    fast_area: area.as_ptr() as usize,
+                    _not_send: PhantomData,
+                };
             }
             remote::note_fast_lock_failed(area);
         }
@@ -445,7 +451,9 @@ impl<T> PerCpu<T> {
     /// slot of any `PerCpu` and the scheme is
     /// [`Scheme::Membarrier`](remote::Scheme::Membarrier)). `Aborted` also when this
     /// `PerCpu` has no fast path now (a lazy `PerCpu` before its first use);
-    /// `CompareFailed` when the slot is held.
+    /// `CompareFailed` when the slot is held, or has no `T` yet: the sequence expects the
+    /// word [`READY`](remote::READY), which only a slot with its `T` is released to, so a
+    /// committed slot needs no readiness check.
     #[inline(always)]
     fn lock_local(&self, area: NonNull<crate::abi::Rseq>) -> Outcome<(&Slot<T>, usize)> {
         let cpu = cpu::cpu_id_start(area);
@@ -494,7 +502,7 @@ impl<T> PerCpu<T> {
         let slot = unsafe { self.slot(base, index as usize) };
         match slot
             .lock
-            .try_lock_local::<INDEX_FIELD>(area.as_ptr(), index)
+            .try_lock_local::<INDEX_FIELD>(area.as_ptr(), index, remote::READY)
         {
             Outcome::Committed(()) => Outcome::Committed((slot, index as usize)),
             Outcome::CompareFailed => Outcome::CompareFailed,

@@ -8,15 +8,22 @@
 //!
 //! | value | meaning |
 //! |---|---|
-//! | `0` | free: the slot's restartable fast paths may run |
-//! | a token | held by the thread whose token it is (unique among live threads) |
+//! | `0` | free: a `Stack`'s or `RingBuffer`'s fast paths may run; a `PerCpu` slot without its value yet |
+//! | `READY` (2) | free, and the owner's flag is set: a `PerCpu` slot that holds its value |
+//! | a token (odd) | held by the thread whose token it is (unique among live threads) |
+//!
+//! Free words are even, held ones odd. `READY` lets `with_cpu`'s fast path learn from the
+//! one word it compares that the slot holds a value (it compares with `READY`, so a slot
+//! without one goes to the slow path, which creates it): a flag read less. A release
+//! writes `READY` when the flag is set, 0 otherwise; structures that never set the flag
+//! (`Stack`, `RingBuffer`, whose sequences check the word against 0) never see it.
 //!
 //! Under the [`Scheme::Membarrier`] scheme:
 //!
 //! - A thread on CPU `c` takes `c`'s word **locally** with a restartable compare-and-store
-//!   `0 → token` (no `lock` prefix): the kernel serialises it with every other sequence on
-//!   `c`.
-//! - Any thread takes it **remotely** with an atomic compare-exchange `0 → token`, then
+//!   `free → token` (no `lock` prefix): the kernel serialises it with every other sequence
+//!   on `c`.
+//! - Any thread takes it **remotely** with an atomic compare-exchange `free → token`, then
 //!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ, MEMBARRIER_CMD_FLAG_CPU, c)`,
 //!   which restarts every sequence in flight on `c`. After the fence, no sequence that
 //!   read the word as free can still commit, so if the word still holds the token the
@@ -25,8 +32,9 @@
 //!   are unique, so two remote owners can never both find "their" token.
 //! - Fast paths that do not take the lock (a `Stack` push or pop) check the word inside
 //!   their sequence and abort while it is held: the same fence argument covers them.
-//! - Release is a `Release` store of 0, paired with the `Acquire` of the next owner
-//!   (the remote compare-exchange, or the fence after a local acquisition).
+//! - Release is a `Release` store of the free value (0 or `READY`), paired with the
+//!   `Acquire` of the next owner (the remote compare-exchange, or the fence after a local
+//!   acquisition).
 //!
 //! Under [`Scheme::Locked`] (no rseq, no membarrier-rseq, or forced for tests) every
 //! acquisition is the atomic compare-exchange, and structures do all their work under
@@ -47,13 +55,13 @@
 //!
 //! | releaser (every unlock) | sleeper (only when it waits) |
 //! |---|---|
-//! | R1 store `word = 0` (Release) | S1 `sleepers += 1` |
+//! | R1 store `word = free` (Release) | S1 `sleepers += 1` |
 //! | R2 compiler fence only | S2 `membarrier(PRIVATE_EXPEDITED)`: a full barrier on every CPU running a thread of ours |
-//! | R3 load `sleepers`; if non-zero, R4 wake every sleeper | S3 load `word`; if non-zero, S4 `futex_wait(word, low 32 bits seen)` |
+//! | R3 load `sleepers`; if non-zero, R4 wake every sleeper | S3 load `word`; if held (odd), S4 `futex_wait(word, low 32 bits seen)` |
 //!
 //! The membarrier puts a full barrier into the releaser's program order (or the
 //! releaser was not running, and its context switch was one). If that barrier falls
-//! before R3, R3 sees S1 and wakes; if after, R1 came before it and S3 sees 0 (or a
+//! before R3, R3 sees S1 and wakes; if after, R1 came before it and S3 sees it free (or a
 //! newer holder's token, whose own release repeats the argument). The futex compares
 //! and queues atomically, and a token's low 32 bits are never 0, so a wake that comes
 //! between S3 and S4 makes S4 return at once. Sleepers are counted beside the word, not
@@ -254,6 +262,10 @@ impl fmt::Display for InvalidCpu {
 
 impl std::error::Error for InvalidCpu {}
 
+/// The word of a free lock whose owner's [flag](CpuLock::flag) is set (see "The lock
+/// word" in the module docs). Even, like every free word; tokens are odd.
+pub(crate) const READY: usize = 2;
+
 /// The lock word of one CPU's slot. See the module documentation for its states.
 #[derive(Debug, Default)]
 pub(crate) struct CpuLock {
@@ -278,12 +290,34 @@ impl CpuLock {
         }
     }
 
-    /// A flag for the structure's own use (e.g. "this slot holds a value"), which the lock
-    /// itself never reads. It lives in what would be the lock's padding, so a slot that
-    /// needs one costs no more than the lock.
+    /// A flag for the structure's own use (e.g. "this slot holds a value"). It lives in
+    /// what would be the lock's padding, so a slot that needs one costs no more than the
+    /// lock. Set it only while holding the lock (or before the lock is shared, with
+    /// [`set_flag_unshared`](CpuLock::set_flag_unshared)), and never clear it while the
+    /// lock is shared: the releases copy it into the word (as [`READY`]).
     #[inline(always)]
     pub(crate) fn flag(&self) -> &AtomicBool {
         &self.flag
+    }
+
+    /// Sets the flag of a lock nobody else can reach yet (its word is free), and the
+    /// word to [`READY`] to match.
+    pub(crate) fn set_flag_unshared(&self) {
+        // Relaxed: the lock is not shared yet; sharing it synchronises.
+        self.flag.store(true, Ordering::Relaxed);
+        self.word.store(READY, Ordering::Relaxed);
+    }
+
+    /// The word this lock is released to: [`READY`] if the flag is set, else 0.
+    #[inline]
+    fn free_word(&self) -> usize {
+        // Relaxed: the flag is only set by the holder (us, or an earlier holder whose
+        // release our acquisition synchronised with).
+        if self.flag.load(Ordering::Relaxed) {
+            READY
+        } else {
+            0
+        }
     }
 
     /// The word, for sequences that check it as their guard.
@@ -296,12 +330,13 @@ impl CpuLock {
     #[inline]
     pub(crate) fn is_held(&self) -> bool {
         // Relaxed: a hint for back-off only.
-        self.word.load(Ordering::Relaxed) != 0
+        is_token(self.word.load(Ordering::Relaxed))
     }
 
     /// Tries to take the lock of `cpu` (whose slot this is) with one restartable
-    /// compare-and-store, from a thread that believes it runs on `cpu`, or, with
-    /// `INDEX_FIELD` = [`arch::MM_CID_FIELD`], whose mm_cid is `cpu`.
+    /// compare-and-store from the free word `free` (0 or [`READY`]: `CompareFailed` when
+    /// the word holds anything else), from a thread that believes it runs on `cpu`, or,
+    /// with `INDEX_FIELD` = [`arch::MM_CID_FIELD`], whose mm_cid is `cpu`.
     ///
     /// Only under [`Scheme::Membarrier`], with the calling thread's `rseq` area, which
     /// has the field (for mm_cid: the feature size covers it).
@@ -310,14 +345,16 @@ impl CpuLock {
         &self,
         rseq: *mut crate::abi::Rseq,
         cpu: u32,
+        free: usize,
     ) -> Outcome {
+        debug_assert!(!is_token(free));
         // The word is written only by sequences expecting `cpu`, by remote owners whose
         // compare-exchange is fenced by membarrier against them, and by the release.
         // SAFETY: `rseq` is the calling thread's area with the field (the caller's
         // contract), and the word's writers are all excluded as above; readers use
         // atomics.
         let outcome = unsafe {
-            arch::compare_store::<INDEX_FIELD>(rseq, self.word.as_ptr(), 0, token(), cpu)
+            arch::compare_store::<INDEX_FIELD>(rseq, self.word.as_ptr(), free, token(), cpu)
         };
         if outcome == Outcome::Committed(()) {
             // Acquire: pairs with the Release store of the previous owner, which may
@@ -361,7 +398,7 @@ impl CpuLock {
                 // unwinding, so the slot stays usable for every other thread.
                 if self
                     .word
-                    .compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed)
+                    .compare_exchange(me, self.free_word(), Ordering::Release, Ordering::Relaxed)
                     .is_ok()
                 {
                     self.wake_sleepers();
@@ -387,17 +424,27 @@ impl CpuLock {
         self.acquire_word(token(), None);
     }
 
-    /// Compare-exchanges the word from 0 to `me`, waiting while it is held. `cpu`: the
-    /// CPU whose slot this is (`None` for mm_cid slots).
+    /// Compare-exchanges the word from free (0 or [`READY`]) to `me`, waiting while it
+    /// is held. `cpu`: the CPU whose slot this is (`None` for mm_cid slots).
     fn acquire_word(&self, me: usize, cpu: Option<usize>) {
-        // Acquire: pairs with the Release store of the previous owner.
-        while self
-            .word
-            .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        // Relaxed: only a guess at the free value; the exchange checks it.
+        let mut seen = self.word.load(Ordering::Relaxed);
+        loop {
+            if !is_token(seen) {
+                // Acquire: pairs with the Release store of the previous owner.
+                match self
+                    .word
+                    .compare_exchange(seen, me, Ordering::Acquire, Ordering::Relaxed)
+                {
+                    Ok(_) => return,
+                    Err(now) => seen = now,
+                }
+                continue;
+            }
             self.refuse_own_token(me);
             self.wait_while_held(cpu);
+            // Relaxed: as above.
+            seen = self.word.load(Ordering::Relaxed);
         }
     }
 
@@ -419,7 +466,14 @@ impl CpuLock {
     pub(crate) fn lock_current<'a>(slots: usize, lock_of: impl Fn(usize) -> &'a CpuLock) -> usize {
         let local = on_current_cpu(slots, |rseq, cpu| {
             let lock = lock_of(cpu as usize);
-            match lock.try_lock_local::<{ arch::CPU_ID_FIELD }>(rseq, cpu) {
+            // Relaxed: the free value to expect; the sequence compares it again.
+            let seen = lock.word.load(Ordering::Relaxed);
+            let outcome = if is_token(seen) {
+                Outcome::CompareFailed
+            } else {
+                lock.try_lock_local::<{ arch::CPU_ID_FIELD }>(rseq, cpu, seen)
+            };
+            match outcome {
                 Outcome::Committed(()) => Attempt::Done(cpu as usize),
                 Outcome::CompareFailed => {
                     lock.refuse_own_token(token());
@@ -451,40 +505,50 @@ impl CpuLock {
         Attempt::Aborted
     }
 
-    /// Releases the lock, and wakes its sleepers if there are any (no system call
-    /// otherwise). See "Waiting" in the module docs for the fences.
+    /// Releases the lock (to [`READY`] if the flag is set, else to 0), and wakes its
+    /// sleepers if there are any (no system call otherwise). See "Waiting" in the module docs for the fences.
     #[inline]
     pub(crate) fn unlock(&self) {
+        let free = self.free_word();
         // Relaxed: ASYMMETRIC is fixed before any lock is taken (module docs).
         if ASYMMETRIC.load(Ordering::Relaxed) {
-            self.unlock_asymmetric();
+            self.unlock_asymmetric_to(free);
         } else {
             // R1. Release: pairs with the Acquire of the next owner.
-            self.word.store(0, Ordering::Release);
+            self.word.store(free, Ordering::Release);
             // R2: R3 must not be hoisted above R1.
             fence(Ordering::SeqCst);
             self.wake_if_sleepers();
         }
     }
 
-    /// [`unlock`](CpuLock::unlock) when the sleepers fence with membarrier
-    /// (`ASYMMETRIC`), which the caller knows: `with_cpu`'s fast path only runs then.
+    /// [`unlock`](CpuLock::unlock) of a lock whose flag is set, when the sleepers fence
+    /// with membarrier (`ASYMMETRIC`), both of which the caller knows: `with_cpu`'s fast
+    /// path only runs with the asymmetric fence, and only takes a [`READY`] word.
     #[inline(always)]
-    pub(crate) fn unlock_asymmetric(&self) {
+    pub(crate) fn unlock_ready_asymmetric(&self) {
+        debug_assert!(self.flag.load(Ordering::Relaxed));
+        self.unlock_asymmetric_to(READY);
+    }
+
+    /// The release to the free word `free` when the sleepers fence with membarrier.
+    #[inline(always)]
+    fn unlock_asymmetric_to(&self, free: usize) {
         // R1. Release: pairs with the Acquire of the next owner.
-        self.word.store(0, Ordering::Release);
+        self.word.store(free, Ordering::Release);
         // R2: R3 must not be hoisted above R1; the sleepers' membarrier does the rest.
         compiler_fence(Ordering::SeqCst);
         self.wake_if_sleepers();
     }
 
-    /// The release of [`crate::PerCpu::with_cpu_bench_baseline`]: the store alone,
-    /// with no look for sleepers (that method's waiters never sleep).
+    /// The release of [`crate::PerCpu::with_cpu_bench_baseline`] (of a lock whose flag
+    /// is set, as for [`unlock_ready_asymmetric`](CpuLock::unlock_ready_asymmetric)): the
+    /// store alone, with no look for sleepers (that method's waiters never sleep).
     #[cfg(feature = "__bench")]
     #[inline(always)]
     pub(crate) fn unlock_without_parking(&self) {
         // Release: pairs with the Acquire of the next owner.
-        self.word.store(0, Ordering::Release);
+        self.word.store(READY, Ordering::Release);
     }
 
     /// R3 and R4 of the release.
@@ -550,7 +614,7 @@ impl CpuLock {
             // S3. Relaxed: ordered after S1 by the fence; the caller re-reads the word
             // before it acts on it.
             let held = self.word.load(Ordering::Relaxed);
-            if held != 0 {
+            if is_token(held) {
                 // S4. EAGAIN (the word changed), EINTR, or a wake: the caller re-checks.
                 let _ = sys::futex_wait_low_half(&self.word, held as u32);
             }
@@ -559,6 +623,12 @@ impl CpuLock {
         self.sleepers.fetch_sub(1, Ordering::Relaxed);
         fenced
     }
+}
+
+/// Whether a lock word is held: tokens are odd, free words (0, [`READY`]) even.
+#[inline(always)]
+fn is_token(word: usize) -> bool {
+    word & 1 != 0
 }
 
 #[cold]

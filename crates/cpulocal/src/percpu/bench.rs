@@ -45,7 +45,7 @@ impl<T> PerCpu<T> {
             #[inline(always)]
             fn drop(&mut self) {
                 if PARK {
-                    self.0.unlock_asymmetric();
+                    self.0.unlock_ready_asymmetric();
                 } else {
                     self.0.unlock_without_parking();
                 }
@@ -63,6 +63,8 @@ impl<T> PerCpu<T> {
             match self.lock_local(area) {
                 Outcome::Committed(taken) => break taken,
                 Outcome::CompareFailed if PARK => return self.with_cpu(f),
+                // A lazy `PerCpu`'s slot may have no value yet: `with_cpu` makes it.
+                Outcome::CompareFailed if self.init.is_some() => return self.with_cpu(f),
                 // Held: yield (never sleep: this variant's releases wake nobody) and retry.
                 Outcome::CompareFailed => std::thread::yield_now(),
                 Outcome::Aborted => {
@@ -74,8 +76,8 @@ impl<T> PerCpu<T> {
             }
         };
         let _release = Release::<PARK>(&slot.lock);
-        self.ensure_ready(slot);
-        // SAFETY: we hold the slot's lock and it is ready.
+        // SAFETY: we hold the slot's lock, and it is ready: the sequence took a `READY`
+        // word.
         f(unsafe { (*slot.value.get()).assume_init_mut() })
     }
 }

@@ -53,7 +53,7 @@ impl<T> Drop for PerCpuGuard<'_, T> {
     #[inline]
     fn drop(&mut self) {
         if self.fast_area != 0 {
-            self.slot.lock.unlock_asymmetric();
+            self.slot.lock.unlock_ready_asymmetric();
             remote::note_released_fast(self.fast_area);
         } else {
             self.slot.lock.unlock();

@@ -328,6 +328,66 @@ fn a_panicking_lazy_init_leaves_the_slot_unlocked_and_unmade() {
     assert_eq!(p.on_cpu(0, |v| *v).unwrap(), 3);
 }
 
+/// A slot's lock word tells the fast path whether the slot holds its value (the word is
+/// released to `READY` only then), so the fast path never takes a slot without one:
+/// never used, or whose `init` panicked. The slow path makes it, whether the thread's
+/// own CPU or another thread (`on_cpu`) asks first; from then on the fast path takes it.
+#[test]
+fn the_fast_path_takes_a_lazy_slot_only_once_it_holds_its_value() {
+    let _delay = delay_shared();
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    static FAST: AtomicU64 = AtomicU64::new(0);
+    fn count_fast() {
+        FAST.fetch_add(1, Ordering::Relaxed);
+    }
+    let p: PerCpu<u64> = PerCpu::new_lazy(|| {
+        if CALLS.fetch_add(1, Ordering::Relaxed) == 0 {
+            panic!("first init fails");
+        }
+        10
+    });
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(pin_to(0), "pinning to CPU 0");
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.with_cpu(|v| *v)));
+            assert!(r.is_err(), "the first init panics");
+            // The slot has no value: the fast path must not take it (the hook would run).
+            crate::test_hooks::run_after_fast_lock(count_fast);
+            assert_eq!(p.with_cpu(|v| *v), 10);
+            assert_eq!(
+                FAST.load(Ordering::Relaxed),
+                0,
+                "fast path on a slot without value"
+            );
+            assert_eq!(CALLS.load(Ordering::Relaxed), 2);
+            // Made now: the fast path takes it, where this thread may take fast paths
+            // (not under valgrind, nor with the locked scheme).
+            let fast = crate::remote::percpu_fast_area().is_some();
+            p.with_cpu(|v| *v += 1);
+            assert_eq!(FAST.load(Ordering::Relaxed), u64::from(fast));
+            if crate::possible_cpus() < 2 || !pin_to(1) {
+                return;
+            }
+            // Made by another CPU's thread through the remote lock, then taken here.
+            FAST.store(0, Ordering::Relaxed);
+            crate::test_hooks::run_after_fast_lock(count_fast);
+            assert_eq!(p.on_cpu(1, |v| *v).unwrap(), 10);
+            let fast = crate::remote::percpu_fast_area().is_some();
+            p.with_cpu(|v| *v += 1);
+            assert_eq!(FAST.load(Ordering::Relaxed), u64::from(fast));
+            assert_eq!(CALLS.load(Ordering::Relaxed), 3);
+        });
+    });
+    let mut values = Vec::new();
+    p.for_each(|cpu, v| values.push((cpu, *v)));
+    let expected: &[(usize, u64)] = if values.len() == 2 {
+        &[(0, 11), (1, 11)]
+    } else {
+        &[(0, 11)]
+    };
+    assert_eq!(values, expected);
+}
+
 #[test]
 fn dropping_a_per_cpu_drops_each_value_once() {
     let _delay = delay_shared();
