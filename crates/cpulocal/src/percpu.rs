@@ -72,7 +72,8 @@ pub type Lock = PerCpu<()>;
 struct Slot<T> {
     /// The slot's lock; its [`flag`](CpuLock::flag) says whether `value` holds a `T`: set
     /// once, under the lock, for lazily created slots; at construction for the others.
-    /// Zero (false) in a fresh pool item.
+    /// Zero (false) in a fresh pool item. Once set, the free lock word says it too
+    /// ([`READY`](remote::READY)), which is all `with_cpu`'s fast path reads.
     lock: CpuLock,
     value: UnsafeCell<MaybeUninit<T>>,
 }
@@ -442,7 +443,7 @@ impl<T> PerCpu<T> {
         // Returned in registers, with the guard made here: a guard returned by the call
         // would go through memory, and so would the fast path's to meet it.
         let (slot, index) = self.lock_current_slow(method);
-        self.guard(slot, index, 0)
+        self.guard(slot, index)
     }
 
     /// The fast path of [`lock`](PerCpu::lock) and [`with_cpu`](PerCpu::with_cpu): one
@@ -538,20 +539,15 @@ impl<T> PerCpu<T> {
         (unsafe { self.slot(base, index) }, index)
     }
 
-    /// The guard of `slot` (slot `index`), whose lock the calling thread has just taken
-    /// and counted (`fast_area`: as in [`PerCpuGuard`]); creates the slot's `T` first if
-    /// it has none (under the guard, which releases the lock should `init` panic).
+    /// The guard of `slot` (slot `index`), whose lock the calling thread has just taken,
+    /// by any path but the fast one, and counted; creates the slot's `T` first if it has
+    /// none (under the guard, which releases the lock should `init` panic).
     #[inline(always)]
-    fn guard<'a>(
-        &'a self,
-        slot: &'a Slot<T>,
-        index: usize,
-        fast_area: usize,
-    ) -> PerCpuGuard<'a, T> {
+    fn guard<'a>(&'a self, slot: &'a Slot<T>, index: usize) -> PerCpuGuard<'a, T> {
         let guard = PerCpuGuard {
             slot,
             index,
-            fast_area,
+            fast_area: 0,
             _not_send: PhantomData,
         };
         self.ensure_ready(slot);
@@ -632,7 +628,7 @@ impl<T> PerCpu<T> {
             Index::MmCid => slot.lock.lock_mm_cid_slot(),
         }
         remote::note_held();
-        Ok(self.guard(slot, cpu, 0))
+        Ok(self.guard(slot, cpu))
     }
 
     /// Runs `f` on slot `cpu`, from any thread, atomically with respect to every other

@@ -42,7 +42,8 @@
 //! kernel.
 //!
 //! Tokens are the address of a thread-local with its lowest bit set: unique among live
-//! threads, and their low 32 bits are never 0 (the futex below compares those).
+//! threads, and odd, so their low 32 bits (which the futex below compares) are never a
+//! free word (0 or `READY`).
 //!
 //! # Waiting
 //!
@@ -63,7 +64,7 @@
 //! releaser was not running, and its context switch was one). If that barrier falls
 //! before R3, R3 sees S1 and wakes; if after, R1 came before it and S3 sees it free (or a
 //! newer holder's token, whose own release repeats the argument). The futex compares
-//! and queues atomically, and a token's low 32 bits are never 0, so a wake that comes
+//! and queues atomically, and a token's low 32 bits are never a free word, so a wake that comes
 //! between S3 and S4 makes S4 return at once. Sleepers are counted beside the word, not
 //! in it, because a local sequence may overwrite a remote owner's token (above): a flag
 //! in the word would be lost with it. Every wake wakes all sleepers; they re-check and
@@ -349,7 +350,8 @@ impl CpuLock {
     ) -> Outcome {
         debug_assert!(!is_token(free));
         // The word is written only by sequences expecting `cpu`, by remote owners whose
-        // compare-exchange is fenced by membarrier against them, and by the release.
+        // compare-exchange is fenced by membarrier against them, by the release, and
+        // (before the lock is shared) by `set_flag_unshared`.
         // SAFETY: `rseq` is the calling thread's area with the field (the caller's
         // contract), and the word's writers are all excluded as above; readers use
         // atomics.
@@ -506,7 +508,8 @@ impl CpuLock {
     }
 
     /// Releases the lock (to [`READY`] if the flag is set, else to 0), and wakes its
-    /// sleepers if there are any (no system call otherwise). See "Waiting" in the module docs for the fences.
+    /// sleepers if there are any (no system call otherwise). See "Waiting" in the module
+    /// docs for the fences.
     #[inline]
     pub(crate) fn unlock(&self) {
         let free = self.free_word();

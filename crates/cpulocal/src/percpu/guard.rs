@@ -35,7 +35,8 @@ impl<T> Deref for PerCpuGuard<'_, T> {
     #[inline]
     fn deref(&self) -> &T {
         // SAFETY: we hold the slot's lock, so no other reference to its `T` exists, and
-        // the slot is ready (`ensure_ready` ran before the guard was returned).
+        // the slot is ready: `ensure_ready` ran before the guard was returned, or the fast
+        // path took a `READY` word, which only a slot with its `T` is released to.
         unsafe { (*self.slot.value.get()).assume_init_ref() }
     }
 }
@@ -44,7 +45,7 @@ impl<T> DerefMut for PerCpuGuard<'_, T> {
     #[inline]
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: we hold the slot's lock, and `&mut self` makes this the only
-        // reference through the guard; the slot is ready.
+        // reference through the guard; the slot is ready (as in `deref`).
         unsafe { (*self.slot.value.get()).assume_init_mut() }
     }
 }

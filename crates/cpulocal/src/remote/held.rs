@@ -55,8 +55,8 @@ const FAST_PATH_READY: usize = 4096;
 /// The calling thread's lock token.
 #[inline]
 pub(super) fn token() -> usize {
-    // `| 1`: the address is at least 8-aligned, so this stays unique, and the low 32
-    // bits (which the futex compares) can never be 0.
+    // `| 1`: the address is at least 8-aligned, so this stays unique, and the token is
+    // odd: its low 32 bits (which the futex compares) are never a free word (0, READY).
     HELD.with(|h| h as *const Cell<usize> as usize | 1)
 }
 
