@@ -108,7 +108,7 @@ struct Slot<T> {
 /// A thread that needs a slot somebody holds spins briefly (not at all for its own
 /// CPU's slot, whose holder then cannot be running beside it), yields a few times, and
 /// then sleeps on a futex until the holder releases; a release makes a system call only
-/// when somebody sleeps (see [`crate::remote`], "Waiting").
+/// when somebody sleeps (see "Waiting" in the source's `remote/lock.rs`).
 ///
 /// # Panics and poisoning
 ///

@@ -156,8 +156,7 @@ fn check_not_held_nested<'a>(
         FAST_PATH_READY - 1
     );
     let me = token();
-    // Relaxed: only this thread ever stores its own token.
-    if locks.any(|l| l.word.load(Ordering::Relaxed) == me) {
+    if locks.any(|l| l.holds(me)) {
         panic!(
             "PerCpu::{method} called by a thread that already holds a slot of the same PerCpu \
              (nested with_cpu/lock/on_cpu/lock_cpu/for_each, or a signal handler interrupting \
