@@ -207,11 +207,7 @@ impl<T> PerCpu<T> {
         let per_cpu = PerCpu {
             slots: AtomicPtr::new(item.base().as_ptr().cast()),
             len: AtomicU32::new(pool::ranges() as u32),
-            cpu_len: AtomicU32::new(if matches!(index, Index::Cpu) {
-                pool::ranges() as u32
-            } else {
-                0
-            }),
+            cpu_len: AtomicU32::new(cpu_len(index, pool::ranges())),
             index,
             init: None,
             _owns: PhantomData,
@@ -320,10 +316,9 @@ impl<T> PerCpu<T> {
         // Release: pairs with the Acquire in `base_and_len`. Every thread that uses the
         // slots stores it (the same value) before its first use.
         self.len.store(len as u32, Ordering::Release);
-        if self.index == Index::Cpu {
-            // Release: as `len`, for the fast path's Acquire in `lock_local`.
-            self.cpu_len.store(len as u32, Ordering::Release);
-        }
+        // Release: as `len`, for the fast path's Acquire in `lock_local`.
+        self.cpu_len
+            .store(cpu_len(self.index, len), Ordering::Release);
         (base, len)
     }
 
@@ -785,6 +780,15 @@ impl<T: fmt::Debug> fmt::Debug for PerCpu<T> {
             .field("lazy", &self.init.is_some())
             .field("index", &self.index)
             .finish_non_exhaustive()
+    }
+}
+
+/// [`PerCpu`]'s `cpu_len` for `len` slots indexed by `index`: `len` when they are indexed
+/// by CPU, else 0 (the fast path's CPU-indexed branch never runs).
+fn cpu_len(index: Index, len: usize) -> u32 {
+    match index {
+        Index::Cpu => len as u32,
+        Index::MmCid => 0,
     }
 }
 

@@ -354,6 +354,13 @@ impl RingBuffer {
         }
     }
 
+    /// The bytes a record of `len` payload bytes takes: its headers and its payload,
+    /// rounded up to 8 (records and padding start 8-aligned).
+    #[inline]
+    fn record_size(&self, len: usize) -> usize {
+        self.header_len() + len.next_multiple_of(8)
+    }
+
     /// Which sub-buffer of its ring position `pos` falls in.
     #[inline]
     fn sub_index(&self, pos: usize) -> usize {

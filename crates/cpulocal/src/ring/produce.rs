@@ -108,7 +108,7 @@ impl RingBuffer {
             pos,
             // All four fit: a record is at most one sub-buffer (2^30 bytes).
             cpu: cpu as u32,
-            size: (self.header_len() + len.next_multiple_of(8)) as u32,
+            size: self.record_size(len) as u32,
             len: len as u32,
             written: 0,
             inline_commit: false,
@@ -131,8 +131,11 @@ impl RingBuffer {
         let rseq = remote::fast_path_area()?;
         let cpu = crate::cpu::cpu_id_start(rseq) as usize;
         let ring = self.rings.get(cpu)?;
-        // Cannot overflow: `len` is below a sub-buffer (2^30).
+        // `record_size` without its timestamp test: this path runs only without
+        // timestamps (`fast_len_end` is 0 otherwise). Cannot overflow: `len` is below a
+        // sub-buffer (2^30).
         let size = HEADER + len.next_multiple_of(8);
+        debug_assert_eq!(size, self.record_size(len));
         // Relaxed: the sequence compares it again.
         let old = ring.write.load(Ordering::Relaxed);
         // The record fits in the sub-buffer of `old` (else it moves on: out of line), and
@@ -188,7 +191,7 @@ impl RingBuffer {
             return SlowReserve::TOO_LARGE;
         }
         // Cannot overflow: `len` is at most a sub-buffer (2^30).
-        let size = self.header_len() + len.next_multiple_of(8);
+        let size = self.record_size(len);
         let reserved = remote::on_current_cpu(self.rings.len(), |rseq, cpu| {
             let ring = &self.rings[cpu as usize];
             // Relaxed: the sequence compares it again.
@@ -550,7 +553,7 @@ impl Reservation<'_> {
         }
         let buffer = self.buffer;
         let ring = &buffer.rings[self.cpu as usize];
-        let record = buffer.header_len() + len.next_multiple_of(8);
+        let record = buffer.record_size(len);
         let rest = self.size as usize - record;
         // SAFETY: the reservation owns [pos, pos + size): the header word (the timestamp
         // after it is kept: `None` leaves it), and the padding header at `pos + record`,
