@@ -1,7 +1,8 @@
 //! aarch64 restartable sequences.
 //!
-//! Register use: `{rseq}` holds the thread's `struct rseq`, `{cpu}` the CPU the caller
-//! read from `cpu_id_start`; `{tmp}` is scratch. The signature is the instruction
+//! Register use: `{rseq}` holds the thread's `struct rseq`, `{cpu}` the CPU (the caller
+//! read it from `cpu_id_start`, or the `*_on_current_cpu` sequences read it from `cpu_id`
+//! once their section is open); `{tmp}` is scratch. The signature is the instruction
 //! `brk #0x45e0` (`0xd428bc00`), emitted with `.inst` so a stray jump into it traps
 //! instead of running data. Plain `str`s may be reordered, so the `*_release` commits
 //! are `stlr`: every earlier load and store of the thread is ordered before them.
@@ -48,6 +49,20 @@ macro_rules! rseq_descriptor {
     };
 }
 
+/// Arms `rseq->rseq_cs` with the descriptor `3` and opens the section (label `4`).
+///
+/// Operands used: `{rseq}`, `{tmp}`.
+macro_rules! rseq_arm {
+    () => {
+        concat!(
+            "adrp {tmp}, 3b\n",
+            "add {tmp}, {tmp}, :lo12:3b\n",
+            "str {tmp}, [{rseq}, #8]\n",
+            "4:\n",
+        )
+    };
+}
+
 /// Arms `rseq->rseq_cs` with the descriptor `3`, opens the section (label `4`) and
 /// checks that the thread is still on `{cpu}`: that `rseq->cpu_id` (byte 4) still
 /// holds it, or, given a field's byte offset (`"{index_field}"`, a `const` operand),
@@ -60,10 +75,7 @@ macro_rules! rseq_arm_and_check_cpu {
     };
     ($field:literal) => {
         concat!(
-            "adrp {tmp}, 3b\n",
-            "add {tmp}, {tmp}, :lo12:3b\n",
-            "str {tmp}, [{rseq}, #8]\n",
-            "4:\n",
+            rseq_arm!(),
             "ldr {tmp:w}, [{rseq}, #",
             $field,
             "]\n",
@@ -90,11 +102,12 @@ macro_rules! rseq_start {
 }
 
 /// Opens a critical section on the CPU the thread runs on, all in the one asm block:
-/// reads `cpu_id_start` into `{cpu}`, leaves for `{moved}` unless `{cpu} < {len}`,
-/// points `{slot}` at `{base} + ({cpu} << {shift})` (one `add` with a shifted operand),
-/// emits the descriptor, arms `rseq->rseq_cs` and checks `cpu_id == {cpu}`. As on
-/// x86_64, a migration between the read and the check leaves `cpu_id != {cpu}`, and the
-/// check moves out.
+/// emits the descriptor, arms `rseq->rseq_cs`, and inside the section (label `4`) reads
+/// `cpu_id` into `{cpu}`, leaves for `{moved}` unless `{cpu} < {len}`, and points
+/// `{slot}` at `{base} + ({cpu} << {shift})` (one `add` with a shifted operand).
+///
+/// As on x86_64, the CPU is read once, after the section opens, so no check against a
+/// second read is needed: a migration after the read restarts the section.
 ///
 /// Operands used: `{rseq}`, `{base}`, `{len}`, `{shift}` (a `const`), `{cpu}`, `{slot}`,
 /// `{tmp}`, `{moved}`.
@@ -102,11 +115,13 @@ macro_rules! rseq_start_on_current_cpu {
     () => {
         concat!(
             rseq_descriptor!(),
-            "ldr {cpu:w}, [{rseq}]\n",
+            rseq_arm!(),
+            "ldr {cpu:w}, [{rseq}, #4]\n",
             "cmp {cpu}, {len}\n",
+            // `{moved}`, not `6f`: see the module documentation (branch range).
             "b.hs {moved}\n",
             "add {slot}, {base}, {cpu}, lsl #{shift}\n",
-            rseq_arm_and_check_cpu!(),
+            rseq_test_delay!(),
         )
     };
 }
@@ -840,13 +855,13 @@ pub(crate) unsafe fn slab_pop_without_restart(
 }
 
 /// `*(base + (cpu << SHIFT)) += count`, where `cpu` is the CPU the thread runs on,
-/// read from `cpu_id_start` inside the same asm block.
+/// read from `cpu_id` inside the same asm block, once its section is open.
 ///
 /// ```text
-/// cpu = rseq->cpu_id_start
+/// rseq->rseq_cs = descriptor         the section opens
+/// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// slot = base + (cpu << SHIFT)
-/// if rseq->cpu_id != cpu: abort (moved)
 /// tmp = *slot
 /// tmp += count
 /// *slot = tmp                       commit
@@ -926,10 +941,10 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
 /// with the CPU's lock word `GUARD` bytes and the list head `HEAD` bytes into it.
 ///
 /// ```text
-/// cpu = rseq->cpu_id_start
+/// rseq->rseq_cs = descriptor         the section opens
+/// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// slot = base + (cpu << SHIFT)
-/// if rseq->cpu_id != cpu: abort (moved)
 /// if slot.guard != 0: abort (moved) ldar: the CPU's lock is held (by a remote owner)
 /// *node = slot.head                 tentative: the node is still the caller's
 /// slot.head = node                  commit
@@ -995,10 +1010,10 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
 /// [`push_guarded_on_current_cpu`]; a node's link is `NEXT` bytes into it).
 ///
 /// ```text
-/// cpu = rseq->cpu_id_start
+/// rseq->rseq_cs = descriptor         the section opens
+/// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// slot = base + (cpu << SHIFT)
-/// if rseq->cpu_id != cpu: abort (moved)
 /// if slot.guard != 0: abort (moved) ldar
 /// head = slot.head
 /// if head == 0: compare failed      the list is empty

@@ -30,8 +30,7 @@ fn cpu_slots() -> Vec<CpuSlot> {
     vec![CpuSlot::default(); OTHER_CPU as usize + 1]
 }
 
-/// A fake area whose `cpu_id_start` is `start` and `cpu_id` is `id`: the thread moved
-/// between the two reads when they differ.
+/// A fake area whose `cpu_id_start` is `start` and `cpu_id` is `id`.
 fn area_moved(start: u32, id: u32) -> Rseq {
     Rseq {
         cpu_id_start: start,
@@ -100,7 +99,7 @@ fn add_and_push_all_abort(a: &mut Rseq, slots: &mut [CpuSlot], n: usize) -> usiz
 }
 
 #[test]
-fn add_on_current_cpu_adds_to_the_slot_of_cpu_id_start_only() {
+fn add_on_current_cpu_adds_to_the_slot_of_cpu_id_only() {
     let mut a = area(CPU);
     let mut slots = cpu_slots();
     assert_eq!(add_current(&mut a, &mut slots, 5), Outcome::Committed(()));
@@ -152,20 +151,36 @@ fn add_const_takes_the_largest_immediate() {
     assert_eq!(slots[CPU as usize].word, i32::MAX as usize);
 }
 
+/// The sequences read the CPU once, from `cpu_id`, after their section opens (a
+/// migration from there on restarts them), so `cpu_id_start` does not matter: with
+/// the two apart, they work on `cpu_id`'s slot.
 #[test]
-fn sequences_on_current_cpu_abort_and_store_nothing_when_the_thread_moved() {
+fn sequences_on_current_cpu_use_the_slot_of_cpu_id_read_inside_the_section() {
     let mut a = area_moved(CPU, OTHER_CPU);
     let mut slots = cpu_slots();
-    add_and_push_all_abort(&mut a, &mut slots, 5);
-    assert_eq!(slots, cpu_slots());
+    assert_eq!(add_current(&mut a, &mut slots, 5), Outcome::Committed(()));
+    assert_eq!(
+        add_const_current::<2>(&mut a, &mut slots),
+        Outcome::Committed(())
+    );
+    assert_eq!(slots[OTHER_CPU as usize].word, 7);
+    assert_eq!(slots[CPU as usize], CpuSlot::default());
+    let mut slots = cpu_slots();
     let mut only = Linked {
         payload: 2,
-        next: 0,
+        next: 99,
     };
-    slots[CPU as usize].word = &raw mut only as usize;
-    // SAFETY: the only non-zero head is `only`.
-    assert_eq!(unsafe { pop_current(&mut a, &mut slots) }, Outcome::Aborted);
-    assert_eq!(slots[CPU as usize].word, &raw mut only as usize);
+    assert_eq!(
+        push_current(&mut a, &mut slots, &mut only),
+        Outcome::Committed(())
+    );
+    assert_eq!(only.next, 0);
+    let on_other = slots[OTHER_CPU as usize];
+    assert_eq!((on_other.guard, on_other.word), (0, &raw mut only as usize));
+    assert_eq!(slots[CPU as usize], CpuSlot::default());
+    // SAFETY: the only non-zero head is `only`, linked to 0.
+    let popped = unsafe { pop_current(&mut a, &mut slots) };
+    assert_eq!(popped, Outcome::Committed(&raw mut only as usize));
     armed_descriptor(&a);
     assert_eq!(
         kernel_fields(&a),
@@ -187,7 +202,7 @@ fn sequences_on_current_cpu_never_commit_on_an_area_that_is_not_registered_yet_o
 }
 
 #[test]
-fn guarded_push_and_pop_on_current_cpu_use_the_slot_of_cpu_id_start_while_its_guard_is_free() {
+fn guarded_push_and_pop_on_current_cpu_use_the_slot_of_cpu_id_while_its_guard_is_free() {
     let mut a = area(CPU);
     let mut slots = cpu_slots();
     let mut first = Linked {
