@@ -17,6 +17,11 @@ static SPECS: [ClassSpec; 1] = [ClassSpec {
     cap: CAP,
     batch: BATCH,
 }];
+/// The slab stride of [`SPECS`]'s regions, for the fast paths.
+const SHIFT: u32 = crate::alloc::slab_shift(&[ClassSpec {
+    cap: CAP,
+    batch: BATCH,
+}]);
 
 /// A pool of reusable `Box<T>`: [`get`](ObjectPool::get) takes an object that was put
 /// back earlier (still initialised: a buffer keeps its capacity), and dropping the
@@ -102,9 +107,8 @@ impl<T> ObjectPool<T> {
     pub fn get(&self) -> Option<Pooled<'_, T>> {
         let region = self.region.get()?;
         if let Some(rseq) = crate::thread::current_if_registered() {
-            let cpu = crate::cpu::cpu_id_start(rseq);
-            // SAFETY: this thread's area, and the CPU read from it.
-            if let Some(p) = unsafe { region.pop_fast(rseq.as_ptr(), cpu, 0) } {
+            // SAFETY: this thread's registered area.
+            if let Some(p) = unsafe { region.pop_fast::<SHIFT>(rseq, 0) } {
                 return Some(self.handle(p));
             }
         }
@@ -136,9 +140,8 @@ impl<T> ObjectPool<T> {
             return;
         };
         if let Some(rseq) = crate::thread::current_if_registered() {
-            let cpu = crate::cpu::cpu_id_start(rseq);
-            // SAFETY: this thread's area, and the CPU read from it.
-            if unsafe { region.push_fast(rseq.as_ptr(), cpu, 0, p) } {
+            // SAFETY: this thread's registered area.
+            if unsafe { region.push_fast::<SHIFT>(rseq, 0, p) } {
                 return;
             }
         }

@@ -95,6 +95,9 @@ const fn cpu_cache_specs() -> [ClassSpec; 32] {
 /// [`CpuCache`]: super::CpuCache
 pub(super) static CPU_CACHE_SPECS: [ClassSpec; 32] = cpu_cache_specs();
 
+/// The slab stride of [`CPU_CACHE_SPECS`]'s regions, for the fast paths.
+pub(super) const CPU_CACHE_SHIFT: u32 = super::slab::slab_shift(&cpu_cache_specs());
+
 #[cfg(test)]
 mod tests {
     use super::*;

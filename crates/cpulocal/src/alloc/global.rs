@@ -3,7 +3,7 @@
 
 use core::alloc::{GlobalAlloc, Layout};
 
-use super::classes::{class_of, is_small, CPU_CACHE_SPECS};
+use super::classes::{class_of, is_small, CPU_CACHE_SHIFT, CPU_CACHE_SPECS};
 use super::{Backend, CpuCache, Region, Through};
 
 impl<A: GlobalAlloc> CpuCache<A> {
@@ -52,9 +52,8 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for CpuCache<A> {
         }
         let class = class_of(layout.size());
         if let (Some(rseq), Some(r)) = (crate::thread::current_if_registered(), self.region.get()) {
-            let cpu = crate::cpu::cpu_id_start(rseq);
-            // SAFETY: this thread's area, and the CPU read from it.
-            if let Some(p) = unsafe { r.pop_fast(rseq.as_ptr(), cpu, class) } {
+            // SAFETY: this thread's registered area.
+            if let Some(p) = unsafe { r.pop_fast::<CPU_CACHE_SHIFT>(rseq, class) } {
                 return p as *mut u8;
             }
         }
@@ -70,9 +69,8 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for CpuCache<A> {
         }
         let class = class_of(layout.size());
         if let (Some(rseq), Some(r)) = (crate::thread::current_if_registered(), self.region.get()) {
-            let cpu = crate::cpu::cpu_id_start(rseq);
-            // SAFETY: this thread's area, and the CPU read from it.
-            if unsafe { r.push_fast(rseq.as_ptr(), cpu, class, ptr as usize) } {
+            // SAFETY: this thread's registered area.
+            if unsafe { r.push_fast::<CPU_CACHE_SHIFT>(rseq, class, ptr as usize) } {
                 return;
             }
         }

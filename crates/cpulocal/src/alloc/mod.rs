@@ -41,6 +41,11 @@
 //! - `dealloc`: [`slab_push`](crate::ops::slab_push), a tentative store of the pointer
 //!   into the free entry and one committing store of `current + 8`.
 //!
+//! The fast paths run these as one sequence that also reads the CPU (once its section
+//! is open) and finds the slab's header itself, with the slab stride a constant of the
+//! class specs, and the popped block comes back in a register: on this machine that
+//! took an allocate-and-free pair from 4.5 to 3.6 ns (see the README's `alloc` rows).
+//!
 //! When a CPU's array of a class is empty, the allocating thread takes a *batch* (up to
 //! 32 blocks, fewer for large classes) from the class's transfer cache, or from `A`,
 //! and stores it in one sequence (a guarded `memcpy` + commit). When it is full, the
@@ -92,7 +97,7 @@ mod transfer;
 pub(crate) use classes::ClassSpec;
 use classes::{class_layout, CLASS_SIZES};
 pub use classes::{CLASS_ALIGN, MAX_SMALL};
-pub(crate) use slab::{LazyRegion, Region};
+pub(crate) use slab::{slab_shift, LazyRegion, Region};
 
 /// Where blocks come from when a cache is empty and go when it is full.
 pub(crate) trait Backend {

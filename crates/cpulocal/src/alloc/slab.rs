@@ -23,6 +23,9 @@ pub(super) const LOCK_TRIES: u32 = 256;
 /// A class header in a slab: `{current, end, begin, guard}`, the layout the slab
 /// sequences expect (see [`crate::ops::slab_push`]).
 const HEADER_WORDS: usize = 4;
+/// The guard's word in a header, and its byte offset (for the sequences).
+const GUARD_WORD: usize = 3;
+const GUARD_AT: i32 = (GUARD_WORD * 8) as i32;
 /// Offset of the headers in a slab (the first line holds the slab's lock and ready words).
 const HEADERS_OFFSET: usize = 64;
 
@@ -45,6 +48,24 @@ pub(crate) struct Region {
 /// The bytes before the first slab: the region header, rounded up to pages.
 const SLABS_OFFSET: usize = core::mem::size_of::<Region>().next_multiple_of(4096);
 
+/// log2 of the distance between two CPUs' slabs in a region for `specs`: the headers and
+/// every class's entries, rounded up to a power of two of at least a page. A `const fn`,
+/// so that the fast paths take it as a constant ([`Region::pop_fast`]).
+pub(crate) const fn slab_shift(specs: &[ClassSpec]) -> u32 {
+    let mut end = HEADERS_OFFSET + MAX_CLASSES * HEADER_WORDS * 8;
+    let mut c = 0;
+    while c < specs.len() {
+        end += specs[c].cap * 8;
+        c += 1;
+    }
+    let size = end.next_power_of_two();
+    if size < 4096 {
+        12
+    } else {
+        size.trailing_zeros()
+    }
+}
+
 /// What one slow-path attempt on the current CPU's slab found.
 pub(super) enum Step {
     Got(usize),
@@ -64,7 +85,7 @@ impl Region {
             offsets[c] = end;
             end += spec.cap * 8;
         }
-        let shift = end.next_power_of_two().max(4096).trailing_zeros();
+        let shift = slab_shift(specs);
         let ranges = sys::possible_cpus();
         let len = SLABS_OFFSET + (ranges << shift);
         let base = sys::map_lazy(len).ok()?.cast::<Region>();
@@ -113,7 +134,7 @@ impl Region {
     /// The guard word of a header: non-zero while the slab is locked.
     #[inline(always)]
     pub(super) fn guard(header: *mut usize) -> *const usize {
-        header.wrapping_add(3)
+        header.wrapping_add(GUARD_WORD)
     }
 
     /// # Safety
@@ -132,62 +153,81 @@ impl Region {
         unsafe { Self::word(slab, 1) }.load(Ordering::Acquire) != 0
     }
 
-    /// The fast pop: one sequence on the current CPU's slab; `None` on any failure.
+    /// The fast pop: one sequence on the slab of the CPU the thread runs on, which the
+    /// sequence reads itself once its section is open; `None` on any failure. `SHIFT`
+    /// is the region's [`slab_shift`], as a constant.
     ///
     /// # Safety
     ///
-    /// `rseq` is the calling thread's registered area and `cpu` was read from it.
+    /// `rseq` is the calling thread's registered area; `SHIFT` is the [`slab_shift`] of
+    /// the specs the region was created for.
     #[inline(always)]
-    pub(crate) unsafe fn pop_fast(
+    pub(crate) unsafe fn pop_fast<const SHIFT: u32>(
         &self,
-        rseq: *mut crate::abi::Rseq,
-        cpu: u32,
+        rseq: NonNull<crate::abi::Rseq>,
         class: usize,
     ) -> Option<usize> {
-        if cpu as usize >= self.ranges {
-            return None;
-        }
-        let hdr = Self::header(self.slab(cpu), class);
         #[cfg(any(test, feature = "__test-hooks"))]
         if crate::test_hooks::slab_pop_broken() {
+            let cpu = crate::cpu::cpu_id_start(rseq);
+            if cpu as usize >= self.ranges {
+                return None;
+            }
+            let hdr = Self::header(self.slab(cpu), class);
             // SAFETY: as below; the broken sequence touches the same words.
-            return match unsafe { arch::slab_pop_without_restart(rseq, Self::guard(hdr), hdr, cpu) }
-            {
+            let outcome = unsafe {
+                arch::slab_pop_without_restart(rseq.as_ptr(), Self::guard(hdr), hdr, cpu)
+            };
+            return match outcome {
                 Outcome::Committed(p) => Some(p),
                 _ => None,
             };
         }
-        // The header and its entries are written only by sequences on `cpu` and by holders
-        // of the slab's lock, which set the guard and fence `cpu` first; a zeroed header
-        // (slab not ready) makes every sequence fail its bound check without a store.
-        // SAFETY: `rseq` is this thread's area (the caller's contract); see above.
-        match unsafe { arch::slab_pop(rseq, Self::guard(hdr), hdr, cpu) } {
+        debug_assert_eq!(SHIFT, self.shift);
+        // The header and its entries are written only by sequences on their CPU and by
+        // holders of the slab's lock, which set the guard and fence the CPU first; a
+        // zeroed header (slab not ready) makes every sequence fail its bound check
+        // without a store.
+        // SAFETY: `rseq` is this thread's area (the caller's contract); see above; the
+        // header of class `class` in slab `c < ranges` is `c << SHIFT` bytes past slab
+        // 0's, inside the live region.
+        let outcome = unsafe {
+            arch::slab_pop_on_current_cpu::<SHIFT, GUARD_AT>(
+                rseq.as_ptr(),
+                Self::header(self.slab(0), class).cast(),
+                self.ranges,
+            )
+        };
+        match outcome {
             Outcome::Committed(p) => Some(p),
             _ => None,
         }
     }
 
-    /// The fast push: one sequence on the current CPU's slab; `false` on any failure.
+    /// The fast push: one sequence on the slab of the CPU the thread runs on (as for
+    /// [`Region::pop_fast`]); `false` on any failure.
     ///
     /// # Safety
     ///
     /// As for [`Region::pop_fast`].
     #[inline(always)]
-    pub(crate) unsafe fn push_fast(
+    pub(crate) unsafe fn push_fast<const SHIFT: u32>(
         &self,
-        rseq: *mut crate::abi::Rseq,
-        cpu: u32,
+        rseq: NonNull<crate::abi::Rseq>,
         class: usize,
         block: usize,
     ) -> bool {
-        if cpu as usize >= self.ranges {
-            return false;
-        }
-        let hdr = Self::header(self.slab(cpu), class);
+        debug_assert_eq!(SHIFT, self.shift);
         // SAFETY: as in `pop_fast`.
-        unsafe {
-            arch::slab_push(rseq, Self::guard(hdr), hdr, block, cpu) == Outcome::Committed(())
-        }
+        let outcome = unsafe {
+            arch::slab_push_on_current_cpu::<SHIFT, GUARD_AT>(
+                rseq.as_ptr(),
+                Self::header(self.slab(0), class).cast(),
+                self.ranges,
+                block,
+            )
+        };
+        outcome == Outcome::Committed(())
     }
 
     /// Takes the lock of `cpu`'s slab (try only), sets every header's guard and fences

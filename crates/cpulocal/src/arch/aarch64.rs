@@ -732,6 +732,140 @@ pub(crate) unsafe fn slab_pop(
     Outcome::Committed(item)
 }
 
+/// [`slab_push`] on the slab of the CPU the thread runs on: the header is
+/// `base + (cpu << SHIFT)`, its guard word `GUARD` bytes into it, and the sequence reads
+/// the CPU itself, once its section is open (as [`add_on_current_cpu`] does).
+///
+/// ```text
+/// rseq->rseq_cs = descriptor         the section opens
+/// cpu = rseq->cpu_id
+/// if cpu >= len: abort (moved)
+/// hdr = base + (cpu << SHIFT)
+/// if hdr.guard != 0: abort          load-acquire; the slab is locked (by a remote owner)
+/// cur = hdr->current
+/// if cur >= hdr->end: compare failed (full)
+/// *cur = item                       try-store: the slot is free, nobody reads it yet
+/// hdr->current = cur + 8            commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`slab_push`], for the header `base + (c << SHIFT)` of every CPU `c < len`.
+#[inline(always)]
+pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+    rseq: *mut Rseq,
+    base: *mut u8,
+    len: usize,
+    item: usize,
+) -> Outcome {
+    // SAFETY: as in `slab_push`.
+    unsafe {
+        asm!(
+            rseq_start_on_current_cpu!(),
+            "add {tmp}, {slot}, #{guard}",
+            "ldar {tmp}, [{tmp}]",
+            "cbnz {tmp}, {moved}",
+            "ldr {tmp}, [{slot}]",
+            "ldr {val}, [{slot}, #8]",
+            "cmp {tmp}, {val}",
+            "b.hs {fail}",
+            "str {item}, [{tmp}]",
+            "add {tmp}, {tmp}, #8",
+            "str {tmp}, [{slot}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            base = in(reg) base,
+            len = in(reg) len,
+            shift = const SHIFT,
+            guard = const GUARD,
+            item = in(reg) item,
+            cpu = out(reg) _,
+            slot = out(reg) _,
+            tmp = out(reg) _,
+            val = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(())
+}
+
+/// [`slab_pop`] on the slab of the CPU the thread runs on (header and CPU as in
+/// [`slab_push_on_current_cpu`]).
+///
+/// ```text
+/// rseq->rseq_cs = descriptor         the section opens
+/// cpu = rseq->cpu_id
+/// if cpu >= len: abort (moved)
+/// hdr = base + (cpu << SHIFT)
+/// if hdr.guard != 0: abort          load-acquire; the slab is locked (by a remote owner)
+/// cur = hdr->current
+/// if cur <= hdr->begin: compare failed (empty)
+/// item = *(cur - 8)                 load (into a local of this function)
+/// hdr->current = cur - 8            commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`slab_pop`], for the header `base + (c << SHIFT)` of every CPU `c < len`.
+#[inline(always)]
+pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+    rseq: *mut Rseq,
+    base: *mut u8,
+    len: usize,
+) -> Outcome<usize> {
+    let mut item: usize = 0;
+    // SAFETY: as in `slab_pop`; the store before the commit goes to the local `item` only.
+    unsafe {
+        asm!(
+            rseq_start_on_current_cpu!(),
+            "add {tmp}, {slot}, #{guard}",
+            "ldar {tmp}, [{tmp}]",
+            "cbnz {tmp}, {moved}",
+            "ldr {tmp}, [{slot}]",
+            "ldr {val}, [{slot}, #16]",
+            "cmp {tmp}, {val}",
+            "b.ls {fail}",
+            "ldr {val}, [{tmp}, #-8]",
+            "str {val}, [{out}]",
+            "sub {tmp}, {tmp}, #8",
+            "str {tmp}, [{slot}]",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            base = in(reg) base,
+            len = in(reg) len,
+            shift = const SHIFT,
+            guard = const GUARD,
+            out = in(reg) &mut item,
+            cpu = out(reg) _,
+            slot = out(reg) _,
+            tmp = out(reg) _,
+            val = out(reg) _,
+            // A linker veneer for `b {abort}` (see the module docs) may use these.
+            out("x16") _,
+            out("x17") _,
+            sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
+            options(nostack),
+        );
+    }
+    Outcome::Committed(item)
+}
+
 /// Guarded buffer move: `if *guard == 0 && *v == expect { memcpy(dst, src, len); *v =
 /// newv }`, for moving a batch of slab slots in or out in one section.
 ///

@@ -103,3 +103,24 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
 ) -> Outcome<usize> {
     Outcome::Aborted
 }
+
+/// Never called: without sequences no thread holds a registered area.
+#[allow(clippy::missing_safety_doc)]
+pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+    _rseq: *mut Rseq,
+    _base: *mut u8,
+    _len: usize,
+    _item: usize,
+) -> Outcome {
+    Outcome::Aborted
+}
+
+/// Never called: without sequences no thread holds a registered area.
+#[allow(clippy::missing_safety_doc)]
+pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+    _rseq: *mut Rseq,
+    _base: *mut u8,
+    _len: usize,
+) -> Outcome<usize> {
+    Outcome::Aborted
+}

@@ -629,21 +629,79 @@ pub(crate) unsafe fn slab_push(
     Outcome::Committed(())
 }
 
+/// `item` after a CPU mismatch or a locked slab (a slab pop's exits).
+const SLAB_POP_MOVED: usize = 1;
+/// `item` after the kernel restarted the section.
+const SLAB_POP_KERNEL_ABORT: usize = 2;
+/// `item` when the array is empty.
+const SLAB_POP_EMPTY: usize = 3;
+
+/// Closes a slab pop's section: label `5` after the commit, and in `__rseq_failure` the
+/// exits that set `{item}` to [`SLAB_POP_MOVED`] (label `12`), [`SLAB_POP_EMPTY`]
+/// (label `13`) or, after the signature, [`SLAB_POP_KERNEL_ABORT`] (the abort label `6`);
+/// all leave by label `14`, the end of the block.
+///
+/// Operands used: `{item}`, `{moved}`, `{empty}`, `{kernel_abort}` (`const`s), `{sig}`.
+macro_rules! slab_pop_exits {
+    () => {
+        concat!(
+            "5:\n",
+            ".pushsection __rseq_failure, \"ax\"\n",
+            "12:\n",
+            "movl ${moved}, {item:e}\n",
+            "jmp 14f\n",
+            "13:\n",
+            "movl ${empty}, {item:e}\n",
+            "jmp 14f\n",
+            ".byte 0x0f, 0xb9, 0x3d\n",
+            ".long {sig}\n",
+            "6:\n",
+            "movl ${kernel_abort}, {item:e}\n",
+            "jmp 14f\n",
+            ".popsection\n",
+            "14:\n",
+        )
+    };
+}
+
+/// The outcome of a slab pop from its `{item}` register.
+#[inline(always)]
+fn slab_pop_outcome(item: usize) -> Outcome<usize> {
+    // One compare for the usual case (and the caller then knows the item is not null).
+    if item > SLAB_POP_EMPTY {
+        return Outcome::Committed(item);
+    }
+    match item {
+        SLAB_POP_KERNEL_ABORT => {
+            super::note_kernel_abort();
+            Outcome::Aborted
+        }
+        SLAB_POP_EMPTY => Outcome::CompareFailed,
+        _ => Outcome::Aborted,
+    }
+}
+
 /// Slab pop: takes the item below `current` of a per-CPU slab array, unless the array
 /// is empty or the CPU's slab is locked. Header layout as in [`slab_push`].
 ///
 /// ```text
-/// if rseq->cpu_id != cpu: abort
-/// if *guard != 0: abort             the CPU's slab is locked (by a remote owner)
+/// if rseq->cpu_id != cpu: item = MOVED, out
+/// if *guard != 0: item = MOVED, out the CPU's slab is locked (by a remote owner)
 /// cur = hdr->current
-/// if cur <= hdr->begin: compare failed (empty)
-/// item = *(cur - 8)                 load (into a local of the caller)
+/// if cur <= hdr->begin: item = EMPTY, out
+/// item = *(cur - 8)
 /// hdr->current = cur - 8            commit
+/// abort (label 6): item = KERNEL_ABORT, out
 /// ```
+///
+/// The item comes back in a register, as [`pop_guarded_on_current_cpu`]'s head does:
+/// the exits other than the commit set it to values no item can have (items are
+/// 8-byte aligned blocks). Through memory, it cost a store and a load on every
+/// allocation, on the chain from a free to the next allocation.
 ///
 /// # Safety
 ///
-/// As for [`slab_push`].
+/// As for [`slab_push`], and every item in the array is 8-byte aligned.
 #[inline(always)]
 pub(crate) unsafe fn slab_pop(
     rseq: *mut Rseq,
@@ -651,28 +709,89 @@ pub(crate) unsafe fn slab_pop(
     hdr: *mut usize,
     cpu: u32,
 ) -> Outcome<usize> {
-    let mut item: usize = 0;
-    // SAFETY: as in `add`; the store before the commit goes to the local `item` only.
+    let item: usize;
+    // SAFETY: descriptor, signature and labels as in `arch/mod.rs` (label 6 leaves by
+    // label 14); the only store is the commit, to the header the caller vouches for.
     unsafe {
         asm!(
-            rseq_start!(),
+            rseq_descriptor!(),
+            rseq_arm!(),
+            "cmpl {cpu:e}, 4({rseq})",
+            "jnz 12f",
+            rseq_test_delay!(),
             "cmpq $0, ({guard})",
-            "jnz {moved}",
+            "jnz 12f",
             "movq ({hdr}), {tmp}",
             "cmpq 16({hdr}), {tmp}",
-            "jbe {fail}",
-            "movq -8({tmp}), {val}",
-            "movq {val}, ({out})",
+            "jbe 13f",
+            "movq -8({tmp}), {item}",
             "subq $8, {tmp}",
             "movq {tmp}, ({hdr})",
-            rseq_end!(),
+            slab_pop_exits!(),
             rseq = in(reg) rseq,
             cpu = in(reg) cpu,
             guard = in(reg) guard,
             hdr = in(reg) hdr,
-            out = in(reg) &mut item,
+            moved = const SLAB_POP_MOVED,
+            empty = const SLAB_POP_EMPTY,
+            kernel_abort = const SLAB_POP_KERNEL_ABORT,
+            item = out(reg) item,
             tmp = out(reg) _,
-            val = out(reg) _,
+            sig = const RSEQ_SIG,
+            options(att_syntax, nostack),
+        );
+    }
+    slab_pop_outcome(item)
+}
+
+/// [`slab_push`] on the slab of the CPU the thread runs on: the header is
+/// `base + (cpu << SHIFT)`, its guard word `GUARD` bytes into it, and the sequence reads
+/// the CPU itself, once its section is open (as [`add_on_current_cpu`] does).
+///
+/// ```text
+/// rseq->rseq_cs = descriptor         the section opens
+/// cpu = rseq->cpu_id
+/// if cpu >= len: abort (moved)
+/// hdr = base + (cpu << SHIFT)
+/// if hdr.guard != 0: abort          the CPU's slab is locked (by a remote owner)
+/// cur = hdr->current
+/// if cur >= hdr->end: compare failed (full)
+/// *cur = item                       try-store: the slot is free, nobody reads it yet
+/// hdr->current = cur + 8            commit
+/// ```
+///
+/// # Safety
+///
+/// As for [`slab_push`], for the header `base + (c << SHIFT)` of every CPU `c < len`.
+#[inline(always)]
+pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+    rseq: *mut Rseq,
+    base: *mut u8,
+    len: usize,
+    item: usize,
+) -> Outcome {
+    // SAFETY: as in `slab_push`.
+    unsafe {
+        asm!(
+            rseq_start_on_current_cpu!(),
+            "cmpq $0, {guard}({slot})",
+            "jnz {moved}",
+            "movq ({slot}), {tmp}",
+            "cmpq 8({slot}), {tmp}",
+            "jae {fail}",
+            "movq {item}, ({tmp})",
+            "addq $8, {tmp}",
+            "movq {tmp}, ({slot})",
+            rseq_end!(),
+            rseq = in(reg) rseq,
+            base = in(reg) base,
+            len = in(reg) len,
+            shift = const SHIFT,
+            guard = const GUARD,
+            item = in(reg) item,
+            cpu = out(reg) _,
+            slot = out(reg) _,
+            tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
             moved = label { return Outcome::Aborted; },
@@ -683,7 +802,66 @@ pub(crate) unsafe fn slab_pop(
             options(att_syntax, nostack),
         );
     }
-    Outcome::Committed(item)
+    Outcome::Committed(())
+}
+
+/// [`slab_pop`] on the slab of the CPU the thread runs on (header and CPU as in
+/// [`slab_push_on_current_cpu`]); the item comes back in a register as in
+/// [`slab_pop`].
+///
+/// ```text
+/// rseq->rseq_cs = descriptor         the section opens
+/// cpu = rseq->cpu_id
+/// if cpu >= len: item = MOVED, out
+/// hdr = base + (cpu << SHIFT)
+/// if hdr.guard != 0: item = MOVED, out
+/// cur = hdr->current
+/// if cur <= hdr->begin: item = EMPTY, out
+/// item = *(cur - 8)
+/// hdr->current = cur - 8            commit
+/// abort (label 6): item = KERNEL_ABORT, out
+/// ```
+///
+/// # Safety
+///
+/// As for [`slab_pop`], for the header `base + (c << SHIFT)` of every CPU `c < len`.
+#[inline(always)]
+pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+    rseq: *mut Rseq,
+    base: *mut u8,
+    len: usize,
+) -> Outcome<usize> {
+    let item: usize;
+    // SAFETY: as in `slab_pop`.
+    unsafe {
+        asm!(
+            rseq_start_on_current_cpu!("12f"),
+            "cmpq $0, {guard}({slot})",
+            "jnz 12f",
+            "movq ({slot}), {tmp}",
+            "cmpq 16({slot}), {tmp}",
+            "jbe 13f",
+            "movq -8({tmp}), {item}",
+            "subq $8, {tmp}",
+            "movq {tmp}, ({slot})",
+            slab_pop_exits!(),
+            rseq = in(reg) rseq,
+            base = in(reg) base,
+            len = in(reg) len,
+            shift = const SHIFT,
+            guard = const GUARD,
+            moved = const SLAB_POP_MOVED,
+            empty = const SLAB_POP_EMPTY,
+            kernel_abort = const SLAB_POP_KERNEL_ABORT,
+            item = out(reg) item,
+            cpu = out(reg) _,
+            slot = out(reg) _,
+            tmp = out(reg) _,
+            sig = const RSEQ_SIG,
+            options(att_syntax, nostack),
+        );
+    }
+    slab_pop_outcome(item)
 }
 
 /// Guarded buffer move: `if *guard == 0 && *v == expect { memcpy(dst, src, len); *v =

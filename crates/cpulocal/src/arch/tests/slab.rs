@@ -145,3 +145,125 @@ fn broken_slab_pop_still_pops_on_the_expected_cpu() {
     assert_eq!(popped, Outcome::Committed(31));
     assert_eq!(hdr[0], hdr[2]);
 }
+
+// The slab sequences that read the CPU themselves (`slab_*_on_current_cpu`).
+
+/// log2 of a fake slab's size: a header and 12 entries.
+const SLAB_SHIFT: u32 = 7;
+/// The guard's byte offset in a header (`{current, end, begin, guard}`).
+const SLAB_GUARD_AT: i32 = 24;
+
+/// One CPU's fake slab: a header over its own entries.
+#[repr(C, align(128))]
+struct CpuSlab {
+    hdr: [usize; 4],
+    entries: [usize; 12],
+}
+
+const _: () = assert!(core::mem::size_of::<CpuSlab>() == 1 << SLAB_SHIFT);
+
+/// Slabs for CPUs `0..=OTHER_CPU`, each header empty over its entries, boxed so the
+/// headers' addresses stay valid.
+fn cpu_slabs() -> Box<[CpuSlab]> {
+    let mut slabs: Box<[CpuSlab]> = (0..=OTHER_CPU)
+        .map(|_| CpuSlab {
+            hdr: [0; 4],
+            entries: [0; 12],
+        })
+        .collect();
+    for s in slabs.iter_mut() {
+        let begin = s.entries.as_mut_ptr() as usize;
+        s.hdr = [begin, begin + 12 * 8, begin, 0];
+    }
+    slabs
+}
+
+fn slab_push_current(a: &mut Rseq, slabs: &mut [CpuSlab], item: usize) -> Outcome {
+    let (base, len) = (slabs.as_mut_ptr().cast::<u8>(), slabs.len());
+    let _delay = crate::tests::delay_shared();
+    // SAFETY: as in `add`; every slab below `len` is in `slabs`, exclusively borrowed,
+    // its header over its own entries.
+    unsafe { arch::slab_push_on_current_cpu::<SLAB_SHIFT, SLAB_GUARD_AT>(a, base, len, item) }
+}
+
+fn slab_pop_current(a: &mut Rseq, slabs: &mut [CpuSlab]) -> Outcome<usize> {
+    let (base, len) = (slabs.as_mut_ptr().cast::<u8>(), slabs.len());
+    let _delay = crate::tests::delay_shared();
+    // SAFETY: as in `slab_push_current`.
+    unsafe { arch::slab_pop_on_current_cpu::<SLAB_SHIFT, SLAB_GUARD_AT>(a, base, len) }
+}
+
+#[test]
+fn slab_sequences_on_current_cpu_use_the_slab_of_cpu_id() {
+    // `cpu_id_start` says another CPU: the sequences read `cpu_id` in their section.
+    let mut a = Rseq {
+        cpu_id_start: CPU,
+        ..area(OTHER_CPU)
+    };
+    let mut slabs = cpu_slabs();
+    for item in [8, 16] {
+        assert_eq!(
+            slab_push_current(&mut a, &mut slabs, item),
+            Outcome::Committed(())
+        );
+    }
+    armed_descriptor(&a);
+    let other = &slabs[OTHER_CPU as usize];
+    assert_eq!(other.entries[..2], [8, 16]);
+    assert_eq!(other.hdr[0], other.hdr[2] + 16);
+    let untouched = cpu_slabs();
+    for c in 0..OTHER_CPU as usize {
+        assert_eq!(slabs[c].entries, untouched[c].entries, "slab {c}");
+        assert_eq!(slabs[c].hdr[0], slabs[c].hdr[2], "slab {c}");
+    }
+    assert_eq!(slab_pop_current(&mut a, &mut slabs), Outcome::Committed(16));
+    assert_eq!(slab_pop_current(&mut a, &mut slabs), Outcome::Committed(8));
+    assert_eq!(slab_pop_current(&mut a, &mut slabs), Outcome::CompareFailed);
+    let fresh = Rseq {
+        cpu_id_start: CPU,
+        ..area(OTHER_CPU)
+    };
+    assert_eq!(kernel_fields(&a), kernel_fields(&fresh));
+}
+
+#[test]
+fn slab_sequences_on_current_cpu_stop_at_a_full_slab_a_held_guard_or_a_cpu_beyond_the_table() {
+    let mut a = area(CPU);
+    let mut slabs = cpu_slabs();
+    for item in 1..=12 {
+        assert_eq!(
+            slab_push_current(&mut a, &mut slabs, item * 8),
+            Outcome::Committed(())
+        );
+    }
+    assert_eq!(
+        slab_push_current(&mut a, &mut slabs, 13 * 8),
+        Outcome::CompareFailed
+    );
+    // A held guard (the slab locked by a remote owner) aborts both, before any store.
+    slabs[CPU as usize].hdr[3] = 1;
+    let before = slabs[CPU as usize].hdr;
+    assert_eq!(slab_pop_current(&mut a, &mut slabs), Outcome::Aborted);
+    assert_eq!(slabs[CPU as usize].hdr, before);
+    slabs[CPU as usize].hdr[0] -= 8;
+    assert_eq!(
+        slab_push_current(&mut a, &mut slabs, 99 * 8),
+        Outcome::Aborted
+    );
+    assert_eq!(slabs[CPU as usize].entries[11], 12 * 8);
+    // The table stops before CPU, or the area is not registered: nothing is touched.
+    let mut short = cpu_slabs();
+    let short = &mut short[..CPU as usize];
+    assert_eq!(slab_push_current(&mut a, short, 8), Outcome::Aborted);
+    assert_eq!(slab_pop_current(&mut a, short), Outcome::Aborted);
+    for cpu_id in [RSEQ_CPU_ID_UNINITIALIZED, RSEQ_CPU_ID_REGISTRATION_FAILED] {
+        let mut a = Rseq {
+            cpu_id_start: 0,
+            ..area(cpu_id)
+        };
+        let mut slabs = cpu_slabs();
+        assert_eq!(slab_push_current(&mut a, &mut slabs, 8), Outcome::Aborted);
+        assert_eq!(slab_pop_current(&mut a, &mut slabs), Outcome::Aborted);
+        assert!(slabs.iter().all(|s| s.hdr[0] == s.hdr[2]));
+    }
+}
