@@ -218,6 +218,39 @@ fn every_block_is_issued_once_and_returned_exactly_under_signals_yields_and_migr
     }
 }
 
+/// `drain_cpu` locks a CPU's slab while that CPU's threads allocate and free: the fast
+/// paths, which read no guard, must see the locked header (its bounds) and keep off.
+#[test]
+fn blocks_stay_exact_while_another_thread_drains_every_cpu() {
+    let _serial = serial();
+    let _delay = Delay::set(40);
+    let cache = CpuCache::with_backend(Counting::default());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let drains = AtomicU64::new(0);
+    let report = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if cache.drain_all() {
+                    drains.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let report = run(&cache, 3, 40_000, false);
+        stop.store(true, Ordering::Relaxed);
+        report
+    });
+    assert_eq!(report.double_issues, 0, "{report:?}");
+    assert_eq!(report.corrupted, 0, "{report:?}");
+    assert!(cache.drain_all());
+    assert_eq!(cache.cached_blocks(), 0);
+    let live = cache.backend().live.load(Ordering::Relaxed);
+    assert_eq!(live, 0, "blocks lost or freed twice: {report:?}");
+    eprintln!(
+        "{report:?}; {} drains of every CPU meanwhile",
+        drains.into_inner()
+    );
+}
+
 #[test]
 fn blocks_are_exact_under_thread_churn() {
     let _serial = serial();

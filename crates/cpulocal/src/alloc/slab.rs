@@ -21,11 +21,17 @@ pub(crate) const MAX_BATCH: usize = 32;
 pub(super) const LOCK_TRIES: u32 = 256;
 
 /// A class header in a slab: `{current, end, begin, guard}`, the layout the slab
-/// sequences expect (see [`crate::ops::slab_push`]).
+/// sequences expect (see [`crate::ops::slab_push`]). While the slab is locked, `end` is
+/// [`LOCKED_END`] and `begin` [`LOCKED_BEGIN`], so that the fast paths' bound checks
+/// fail (a push finds the array full, a pop finds it empty) without a guard load of
+/// their own, and `guard` is set for the batch sequences.
 const HEADER_WORDS: usize = 4;
 /// The guard's word in a header, and its byte offset (for the sequences).
 const GUARD_WORD: usize = 3;
-const GUARD_AT: i32 = (GUARD_WORD * 8) as i32;
+/// `end` and `begin` of a locked header (every `current` is at least the one and at most
+/// the other).
+const LOCKED_END: usize = 0;
+const LOCKED_BEGIN: usize = usize::MAX;
 /// Offset of the headers in a slab (the first line holds the slab's lock and ready words).
 const HEADERS_OFFSET: usize = 64;
 
@@ -137,6 +143,14 @@ impl Region {
         header.wrapping_add(GUARD_WORD)
     }
 
+    /// `begin` and `end` of `class`'s array in `slab`, from the layout: what an unlocked
+    /// header of a ready slab holds.
+    #[inline]
+    fn bounds(&self, slab: *mut u8, class: usize) -> (usize, usize) {
+        let begin = slab as usize + self.offsets[class];
+        (begin, begin + self.specs[class].cap * 8)
+    }
+
     /// # Safety
     ///
     /// `slab` is a slab of a live region.
@@ -185,14 +199,14 @@ impl Region {
         }
         debug_assert_eq!(SHIFT, self.shift);
         // The header and its entries are written only by sequences on their CPU and by
-        // holders of the slab's lock, which set the guard and fence the CPU first; a
-        // zeroed header (slab not ready) makes every sequence fail its bound check
-        // without a store.
+        // holders of the slab's lock, which lock the header's bounds and fence the CPU
+        // first; a locked header, like a zeroed one (slab not ready), makes every
+        // sequence fail its bound check without a store.
         // SAFETY: `rseq` is this thread's area (the caller's contract); see above; the
         // header of class `class` in slab `c < ranges` is `c << SHIFT` bytes past slab
         // 0's, inside the live region.
         let outcome = unsafe {
-            arch::slab_pop_on_current_cpu::<SHIFT, GUARD_AT>(
+            arch::slab_pop_on_current_cpu::<SHIFT>(
                 rseq.as_ptr(),
                 Self::header(self.slab(0), class).cast(),
                 self.ranges,
@@ -220,7 +234,7 @@ impl Region {
         debug_assert_eq!(SHIFT, self.shift);
         // SAFETY: as in `pop_fast`.
         let outcome = unsafe {
-            arch::slab_push_on_current_cpu::<SHIFT, GUARD_AT>(
+            arch::slab_push_on_current_cpu::<SHIFT>(
                 rseq.as_ptr(),
                 Self::header(self.slab(0), class).cast(),
                 self.ranges,
@@ -249,12 +263,17 @@ impl Region {
             core::hint::spin_loop();
         }
         for c in 0..self.classes {
-            let guard = Self::guard(Self::header(slab, c)).cast_mut();
-            // SAFETY: a header word of this slab; sequences only read it.
-            unsafe { AtomicUsize::from_ptr(guard) }.store(1, Ordering::Relaxed);
+            let hdr = Self::header(slab, c);
+            // SAFETY: header words of this slab; sequences only read them.
+            unsafe {
+                AtomicUsize::from_ptr(hdr.add(1)).store(LOCKED_END, Ordering::Relaxed);
+                AtomicUsize::from_ptr(hdr.add(2)).store(LOCKED_BEGIN, Ordering::Relaxed);
+                AtomicUsize::from_ptr(Self::guard(hdr).cast_mut()).store(1, Ordering::Relaxed);
+            }
         }
-        // Every sequence on `cpu` that read a guard as 0 either committed before this
-        // returns or is restarted and then sees the guard set (see `crate::remote`).
+        // Every sequence on `cpu` that read a bound (or a guard) before it was locked
+        // either committed before this returns or is restarted and then sees it locked
+        // (see `crate::remote`).
         if remote::fence_sequences_on(cpu).is_err() {
             // Without the fence the slab cannot be excluded: leave it alone (the caller
             // then uses the transfer cache or the backend; nothing was changed).
@@ -266,12 +285,20 @@ impl Region {
 
     fn unlock_slab(&self, cpu: u32) {
         let slab = self.slab(cpu);
+        // A slab that is not ready keeps zero bounds: its `current` is not set up.
+        let ready = Self::ready(slab);
         for c in 0..self.classes {
-            let guard = Self::guard(Self::header(slab, c)).cast_mut();
+            let hdr = Self::header(slab, c);
+            let (begin, end) = if ready { self.bounds(slab, c) } else { (0, 0) };
             // SAFETY: as in `lock_slab`.
-            // Release: pairs with the load-acquire of the guard in the sequences (on
-            // x86_64 every load is one), so they see the headers written under the lock.
-            unsafe { AtomicUsize::from_ptr(guard) }.store(0, Ordering::Release);
+            // Release: pairs with the load-acquire of the bound (or the guard) in the
+            // sequences, which they load before `current` (on x86_64 every load is an
+            // acquire), so they see the headers written under the lock.
+            unsafe {
+                AtomicUsize::from_ptr(hdr.add(1)).store(end, Ordering::Release);
+                AtomicUsize::from_ptr(hdr.add(2)).store(begin, Ordering::Release);
+                AtomicUsize::from_ptr(Self::guard(hdr).cast_mut()).store(0, Ordering::Release);
+            }
         }
         // SAFETY: as in `lock_slab`.
         // Release: pairs with the Acquire of the next locker.
@@ -290,15 +317,11 @@ impl Region {
         if !Self::ready(slab) {
             for c in 0..self.classes {
                 let hdr = Self::header(slab, c);
-                let begin = slab as usize + self.offsets[c];
-                let end = begin + self.specs[c].cap * 8;
-                // SAFETY: the header words of this slab; the lock and the fence exclude
-                // every sequence on `cpu`, and readers elsewhere load them atomically.
-                unsafe {
-                    AtomicUsize::from_ptr(hdr.add(2)).store(begin, Ordering::Relaxed);
-                    AtomicUsize::from_ptr(hdr.add(1)).store(end, Ordering::Relaxed);
-                    AtomicUsize::from_ptr(hdr).store(begin, Ordering::Relaxed);
-                }
+                let (begin, _) = self.bounds(slab, c);
+                // SAFETY: a header word of this slab; the lock and the fence exclude
+                // every sequence on `cpu`, and readers elsewhere load it atomically. The
+                // bounds are set by `unlock_slab`, now that the slab is ready.
+                unsafe { AtomicUsize::from_ptr(hdr) }.store(begin, Ordering::Relaxed);
             }
             // SAFETY: as in `lock_slab`.
             // Release: pairs with the Acquire in `ready`.
@@ -436,11 +459,12 @@ impl Region {
         }
         for c in 0..self.classes {
             let hdr = Self::header(slab, c);
+            // Its bounds are locked: the real `begin` comes from the layout.
+            let (begin, _) = self.bounds(slab, c);
             // SAFETY: the slab is locked and fenced: no sequence writes its headers or
             // entries until `unlock_slab`; the words are read and written atomically.
             unsafe {
                 let current = AtomicUsize::from_ptr(hdr);
-                let begin = AtomicUsize::from_ptr(hdr.add(2)).load(Ordering::Relaxed);
                 let cur = current.load(Ordering::Relaxed);
                 let mut p = begin;
                 while p < cur {
@@ -472,13 +496,10 @@ impl Region {
             let slab = self.slab(cpu);
             if Self::ready(slab) {
                 let hdr = Self::header(slab, class);
-                // SAFETY: header words of a ready slab, read atomically.
-                let (cur, begin) = unsafe {
-                    (
-                        AtomicUsize::from_ptr(hdr).load(Ordering::Relaxed),
-                        AtomicUsize::from_ptr(hdr.add(2)).load(Ordering::Relaxed),
-                    )
-                };
+                // (From the layout: a locked header's `begin` is `LOCKED_BEGIN`.)
+                let (begin, _) = self.bounds(slab, class);
+                // SAFETY: a header word of a ready slab, read atomically.
+                let cur = unsafe { AtomicUsize::from_ptr(hdr) }.load(Ordering::Relaxed);
                 on_cpus += cur.saturating_sub(begin) / 8;
             }
         }

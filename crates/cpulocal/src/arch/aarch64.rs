@@ -733,26 +733,31 @@ pub(crate) unsafe fn slab_pop(
 }
 
 /// [`slab_push`] on the slab of the CPU the thread runs on: the header is
-/// `base + (cpu << SHIFT)`, its guard word `GUARD` bytes into it, and the sequence reads
-/// the CPU itself, once its section is open (as [`add_on_current_cpu`] does).
+/// `base + (cpu << SHIFT)`, and the sequence reads the CPU itself, once its section is
+/// open (as [`add_on_current_cpu`] does). It reads no guard: a locked slab's header has
+/// `end` 0, so the bound check fails; `end` is loaded first, with acquire, so that a
+/// header unlocked meanwhile (by a release store of `end`) is seen with the `current`
+/// its lock holder left.
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
 /// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// hdr = base + (cpu << SHIFT)
-/// if hdr.guard != 0: abort          load-acquire; the slab is locked (by a remote owner)
+/// end = hdr->end                    load-acquire; 0 while the slab is locked
 /// cur = hdr->current
-/// if cur >= hdr->end: compare failed (full)
+/// if cur >= end: compare failed (full, or locked)
 /// *cur = item                       try-store: the slot is free, nobody reads it yet
 /// hdr->current = cur + 8            commit
 /// ```
 ///
 /// # Safety
 ///
-/// As for [`slab_push`], for the header `base + (c << SHIFT)` of every CPU `c < len`.
+/// As for [`slab_push`], for the header `base + (c << SHIFT)` of every CPU `c < len`,
+/// whose lock holders set `end` to 0 (and fence the CPU) before they write the header or
+/// its entries, and release it with a release store.
 #[inline(always)]
-pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32>(
     rseq: *mut Rseq,
     base: *mut u8,
     len: usize,
@@ -762,11 +767,9 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32
     unsafe {
         asm!(
             rseq_start_on_current_cpu!(),
-            "add {tmp}, {slot}, #{guard}",
-            "ldar {tmp}, [{tmp}]",
-            "cbnz {tmp}, {moved}",
+            "add {tmp}, {slot}, #8",
+            "ldar {val}, [{tmp}]",
             "ldr {tmp}, [{slot}]",
-            "ldr {val}, [{slot}, #8]",
             "cmp {tmp}, {val}",
             "b.hs {fail}",
             "str {item}, [{tmp}]",
@@ -777,7 +780,6 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32
             base = in(reg) base,
             len = in(reg) len,
             shift = const SHIFT,
-            guard = const GUARD,
             item = in(reg) item,
             cpu = out(reg) _,
             slot = out(reg) _,
@@ -799,26 +801,28 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32
     Outcome::Committed(())
 }
 
-/// [`slab_pop`] on the slab of the CPU the thread runs on (header and CPU as in
-/// [`slab_push_on_current_cpu`]).
+/// [`slab_pop`] on the slab of the CPU the thread runs on (header, CPU and lock as in
+/// [`slab_push_on_current_cpu`]: a locked header's `begin` is `usize::MAX`, loaded
+/// first, with acquire).
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
 /// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// hdr = base + (cpu << SHIFT)
-/// if hdr.guard != 0: abort          load-acquire; the slab is locked (by a remote owner)
+/// begin = hdr->begin                load-acquire; usize::MAX while the slab is locked
 /// cur = hdr->current
-/// if cur <= hdr->begin: compare failed (empty)
+/// if cur <= begin: compare failed (empty, or locked)
 /// item = *(cur - 8)                 load (into a local of this function)
 /// hdr->current = cur - 8            commit
 /// ```
 ///
 /// # Safety
 ///
-/// As for [`slab_pop`], for the header `base + (c << SHIFT)` of every CPU `c < len`.
+/// As for [`slab_push_on_current_cpu`] (its lock holders also set `begin` to
+/// `usize::MAX`).
 #[inline(always)]
-pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32>(
     rseq: *mut Rseq,
     base: *mut u8,
     len: usize,
@@ -828,11 +832,9 @@ pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>
     unsafe {
         asm!(
             rseq_start_on_current_cpu!(),
-            "add {tmp}, {slot}, #{guard}",
-            "ldar {tmp}, [{tmp}]",
-            "cbnz {tmp}, {moved}",
+            "add {tmp}, {slot}, #16",
+            "ldar {val}, [{tmp}]",
             "ldr {tmp}, [{slot}]",
-            "ldr {val}, [{slot}, #16]",
             "cmp {tmp}, {val}",
             "b.ls {fail}",
             "ldr {val}, [{tmp}, #-8]",
@@ -844,7 +846,6 @@ pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>
             base = in(reg) base,
             len = in(reg) len,
             shift = const SHIFT,
-            guard = const GUARD,
             out = in(reg) &mut item,
             cpu = out(reg) _,
             slot = out(reg) _,

@@ -106,7 +106,7 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
 
 /// Never called: without sequences no thread holds a registered area.
 #[allow(clippy::missing_safety_doc)]
-pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32>(
     _rseq: *mut Rseq,
     _base: *mut u8,
     _len: usize,
@@ -117,7 +117,7 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32
 
 /// Never called: without sequences no thread holds a registered area.
 #[allow(clippy::missing_safety_doc)]
-pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32>(
     _rseq: *mut Rseq,
     _base: *mut u8,
     _len: usize,

@@ -745,26 +745,30 @@ pub(crate) unsafe fn slab_pop(
 }
 
 /// [`slab_push`] on the slab of the CPU the thread runs on: the header is
-/// `base + (cpu << SHIFT)`, its guard word `GUARD` bytes into it, and the sequence reads
-/// the CPU itself, once its section is open (as [`add_on_current_cpu`] does).
+/// `base + (cpu << SHIFT)`, and the sequence reads the CPU itself, once its section is
+/// open (as [`add_on_current_cpu`] does). It reads no guard: a locked slab's header has
+/// `end` 0, so the bound check fails; `end` is loaded before `current`, so that a
+/// header unlocked meanwhile is seen with the `current` its lock holder left.
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
 /// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// hdr = base + (cpu << SHIFT)
-/// if hdr.guard != 0: abort          the CPU's slab is locked (by a remote owner)
+/// end = hdr->end                    0 while the slab is locked (by a remote owner)
 /// cur = hdr->current
-/// if cur >= hdr->end: compare failed (full)
+/// if cur >= end: compare failed (full, or locked)
 /// *cur = item                       try-store: the slot is free, nobody reads it yet
 /// hdr->current = cur + 8            commit
 /// ```
 ///
 /// # Safety
 ///
-/// As for [`slab_push`], for the header `base + (c << SHIFT)` of every CPU `c < len`.
+/// As for [`slab_push`], for the header `base + (c << SHIFT)` of every CPU `c < len`,
+/// whose lock holders set `end` to 0 (and fence the CPU) before they write the header or
+/// its entries.
 #[inline(always)]
-pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32>(
     rseq: *mut Rseq,
     base: *mut u8,
     len: usize,
@@ -774,10 +778,9 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32
     unsafe {
         asm!(
             rseq_start_on_current_cpu!(),
-            "cmpq $0, {guard}({slot})",
-            "jnz {moved}",
+            "movq 8({slot}), {end}",
             "movq ({slot}), {tmp}",
-            "cmpq 8({slot}), {tmp}",
+            "cmpq {end}, {tmp}",
             "jae {fail}",
             "movq {item}, ({tmp})",
             "addq $8, {tmp}",
@@ -787,10 +790,10 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32
             base = in(reg) base,
             len = in(reg) len,
             shift = const SHIFT,
-            guard = const GUARD,
             item = in(reg) item,
             cpu = out(reg) _,
             slot = out(reg) _,
+            end = out(reg) _,
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             fail = label { return Outcome::CompareFailed; },
@@ -805,18 +808,18 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32
     Outcome::Committed(())
 }
 
-/// [`slab_pop`] on the slab of the CPU the thread runs on (header and CPU as in
-/// [`slab_push_on_current_cpu`]); the item comes back in a register as in
-/// [`slab_pop`].
+/// [`slab_pop`] on the slab of the CPU the thread runs on (header, CPU and lock as in
+/// [`slab_push_on_current_cpu`]: a locked header's `begin` is `usize::MAX`, loaded
+/// before `current`); the item comes back in a register as in [`slab_pop`].
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
 /// cpu = rseq->cpu_id
 /// if cpu >= len: item = MOVED, out
 /// hdr = base + (cpu << SHIFT)
-/// if hdr.guard != 0: item = MOVED, out
+/// begin = hdr->begin                usize::MAX while the slab is locked
 /// cur = hdr->current
-/// if cur <= hdr->begin: item = EMPTY, out
+/// if cur <= begin: item = EMPTY, out (empty, or locked)
 /// item = *(cur - 8)
 /// hdr->current = cur - 8            commit
 /// abort (label 6): item = KERNEL_ABORT, out
@@ -824,9 +827,10 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32, const GUARD: i32
 ///
 /// # Safety
 ///
-/// As for [`slab_pop`], for the header `base + (c << SHIFT)` of every CPU `c < len`.
+/// As for [`slab_push_on_current_cpu`] (its lock holders also set `begin` to
+/// `usize::MAX`), and every item in the arrays is 8-byte aligned.
 #[inline(always)]
-pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>(
+pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32>(
     rseq: *mut Rseq,
     base: *mut u8,
     len: usize,
@@ -836,10 +840,9 @@ pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>
     unsafe {
         asm!(
             rseq_start_on_current_cpu!("12f"),
-            "cmpq $0, {guard}({slot})",
-            "jnz 12f",
+            "movq 16({slot}), {begin}",
             "movq ({slot}), {tmp}",
-            "cmpq 16({slot}), {tmp}",
+            "cmpq {begin}, {tmp}",
             "jbe 13f",
             "movq -8({tmp}), {item}",
             "subq $8, {tmp}",
@@ -849,13 +852,13 @@ pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32, const GUARD: i32>
             base = in(reg) base,
             len = in(reg) len,
             shift = const SHIFT,
-            guard = const GUARD,
             moved = const SLAB_POP_MOVED,
             empty = const SLAB_POP_EMPTY,
             kernel_abort = const SLAB_POP_KERNEL_ABORT,
             item = out(reg) item,
             cpu = out(reg) _,
             slot = out(reg) _,
+            begin = out(reg) _,
             tmp = out(reg) _,
             sig = const RSEQ_SIG,
             options(att_syntax, nostack),

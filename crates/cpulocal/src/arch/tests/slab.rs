@@ -150,8 +150,6 @@ fn broken_slab_pop_still_pops_on_the_expected_cpu() {
 
 /// log2 of a fake slab's size: a header and 12 entries.
 const SLAB_SHIFT: u32 = 7;
-/// The guard's byte offset in a header (`{current, end, begin, guard}`).
-const SLAB_GUARD_AT: i32 = 24;
 
 /// One CPU's fake slab: a header over its own entries.
 #[repr(C, align(128))]
@@ -183,14 +181,14 @@ fn slab_push_current(a: &mut Rseq, slabs: &mut [CpuSlab], item: usize) -> Outcom
     let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add`; every slab below `len` is in `slabs`, exclusively borrowed,
     // its header over its own entries.
-    unsafe { arch::slab_push_on_current_cpu::<SLAB_SHIFT, SLAB_GUARD_AT>(a, base, len, item) }
+    unsafe { arch::slab_push_on_current_cpu::<SLAB_SHIFT>(a, base, len, item) }
 }
 
 fn slab_pop_current(a: &mut Rseq, slabs: &mut [CpuSlab]) -> Outcome<usize> {
     let (base, len) = (slabs.as_mut_ptr().cast::<u8>(), slabs.len());
     let _delay = crate::tests::delay_shared();
     // SAFETY: as in `slab_push_current`.
-    unsafe { arch::slab_pop_on_current_cpu::<SLAB_SHIFT, SLAB_GUARD_AT>(a, base, len) }
+    unsafe { arch::slab_pop_on_current_cpu::<SLAB_SHIFT>(a, base, len) }
 }
 
 #[test]
@@ -227,7 +225,7 @@ fn slab_sequences_on_current_cpu_use_the_slab_of_cpu_id() {
 }
 
 #[test]
-fn slab_sequences_on_current_cpu_stop_at_a_full_slab_a_held_guard_or_a_cpu_beyond_the_table() {
+fn slab_sequences_on_current_cpu_stop_at_a_full_slab_a_locked_header_or_a_cpu_beyond_the_table() {
     let mut a = area(CPU);
     let mut slabs = cpu_slabs();
     for item in 1..=12 {
@@ -240,17 +238,28 @@ fn slab_sequences_on_current_cpu_stop_at_a_full_slab_a_held_guard_or_a_cpu_beyon
         slab_push_current(&mut a, &mut slabs, 13 * 8),
         Outcome::CompareFailed
     );
-    // A held guard (the slab locked by a remote owner) aborts both, before any store.
-    slabs[CPU as usize].hdr[3] = 1;
-    let before = slabs[CPU as usize].hdr;
-    assert_eq!(slab_pop_current(&mut a, &mut slabs), Outcome::Aborted);
-    assert_eq!(slabs[CPU as usize].hdr, before);
-    slabs[CPU as usize].hdr[0] -= 8;
+    // A locked header (`end` 0, `begin` usize::MAX: the slab's lock holder works on it)
+    // fails both bound checks, before any store.
+    let cpu = CPU as usize;
+    let unlocked = slabs[cpu].hdr;
+    slabs[cpu].hdr[1] = 0;
+    slabs[cpu].hdr[2] = usize::MAX;
+    let locked = slabs[cpu].hdr;
+    assert_eq!(slab_pop_current(&mut a, &mut slabs), Outcome::CompareFailed);
+    slabs[cpu].hdr[0] -= 8;
     assert_eq!(
         slab_push_current(&mut a, &mut slabs, 99 * 8),
-        Outcome::Aborted
+        Outcome::CompareFailed
     );
-    assert_eq!(slabs[CPU as usize].entries[11], 12 * 8);
+    assert_eq!(slabs[cpu].hdr, [locked[0] - 8, 0, usize::MAX, 0]);
+    assert_eq!(slabs[cpu].entries[11], 12 * 8);
+    // The guard word is the batch sequences' lock: these read only the bounds.
+    slabs[cpu].hdr = unlocked;
+    slabs[cpu].hdr[3] = 1;
+    assert_eq!(
+        slab_pop_current(&mut a, &mut slabs),
+        Outcome::Committed(12 * 8)
+    );
     // The table stops before CPU, or the area is not registered: nothing is touched.
     let mut short = cpu_slabs();
     let short = &mut short[..CPU as usize];
