@@ -4,9 +4,11 @@
 //!
 //! Figures: `cargo run --release -p cpulocal-cli -- bench --threads 1,2` on a 2-vCPU
 //! x86_64 VM (AMD EPYC host, Linux 6.18, glibc 2.36), quiet, median ns per operation of
-//! three runs, 1 thread / 2 threads (the README's table). They are this machine's; run the command on yours. With 2
-//! threads on 2 CPUs, every shared structure has its cache line bounce between them;
-//! the per-CPU ones do not.
+//! three runs of the build of 6d73c4c, 1 thread / 2 threads. Later builds are as fast or
+//! faster on these paths; the README's table gives their ratios, from noisier runs. The
+//! figures are this machine's; run the command on yours. With 2 threads on 2 CPUs,
+//! every shared structure has its cache line bounce between them; the per-CPU ones do
+//! not.
 //!
 //! ## [`Counter`](crate::Counter) or per-thread shards (`thread_local::ThreadLocal<Cell<u64>>`)
 //!
