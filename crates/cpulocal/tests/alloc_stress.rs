@@ -192,6 +192,17 @@ fn run(cache: &CpuCache<Counting>, threads: usize, ops: u64, churn: bool) -> Rep
     }
 }
 
+/// No block was issued twice or corrupted, and after a final drain the backend has
+/// every block back.
+fn assert_every_block_back(cache: &CpuCache<Counting>, report: &Report) {
+    assert_eq!(report.double_issues, 0, "{report:?}");
+    assert_eq!(report.corrupted, 0, "{report:?}");
+    assert!(cache.drain_all());
+    assert_eq!(cache.cached_blocks(), 0);
+    let live = cache.backend().live.load(Ordering::Relaxed);
+    assert_eq!(live, 0, "blocks lost or freed twice: {report:?}");
+}
+
 #[test]
 fn every_block_is_issued_once_and_returned_exactly_under_signals_yields_and_migrations() {
     let _serial = serial();
@@ -199,12 +210,7 @@ fn every_block_is_issued_once_and_returned_exactly_under_signals_yields_and_migr
     let cache = CpuCache::with_backend(Counting::default());
     let aborts = kernel_aborts();
     let report = run(&cache, 4, 60_000, true);
-    assert_eq!(report.double_issues, 0, "{report:?}");
-    assert_eq!(report.corrupted, 0, "{report:?}");
-    assert!(cache.drain_all());
-    assert_eq!(cache.cached_blocks(), 0);
-    let live = cache.backend().live.load(Ordering::Relaxed);
-    assert_eq!(live, 0, "blocks lost or freed twice: {report:?}");
+    assert_every_block_back(&cache, &report);
     let allocs = cache.backend().allocs.load(Ordering::Relaxed);
     eprintln!(
         "{report:?}; backend allocations {allocs}; kernel aborts {:?}",
@@ -239,12 +245,7 @@ fn blocks_stay_exact_while_another_thread_drains_every_cpu() {
         stop.store(true, Ordering::Relaxed);
         report
     });
-    assert_eq!(report.double_issues, 0, "{report:?}");
-    assert_eq!(report.corrupted, 0, "{report:?}");
-    assert!(cache.drain_all());
-    assert_eq!(cache.cached_blocks(), 0);
-    let live = cache.backend().live.load(Ordering::Relaxed);
-    assert_eq!(live, 0, "blocks lost or freed twice: {report:?}");
+    assert_every_block_back(&cache, &report);
     eprintln!(
         "{report:?}; {} drains of every CPU meanwhile",
         drains.into_inner()

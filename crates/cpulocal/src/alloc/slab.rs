@@ -290,10 +290,10 @@ impl Region {
         for c in 0..self.classes {
             let hdr = Self::header(slab, c);
             let (begin, end) = if ready { self.bounds(slab, c) } else { (0, 0) };
-            // SAFETY: as in `lock_slab`.
             // Release: pairs with the load-acquire of the bound (or the guard) in the
             // sequences, which they load before `current` (on x86_64 every load is an
             // acquire), so they see the headers written under the lock.
+            // SAFETY: as in `lock_slab`.
             unsafe {
                 AtomicUsize::from_ptr(hdr.add(1)).store(end, Ordering::Release);
                 AtomicUsize::from_ptr(hdr.add(2)).store(begin, Ordering::Release);
