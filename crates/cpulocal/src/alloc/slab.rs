@@ -174,7 +174,8 @@ impl Region {
     /// # Safety
     ///
     /// `rseq` is the calling thread's registered area; `SHIFT` is the [`slab_shift`] of
-    /// the specs the region was created for.
+    /// the specs the region was created for; the region holds pointers only (blocks,
+    /// or `Box` pointers, dangling ones included), as its users do.
     #[inline(always)]
     pub(crate) unsafe fn pop_fast<const SHIFT: u32>(
         &self,

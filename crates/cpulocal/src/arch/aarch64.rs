@@ -769,6 +769,8 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32>(
             rseq_start_on_current_cpu!(),
             "add {tmp}, {slot}, #8",
             "ldar {val}, [{tmp}]",
+            // Test builds: a second delay, between the two loads whose order matters.
+            rseq_test_delay!(),
             "ldr {tmp}, [{slot}]",
             "cmp {tmp}, {val}",
             "b.hs {fail}",
@@ -834,6 +836,8 @@ pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32>(
             rseq_start_on_current_cpu!(),
             "add {tmp}, {slot}, #16",
             "ldar {val}, [{tmp}]",
+            // Test builds: a second delay, between the two loads whose order matters.
+            rseq_test_delay!(),
             "ldr {tmp}, [{slot}]",
             "cmp {tmp}, {val}",
             "b.ls {fail}",

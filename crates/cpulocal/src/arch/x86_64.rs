@@ -90,8 +90,10 @@ macro_rules! rseq_start {
 /// read (as the sequences given a CPU do): from label `4` on, a migration restarts the
 /// section. `cpu_id`, not `cpu_id_start`: only a registered area's `cpu_id` is a CPU
 /// (the callers hold one), and a negative value would fail the bound anyway. One load
-/// and one compare fewer than reading `cpu_id_start` first: `Counter::add` 1.59x to
-/// 1.44x the `tls_add` floor, `Stack` push+pop 4.34x to 4.08x (7 interleaved rounds).
+/// and one compare fewer than reading `cpu_id_start` first: a `Stack` push+pop went
+/// from 4.3x-4.5x to 4.0x-4.2x the `tls_add` floor in three interleaved runs;
+/// `Counter::add` from 1.50x-1.59x to 1.43x-1.44x in two of them (the third, noisier,
+/// showed no change).
 ///
 /// Operands used: `{rseq}`, `{base}`, `{len}`, `{shift}` (a `const`), `{cpu}`, `{slot}`,
 /// `{tmp}`, and `{moved}` unless another label is given.
@@ -629,34 +631,37 @@ pub(crate) unsafe fn slab_push(
     Outcome::Committed(())
 }
 
-/// `item` after a CPU mismatch or a locked slab (a slab pop's exits).
-const SLAB_POP_MOVED: usize = 1;
+/// `item` after a CPU beyond the table (the exits of [`slab_pop_on_current_cpu`]): the
+/// three highest `usize` values, which no pointer has (user addresses are below 2^57,
+/// and a dangling pointer to a zero-sized `T` is its alignment, at most 2^29).
+const SLAB_POP_MOVED: usize = usize::MAX;
 /// `item` after the kernel restarted the section.
-const SLAB_POP_KERNEL_ABORT: usize = 2;
-/// `item` when the array is empty.
-const SLAB_POP_EMPTY: usize = 3;
+const SLAB_POP_KERNEL_ABORT: usize = usize::MAX - 1;
+/// `item` when the array is empty, or its header locked.
+const SLAB_POP_EMPTY: usize = usize::MAX - 2;
 
 /// Closes a slab pop's section: label `5` after the commit, and in `__rseq_failure` the
 /// exits that set `{item}` to [`SLAB_POP_MOVED`] (label `12`), [`SLAB_POP_EMPTY`]
 /// (label `13`) or, after the signature, [`SLAB_POP_KERNEL_ABORT`] (the abort label `6`);
 /// all leave by label `14`, the end of the block.
 ///
-/// Operands used: `{item}`, `{moved}`, `{empty}`, `{kernel_abort}` (`const`s), `{sig}`.
+/// Operands used: `{item}`, and `{moved}`, `{empty}`, `{kernel_abort}`: `const`s, the
+/// sentinels as `isize` (-1, -2, -3: `movq` sign-extends its immediate); `{sig}`.
 macro_rules! slab_pop_exits {
     () => {
         concat!(
             "5:\n",
             ".pushsection __rseq_failure, \"ax\"\n",
             "12:\n",
-            "movl ${moved}, {item:e}\n",
+            "movq ${moved}, {item}\n",
             "jmp 14f\n",
             "13:\n",
-            "movl ${empty}, {item:e}\n",
+            "movq ${empty}, {item}\n",
             "jmp 14f\n",
             ".byte 0x0f, 0xb9, 0x3d\n",
             ".long {sig}\n",
             "6:\n",
-            "movl ${kernel_abort}, {item:e}\n",
+            "movq ${kernel_abort}, {item}\n",
             "jmp 14f\n",
             ".popsection\n",
             "14:\n",
@@ -667,8 +672,8 @@ macro_rules! slab_pop_exits {
 /// The outcome of a slab pop from its `{item}` register.
 #[inline(always)]
 fn slab_pop_outcome(item: usize) -> Outcome<usize> {
-    // One compare for the usual case (and the caller then knows the item is not null).
-    if item > SLAB_POP_EMPTY {
+    // One compare for the usual case.
+    if item < SLAB_POP_EMPTY {
         return Outcome::Committed(item);
     }
     match item {
@@ -685,23 +690,21 @@ fn slab_pop_outcome(item: usize) -> Outcome<usize> {
 /// is empty or the CPU's slab is locked. Header layout as in [`slab_push`].
 ///
 /// ```text
-/// if rseq->cpu_id != cpu: item = MOVED, out
-/// if *guard != 0: item = MOVED, out the CPU's slab is locked (by a remote owner)
+/// if rseq->cpu_id != cpu: abort
+/// if *guard != 0: abort             the CPU's slab is locked (by a remote owner)
 /// cur = hdr->current
-/// if cur <= hdr->begin: item = EMPTY, out
-/// item = *(cur - 8)
+/// if cur <= hdr->begin: compare failed (empty)
+/// item = *(cur - 8)                 load (into a local of the caller)
 /// hdr->current = cur - 8            commit
-/// abort (label 6): item = KERNEL_ABORT, out
 /// ```
 ///
-/// The item comes back in a register, as [`pop_guarded_on_current_cpu`]'s head does:
-/// the exits other than the commit set it to values no item can have (items are
-/// 8-byte aligned blocks). Through memory, it cost a store and a load on every
-/// allocation, on the chain from a free to the next allocation.
+/// Any value can be an item here (the public `ops::slab_pop` takes any `usize`), so
+/// the item goes through memory; the allocator's fast path,
+/// [`slab_pop_on_current_cpu`], returns pointers in a register.
 ///
 /// # Safety
 ///
-/// As for [`slab_push`], and every item in the array is 8-byte aligned.
+/// As for [`slab_push`].
 #[inline(always)]
 pub(crate) unsafe fn slab_pop(
     rseq: *mut Rseq,
@@ -709,39 +712,39 @@ pub(crate) unsafe fn slab_pop(
     hdr: *mut usize,
     cpu: u32,
 ) -> Outcome<usize> {
-    let item: usize;
-    // SAFETY: descriptor, signature and labels as in `arch/mod.rs` (label 6 leaves by
-    // label 14); the only store is the commit, to the header the caller vouches for.
+    let mut item: usize = 0;
+    // SAFETY: as in `add`; the store before the commit goes to the local `item` only.
     unsafe {
         asm!(
-            rseq_descriptor!(),
-            rseq_arm!(),
-            "cmpl {cpu:e}, 4({rseq})",
-            "jnz 12f",
-            rseq_test_delay!(),
+            rseq_start!(),
             "cmpq $0, ({guard})",
-            "jnz 12f",
+            "jnz {moved}",
             "movq ({hdr}), {tmp}",
             "cmpq 16({hdr}), {tmp}",
-            "jbe 13f",
-            "movq -8({tmp}), {item}",
+            "jbe {fail}",
+            "movq -8({tmp}), {val}",
+            "movq {val}, ({out})",
             "subq $8, {tmp}",
             "movq {tmp}, ({hdr})",
-            slab_pop_exits!(),
+            rseq_end!(),
             rseq = in(reg) rseq,
             cpu = in(reg) cpu,
             guard = in(reg) guard,
             hdr = in(reg) hdr,
-            moved = const SLAB_POP_MOVED,
-            empty = const SLAB_POP_EMPTY,
-            kernel_abort = const SLAB_POP_KERNEL_ABORT,
-            item = out(reg) item,
+            out = in(reg) &mut item,
             tmp = out(reg) _,
+            val = out(reg) _,
             sig = const RSEQ_SIG,
+            fail = label { return Outcome::CompareFailed; },
+            moved = label { return Outcome::Aborted; },
+            abort = label {
+                super::note_kernel_abort();
+                return Outcome::Aborted;
+            },
             options(att_syntax, nostack),
         );
     }
-    slab_pop_outcome(item)
+    Outcome::Committed(item)
 }
 
 /// [`slab_push`] on the slab of the CPU the thread runs on: the header is
@@ -779,6 +782,8 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32>(
         asm!(
             rseq_start_on_current_cpu!(),
             "movq 8({slot}), {end}",
+            // Test builds: a second delay, between the two loads whose order matters.
+            rseq_test_delay!(),
             "movq ({slot}), {tmp}",
             "cmpq {end}, {tmp}",
             "jae {fail}",
@@ -810,7 +815,12 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32>(
 
 /// [`slab_pop`] on the slab of the CPU the thread runs on (header, CPU and lock as in
 /// [`slab_push_on_current_cpu`]: a locked header's `begin` is `usize::MAX`, loaded
-/// before `current`); the item comes back in a register as in [`slab_pop`].
+/// before `current`).
+///
+/// The item comes back in a register, as [`pop_guarded_on_current_cpu`]'s head does:
+/// the exits other than the commit set it to one of the three highest `usize` values,
+/// which no pointer has. Through memory, it cost a store and a load on every
+/// allocation, on the chain from a free to the next allocation.
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
@@ -828,7 +838,8 @@ pub(crate) unsafe fn slab_push_on_current_cpu<const SHIFT: u32>(
 /// # Safety
 ///
 /// As for [`slab_push_on_current_cpu`] (its lock holders also set `begin` to
-/// `usize::MAX`), and every item in the arrays is 8-byte aligned.
+/// `usize::MAX`), and every item in the arrays is a pointer: none is one of the three
+/// highest `usize` values ([`SLAB_POP_MOVED`] and the others).
 #[inline(always)]
 pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32>(
     rseq: *mut Rseq,
@@ -841,6 +852,8 @@ pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32>(
         asm!(
             rseq_start_on_current_cpu!("12f"),
             "movq 16({slot}), {begin}",
+            // Test builds: a second delay, between the two loads whose order matters.
+            rseq_test_delay!(),
             "movq ({slot}), {tmp}",
             "cmpq {begin}, {tmp}",
             "jbe 13f",
@@ -852,9 +865,9 @@ pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32>(
             base = in(reg) base,
             len = in(reg) len,
             shift = const SHIFT,
-            moved = const SLAB_POP_MOVED,
-            empty = const SLAB_POP_EMPTY,
-            kernel_abort = const SLAB_POP_KERNEL_ABORT,
+            moved = const SLAB_POP_MOVED as isize,
+            empty = const SLAB_POP_EMPTY as isize,
+            kernel_abort = const SLAB_POP_KERNEL_ABORT as isize,
             item = out(reg) item,
             cpu = out(reg) _,
             slot = out(reg) _,

@@ -89,6 +89,19 @@ fn slab_pop_returns_the_last_item_and_moves_current_back_until_empty() {
     assert_eq!(hdr[0], hdr[2]);
 }
 
+/// The explicit-CPU pop takes any value as an item (the public `ops::slab_pop` does),
+/// the smallest ones included.
+#[test]
+fn slab_pop_returns_any_item_even_the_smallest_values() {
+    let mut entries = [0usize, 1, 2, 3, usize::MAX];
+    let mut hdr = slab_header(&mut entries, 5);
+    let mut a = area(CPU);
+    for item in [usize::MAX, 3, 2, 1, 0] {
+        assert_eq!(slab_pop(&mut a, &mut hdr, 0, CPU), Outcome::Committed(item));
+    }
+    assert_eq!(slab_pop(&mut a, &mut hdr, 0, CPU), Outcome::CompareFailed);
+}
+
 #[test]
 fn guarded_memcpy_moves_a_batch_only_while_the_guard_is_free() {
     let mut a = area(CPU);
@@ -189,6 +202,27 @@ fn slab_pop_current(a: &mut Rseq, slabs: &mut [CpuSlab]) -> Outcome<usize> {
     let _delay = crate::tests::delay_shared();
     // SAFETY: as in `slab_push_current`.
     unsafe { arch::slab_pop_on_current_cpu::<SLAB_SHIFT>(a, base, len) }
+}
+
+/// Items are pointers, dangling ones to zero-sized values included: the alignment, as
+/// small as 1. The pop hands them all back.
+#[test]
+fn slab_pop_on_current_cpu_returns_the_smallest_pointers() {
+    let mut a = area(CPU);
+    let mut slabs = cpu_slabs();
+    for item in [1, 2, 4, 8] {
+        assert_eq!(
+            slab_push_current(&mut a, &mut slabs, item),
+            Outcome::Committed(())
+        );
+    }
+    for item in [8, 4, 2, 1] {
+        assert_eq!(
+            slab_pop_current(&mut a, &mut slabs),
+            Outcome::Committed(item)
+        );
+    }
+    assert_eq!(slab_pop_current(&mut a, &mut slabs), Outcome::CompareFailed);
 }
 
 #[test]
