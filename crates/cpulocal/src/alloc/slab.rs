@@ -26,7 +26,9 @@ pub(super) const LOCK_TRIES: u32 = 256;
 /// fail (a push finds the array full, a pop finds it empty) without a guard load of
 /// their own, and `guard` is set for the batch sequences.
 const HEADER_WORDS: usize = 4;
-/// The guard's word in a header, and its byte offset (for the sequences).
+/// The words of a header after `current` (word 0).
+const END_WORD: usize = 1;
+const BEGIN_WORD: usize = 2;
 const GUARD_WORD: usize = 3;
 /// `end` and `begin` of a locked header (every `current` is at least the one and at most
 /// the other).
@@ -143,6 +145,35 @@ impl Region {
         header.wrapping_add(GUARD_WORD)
     }
 
+    /// Writes the words of header `hdr` that say whether its slab is locked: its bounds
+    /// (`begin`, `end`), which the fast sequences check, and its `guard`, which the
+    /// batch and explicit-CPU sequences check; `end` first, the guard last.
+    ///
+    /// # Safety
+    ///
+    /// `hdr` is a header of a slab of a live region; sequences only read these words.
+    unsafe fn set_lock_words(
+        hdr: *mut usize,
+        (begin, end): (usize, usize),
+        guard: usize,
+        order: Ordering,
+    ) {
+        // SAFETY: the caller's contract; every writer and reader of these words uses
+        // atomics (the sequences only read them).
+        unsafe {
+            AtomicUsize::from_ptr(hdr.add(END_WORD)).store(end, order);
+            AtomicUsize::from_ptr(hdr.add(BEGIN_WORD)).store(begin, order);
+            AtomicUsize::from_ptr(hdr.add(GUARD_WORD)).store(guard, order);
+        }
+    }
+
+    /// The fast sequences' table for `class`: CPU 0's header (CPU `c`'s is `c << shift`
+    /// bytes further) and the number of slabs.
+    #[inline(always)]
+    fn class_table(&self, class: usize) -> (*mut u8, usize) {
+        (Self::header(self.slab(0), class).cast(), self.ranges)
+    }
+
     /// `begin` and `end` of `class`'s array in `slab`, from the layout: what an unlocked
     /// header of a ready slab holds.
     #[inline]
@@ -199,6 +230,7 @@ impl Region {
             };
         }
         debug_assert_eq!(SHIFT, self.shift);
+        let (first, slabs) = self.class_table(class);
         // The header and its entries are written only by sequences on their CPU and by
         // holders of the slab's lock, which lock the header's bounds and fence the CPU
         // first; a locked header, like a zeroed one (slab not ready), makes every
@@ -206,13 +238,8 @@ impl Region {
         // SAFETY: `rseq` is this thread's area (the caller's contract); see above; the
         // header of class `class` in slab `c < ranges` is `c << SHIFT` bytes past slab
         // 0's, inside the live region.
-        let outcome = unsafe {
-            arch::slab_pop_on_current_cpu::<SHIFT>(
-                rseq.as_ptr(),
-                Self::header(self.slab(0), class).cast(),
-                self.ranges,
-            )
-        };
+        let outcome =
+            unsafe { arch::slab_pop_on_current_cpu::<SHIFT>(rseq.as_ptr(), first, slabs) };
         match outcome {
             Outcome::Committed(p) => Some(p),
             _ => None,
@@ -233,20 +260,16 @@ impl Region {
         block: usize,
     ) -> bool {
         debug_assert_eq!(SHIFT, self.shift);
+        let (first, slabs) = self.class_table(class);
         // SAFETY: as in `pop_fast`.
-        let outcome = unsafe {
-            arch::slab_push_on_current_cpu::<SHIFT>(
-                rseq.as_ptr(),
-                Self::header(self.slab(0), class).cast(),
-                self.ranges,
-                block,
-            )
-        };
+        let outcome =
+            unsafe { arch::slab_push_on_current_cpu::<SHIFT>(rseq.as_ptr(), first, slabs, block) };
         outcome == Outcome::Committed(())
     }
 
-    /// Takes the lock of `cpu`'s slab (try only), sets every header's guard and fences
-    /// the CPU's sequences; `false` if somebody else holds it.
+    /// Takes the lock of `cpu`'s slab (try only), locks every header's bounds and guard
+    /// ([`Region::set_lock_words`]) and fences the CPU's sequences; `false` if somebody
+    /// else holds it.
     fn lock_slab(&self, cpu: u32) -> bool {
         let slab = self.slab(cpu);
         // SAFETY: `cpu < ranges`: a slab of this live region.
@@ -265,12 +288,8 @@ impl Region {
         }
         for c in 0..self.classes {
             let hdr = Self::header(slab, c);
-            // SAFETY: header words of this slab; sequences only read them.
-            unsafe {
-                AtomicUsize::from_ptr(hdr.add(1)).store(LOCKED_END, Ordering::Relaxed);
-                AtomicUsize::from_ptr(hdr.add(2)).store(LOCKED_BEGIN, Ordering::Relaxed);
-                AtomicUsize::from_ptr(Self::guard(hdr).cast_mut()).store(1, Ordering::Relaxed);
-            }
+            // SAFETY: a header of this slab.
+            unsafe { Self::set_lock_words(hdr, (LOCKED_BEGIN, LOCKED_END), 1, Ordering::Relaxed) };
         }
         // Every sequence on `cpu` that read a bound (or a guard) before it was locked
         // either committed before this returns or is restarted and then sees it locked
@@ -294,12 +313,8 @@ impl Region {
             // Release: pairs with the load-acquire of the bound (or the guard) in the
             // sequences, which they load before `current` (on x86_64 every load is an
             // acquire), so they see the headers written under the lock.
-            // SAFETY: as in `lock_slab`.
-            unsafe {
-                AtomicUsize::from_ptr(hdr.add(1)).store(end, Ordering::Release);
-                AtomicUsize::from_ptr(hdr.add(2)).store(begin, Ordering::Release);
-                AtomicUsize::from_ptr(Self::guard(hdr).cast_mut()).store(0, Ordering::Release);
-            }
+            // SAFETY: a header of this slab.
+            unsafe { Self::set_lock_words(hdr, (begin, end), 0, Ordering::Release) };
         }
         // SAFETY: as in `lock_slab`.
         // Release: pairs with the Acquire of the next locker.
@@ -372,7 +387,7 @@ impl Region {
             let (cur, begin) = unsafe {
                 (
                     AtomicUsize::from_ptr(hdr).load(Ordering::Relaxed),
-                    AtomicUsize::from_ptr(hdr.add(2)).load(Ordering::Relaxed),
+                    AtomicUsize::from_ptr(hdr.add(BEGIN_WORD)).load(Ordering::Relaxed),
                 )
             };
             let n = out.len().min(cur.saturating_sub(begin) / 8);
@@ -415,7 +430,7 @@ impl Region {
             let (cur, end) = unsafe {
                 (
                     AtomicUsize::from_ptr(hdr).load(Ordering::Relaxed),
-                    AtomicUsize::from_ptr(hdr.add(1)).load(Ordering::Relaxed),
+                    AtomicUsize::from_ptr(hdr.add(END_WORD)).load(Ordering::Relaxed),
                 )
             };
             let len = blocks.len() * 8;

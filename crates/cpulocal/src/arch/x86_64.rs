@@ -640,28 +640,40 @@ const SLAB_POP_KERNEL_ABORT: usize = usize::MAX - 1;
 /// `item` when the array is empty, or its header locked.
 const SLAB_POP_EMPTY: usize = usize::MAX - 2;
 
-/// Closes a slab pop's section: label `5` after the commit, and in `__rseq_failure` the
-/// exits that set `{item}` to [`SLAB_POP_MOVED`] (label `12`), [`SLAB_POP_EMPTY`]
-/// (label `13`) or, after the signature, [`SLAB_POP_KERNEL_ABORT`] (the abort label `6`);
-/// all leave by label `14`, the end of the block.
+/// Closes a section whose result comes back in a register (`$result`, e.g. `"{item}"`):
+/// label `5` after the commit, and in `__rseq_failure` the exits that set it to the
+/// `const` operand `{moved}` (label `12`), `{empty}` (label `13`, when asked for) or,
+/// after the signature, `{kernel_abort}` (the abort label `6`); all leave by label `14`,
+/// the end of the block. The `const`s are sign-extended 32-bit immediates (`movq`).
 ///
-/// Operands used: `{item}`, and `{moved}`, `{empty}`, `{kernel_abort}`: `const`s, the
-/// sentinels as `isize` (-1, -2, -3: `movq` sign-extends its immediate); `{sig}`.
-macro_rules! slab_pop_exits {
-    () => {
+/// Operands used: the result register, `{moved}`, `{kernel_abort}`, `{empty}` (with the
+/// `with_empty` arm), `{sig}`.
+macro_rules! result_in_register_exits {
+    ($result:literal) => {
+        result_in_register_exits!($result, "")
+    };
+    ($result:literal, with_empty) => {
+        result_in_register_exits!(
+            $result,
+            concat!("13:\n", "movq ${empty}, ", $result, "\n", "jmp 14f\n")
+        )
+    };
+    ($result:literal, $empty_exit:expr) => {
         concat!(
             "5:\n",
             ".pushsection __rseq_failure, \"ax\"\n",
             "12:\n",
-            "movq ${moved}, {item}\n",
+            "movq ${moved}, ",
+            $result,
+            "\n",
             "jmp 14f\n",
-            "13:\n",
-            "movq ${empty}, {item}\n",
-            "jmp 14f\n",
+            $empty_exit,
             ".byte 0x0f, 0xb9, 0x3d\n",
             ".long {sig}\n",
             "6:\n",
-            "movq ${kernel_abort}, {item}\n",
+            "movq ${kernel_abort}, ",
+            $result,
+            "\n",
             "jmp 14f\n",
             ".popsection\n",
             "14:\n",
@@ -860,7 +872,7 @@ pub(crate) unsafe fn slab_pop_on_current_cpu<const SHIFT: u32>(
             "movq -8({tmp}), {item}",
             "subq $8, {tmp}",
             "movq {tmp}, ({slot})",
-            slab_pop_exits!(),
+            result_in_register_exits!("{item}", with_empty),
             rseq = in(reg) rseq,
             base = in(reg) base,
             len = in(reg) len,
@@ -1214,18 +1226,7 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
             "jz 14f",
             "movq {next}({head}), {tmp}",
             "movq {tmp}, {head_off}({slot})",
-            "5:",
-            ".pushsection __rseq_failure, \"ax\"",
-            "12:",
-            "movl ${moved}, {head:e}",
-            "jmp 14f",
-            ".byte 0x0f, 0xb9, 0x3d",
-            ".long {sig}",
-            "6:",
-            "movl ${kernel_abort}, {head:e}",
-            "jmp 14f",
-            ".popsection",
-            "14:",
+            result_in_register_exits!("{head}"),
             rseq = in(reg) rseq,
             base = in(reg) base,
             len = in(reg) len,
