@@ -289,9 +289,10 @@ impl CpuLock {
     }
 
     /// Takes the lock of the calling thread's current CPU's slot, by whatever means
-    /// works: local sequences first; the remote acquisition after [`MAX_ABORTS`] aborts
-    /// in a row, or under [`Scheme::Locked`]. `lock_of(i)` is slot `i`'s lock, for `i`
-    /// below `slots`. Returns the index of the slot whose lock is now held.
+    /// works: local sequences first; the remote acquisition after
+    /// [`MAX_ABORTS`](super::MAX_ABORTS) aborts in a row, or under [`Scheme::Locked`].
+    /// `lock_of(i)` is slot `i`'s lock, for `i` below `slots`. Returns the index of the
+    /// slot whose lock is now held.
     pub(crate) fn lock_current<'a>(slots: usize, lock_of: impl Fn(usize) -> &'a CpuLock) -> usize {
         let local = on_current_cpu(slots, |rseq, cpu| {
             let lock = lock_of(cpu as usize);
