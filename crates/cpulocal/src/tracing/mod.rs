@@ -35,7 +35,11 @@
 //! into the record with their `Debug`/`Display` impl on the producer: they borrow data
 //! that is gone once the event returns, so they cannot wait for the writer. A message
 //! without arguments is copied. Level, target, file, line, span names and field names
-//! are never copied: the writer finds them through the callsite.
+//! are never copied: the writer finds them through the callsite. (tracing-core dispatches
+//! a callsite's events on other threads while one thread is still registering it; the
+//! producer therefore makes each callsite known to the writer itself, before the first
+//! record that names it, through a per-thread cache: no shared lock once a thread has
+//! seen the callsite.)
 //!
 //! A span's fields are encoded the same way once, when the span is created (and when
 //! `Span::record` adds to them, appended as the fmt layer appends), and kept in the
@@ -174,6 +178,7 @@ impl Builder {
             too_large: Counter::new(),
             written: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             callsites: RwLock::default(),
             control: Mutex::default(),
             done: Condvar::new(),
@@ -240,8 +245,12 @@ struct Shared {
     written: AtomicU64,
     /// Records lost because the output returned an error.
     write_errors: AtomicU64,
-    /// Every callsite the layer was told of, by address: how the writer finds the
-    /// metadata a record names.
+    /// This layer's number, never reused in the process: the key of the producers'
+    /// per-thread cache of the callsites they made known (see [`Shared::learn`]).
+    id: u64,
+    /// Every callsite a record of this layer can name, by address: how the writer finds
+    /// the metadata. A producer adds its event's (and its spans') before it writes the
+    /// record, so the writer finds every one.
     callsites: RwLock<HashMap<usize, &'static Metadata<'static>>>,
     control: Mutex<Control>,
     /// Wakes `sync` callers.
@@ -251,7 +260,26 @@ struct Shared {
     writer_tid: std::sync::atomic::AtomicI32,
 }
 
+/// The next [`Shared::id`].
+static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
+
 impl Shared {
+    /// Adds `metadata` to the callsites the writer can decode.
+    fn learn(&self, metadata: &'static Metadata<'static>) {
+        let address = metadata as *const Metadata<'static> as usize;
+        let known = self
+            .callsites
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&address);
+        if !known {
+            self.callsites
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(address, metadata);
+        }
+    }
+
     fn control(&self) -> std::sync::MutexGuard<'_, Control> {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1,7 +1,7 @@
 //! The producer side: [`RingLayer`]'s `Layer` impl, which encodes each event into a
 //! binary record on the emitting thread and writes it into its CPU's ring.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::io::Write;
 
@@ -21,9 +21,19 @@ use crate::ring::ReserveError;
 /// Spans beyond this depth are left out of a record.
 const MAX_SPANS: usize = 32;
 
+/// The entries of [`KNOWN`].
+const KNOWN_SLOTS: usize = 64;
+
 thread_local! {
     /// Where the calling thread encodes its events before the copy into the ring.
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+
+    /// Callsites this thread made known to a layer's writer, as (layer id, metadata
+    /// address), direct-mapped by address: what spares an event the shared map's lock
+    /// (see [`RingLayer::make_known`]). Layer ids start at 1, so the zeroed slots match
+    /// nothing.
+    static KNOWN: [Cell<(u64, usize)>; KNOWN_SLOTS] =
+        const { [const { Cell::new((0, 0)) }; KNOWN_SLOTS] };
 }
 
 /// A span's field values, encoded once when the span is created (and appended to by
@@ -119,6 +129,33 @@ impl RingLayer {
         std::sync::Arc::as_ptr(&self.shared) as usize
     }
 
+    /// Makes sure the writer can decode `metadata` before a record names it.
+    ///
+    /// `register_callsite` alone is not enough: while one thread registers a callsite,
+    /// tracing-core dispatches the same callsite's events on other threads (it answers
+    /// `Interest::sometimes()` meanwhile), so an event can reach the layer before its
+    /// callsite does, and the writer would print its record as `?`. Each thread checks
+    /// its own cache first, so in the steady state this takes no shared lock.
+    #[inline]
+    fn make_known(&self, metadata: &'static Metadata<'static>) {
+        let key = (
+            self.shared.id,
+            metadata as *const Metadata<'static> as usize,
+        );
+        // Metadata are at least 8-byte aligned: the bits above give the slot.
+        let cached = KNOWN.try_with(|known| {
+            let slot = &known[(key.1 >> 3) % KNOWN_SLOTS];
+            if slot.get() != key {
+                self.shared.learn(metadata);
+                slot.set(key);
+            }
+        });
+        if cached.is_err() {
+            // During the thread's exit: no cache left.
+            self.shared.learn(metadata);
+        }
+    }
+
     /// Encodes `event` into `buf` and writes it into the calling CPU's ring.
     #[inline]
     fn record<S>(&self, buf: &mut Vec<u8>, event: &Event<'_>, ctx: &Context<'_, S>)
@@ -127,6 +164,7 @@ impl RingLayer {
     {
         buf.clear();
         let metadata: &'static Metadata<'static> = event.metadata();
+        self.make_known(metadata);
         buf.extend_from_slice(&(metadata as *const Metadata<'static> as u64).to_le_bytes());
         let count_at = buf.len();
         buf.push(0);
@@ -134,6 +172,7 @@ impl RingLayer {
             let mut spans = 0u8;
             for span in scope.from_root().take(MAX_SPANS) {
                 buf.extend_from_slice(&span.id().into_u64().to_le_bytes());
+                self.make_known(span.metadata());
                 let callsite = span.metadata() as *const Metadata<'static> as u64;
                 buf.extend_from_slice(&callsite.to_le_bytes());
                 // The span's fields as encoded when it was created: copied, not formatted.
@@ -166,12 +205,8 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
-        let address = metadata as *const Metadata<'static> as usize;
-        self.shared
-            .callsites
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(address, metadata);
+        // Not the only way in: see `make_known`.
+        self.shared.learn(metadata);
         Interest::always()
     }
 

@@ -329,3 +329,97 @@ fn json_lines_carry_the_spans_and_their_fields() {
         "{text}"
     );
 }
+
+/// A layer whose `register_callsite` holds the callsites of `target` until `release`
+/// is set, after saying so through `entered`.
+struct SlowRegistration {
+    target: &'static str,
+    entered: std::sync::mpsc::SyncSender<()>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: tracing_core::Subscriber> tracing_subscriber::Layer<S> for SlowRegistration {
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing_core::Metadata<'static>,
+    ) -> tracing_core::subscriber::Interest {
+        if metadata.target() == self.target {
+            let _ = self.entered.try_send(());
+            while !self.release.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        tracing_core::subscriber::Interest::always()
+    }
+}
+
+/// Runs `emit("first")` on a thread that registers the callsites of `target` (and is
+/// held there), then `emit("second")` on another while the registration lasts, and a
+/// `sync` before the first thread is let go: the output. `warm_up` runs first, to
+/// register the callsites the race is not about.
+///
+/// The held thread holds tracing-core's lock of the dispatcher list, so `emit` must not
+/// register a callsite on the second thread: another test waiting to write that lock
+/// would block it.
+fn emit_while_registering(
+    target: &'static str,
+    warm_up: impl Fn(),
+    emit: impl Fn(&str) + Sync,
+) -> String {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let out = SharedBuffer::default();
+    let (layer, guard) = Builder::new().build(out.clone()).unwrap();
+    let (entered, entered_rx) = std::sync::mpsc::sync_channel(1);
+    let release = Arc::new(AtomicBool::new(false));
+    // The slow layer is the outer one, so the ring layer's `register_callsite` waits
+    // behind it.
+    let subscriber = tracing_subscriber::registry()
+        .with(layer)
+        .with(SlowRegistration {
+            target,
+            entered,
+            release: Arc::clone(&release),
+        });
+    let dispatch = Dispatch::new(subscriber);
+    tracing_core::dispatcher::with_default(&dispatch, warm_up);
+    std::thread::scope(|s| {
+        s.spawn(|| tracing_core::dispatcher::with_default(&dispatch, || emit("first")));
+        entered_rx.recv().unwrap();
+        tracing_core::dispatcher::with_default(&dispatch, || emit("second"));
+        guard.sync();
+        release.store(true, Ordering::Release);
+    });
+    drop(guard);
+    out.text()
+}
+
+/// tracing-core dispatches an event whose callsite another thread is still registering
+/// (it answers `Interest::sometimes()` meanwhile), so the layer sees events of callsites
+/// it was not yet told of; their records must still come out whole.
+#[test]
+fn an_event_whose_callsite_is_still_being_registered_is_written_whole() {
+    let text = emit_while_registering(
+        "event_race",
+        || {},
+        |who| tracing::warn!(target: "event_race", who, "raced"),
+    );
+    for who in ["first", "second"] {
+        let line = format!(" WARN event_race: raced who=\"{who}\"\n");
+        assert!(text.contains(&line), "{text}");
+    }
+}
+
+/// The same for a span: its name and fields come out although its callsite was still
+/// being registered when the event inside it was recorded.
+#[test]
+fn a_span_whose_callsite_is_still_being_registered_is_written_whole() {
+    let event = || tracing::warn!(target: "app", "inside");
+    let text = emit_while_registering("span_race", event, |who| {
+        let _span = tracing::warn_span!(target: "span_race", "request", who).entered();
+        event();
+    });
+    for who in ["first", "second"] {
+        let line = format!(" WARN request{{who=\"{who}\"}}: app: inside\n");
+        assert!(text.contains(&line), "{text}");
+    }
+}
