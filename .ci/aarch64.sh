@@ -50,4 +50,4 @@ timeout 300 cargo test -p cpulocal --target "$TARGET" --lib -- \
     --skip a_counters_first_use_in_a_handler_that_interrupted_the_pool_does_not_wedge
 timeout 600 cargo test -p cpulocal --target "$TARGET" --all-features \
     --test stack_stress --test percpu_remote --test ring_stress -- \
-    --skip locked --skip without_rseq --skip ignore_the_cpu_lock --skip mm_cid_sequences
+    --skip locked --skip without_rseq --skip skip_the_fence --skip mm_cid_sequences

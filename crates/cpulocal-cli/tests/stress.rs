@@ -367,11 +367,11 @@ fn broken_counter_is_caught_losing_updates() {
     assert!(u(&r, "lost") > 0, "{r}");
 }
 
-/// A short delay: the steal's fence restarts the victim's sequence, and a long delay
-/// would keep the restarted one from reaching the list head until the steal is done.
-/// The race is between a thief's short critical section and a local pop, so a run can
-/// miss it: up to ten one-second runs, and one of them must catch it. Pinned to two
-/// CPUs: a steal races a pop only on a CPU where a worker runs.
+/// The broken thief skips its fence, so a push or pop in flight on the victim's CPU
+/// commits over its token. The race is between a thief's short critical section and a
+/// local operation, so a run can miss it: up to ten one-second runs, with and without a
+/// delay inside the sequences, and one of them must catch it. Pinned to two CPUs: a
+/// steal races a pop only on a CPU where a worker runs.
 #[cfg(feature = "test-hooks")]
 #[test]
 fn broken_stack_guard_is_caught_losing_or_duplicating_nodes() {

@@ -618,10 +618,11 @@ impl<T> PerCpu<T> {
         let (base, _) = self.base_and_len();
         // SAFETY: `cpu < slots`.
         let slot = unsafe { self.slot(base, cpu) };
-        match self.index {
+        // The free word replaced (0 or READY) says nothing the flag does not.
+        let _ = match self.index {
             Index::Cpu => slot.lock.lock_remote(cpu as u32),
             Index::MmCid => slot.lock.lock_mm_cid_slot(),
-        }
+        };
         remote::note_held();
         Ok(self.guard(slot, cpu))
     }

@@ -75,28 +75,25 @@ impl<T: fmt::Debug> fmt::Debug for Node<T> {
 const NEXT_OFFSET: isize = offset_of!(Node<()>, next) as isize;
 const _: () = assert!(NEXT_OFFSET == 0);
 
-/// One CPU's list: the lock word and the head share a cache line, so the guard check
-/// costs no second line. One [`Item`] of the per-CPU pool: 24 bytes per CPU, packed
-/// with other items of that CPU, never sharing a line with another CPU's (a padded
-/// slot took 128).
+/// One CPU's list: its lock, whose word is the list head while the lock is free (the
+/// first node's address, 0 when empty; nodes are 8-byte aligned, so a head is even) and
+/// the holder's token (odd) while it is held. The push and pop sequences load that one
+/// word, guard and head at once. One [`Item`] of the per-CPU pool: 16 bytes per CPU,
+/// packed with other items of that CPU, never sharing a line with another CPU's (a
+/// padded slot took 128).
 #[repr(C)]
 struct Slot {
-    /// The CPU's lock word: the guard every sequence on this list checks.
     lock: CpuLock,
-    /// The first node's address, 0 when empty.
-    head: AtomicUsize,
 }
 
 const SLOT: Layout = Layout::new::<Slot>();
 /// CPU `c`'s slot is `c << SLOT_SHIFT` bytes past CPU 0's (the pool's stride); the
 /// sequences compute it from the CPU number they read.
 const SLOT_SHIFT: u32 = pool::shift_for(SLOT);
-const GUARD_OFFSET: i32 = offset_of!(Slot, lock) as i32;
-const HEAD_OFFSET: i32 = offset_of!(Slot, head) as i32;
-const _: () = assert!(
-    HEAD_OFFSET - GUARD_OFFSET < 64,
-    "guard and head share a line"
-);
+/// The lock word, which holds the head, from the slot's start.
+const HEAD_OFFSET: i32 = (offset_of!(Slot, lock) + CpuLock::WORD_OFFSET) as i32;
+// A head is a node's address, which must be even to be told from a token.
+const _: () = assert!(core::mem::align_of::<Node<()>>() >= 2);
 
 /// Per-CPU LIFO lists, of values or of boxed [`Node`]s.
 ///
@@ -109,12 +106,13 @@ const _: () = assert!(
 /// because they are what a per-CPU cache is for: a value round trip allocates.
 ///
 /// [`push`](Stack::push) and [`pop`](Stack::pop) work on the calling thread's CPU's list
-/// with one restartable sequence each: a compare-and-store for push, and a
-/// load-compare-load-store for pop, which is free of ABA on its CPU because anything
-/// else that runs on that CPU restarts it. [`steal`](Stack::steal) and
-/// [`pop_all_on`](Stack::pop_all_on) reach another CPU's list by taking that CPU's lock
-/// as a remote owner (see [`crate::remote`]); every sequence checks that lock and
-/// restarts while it is held.
+/// with one restartable sequence each: a load-store for push, and a load-load-store for
+/// pop, which is free of ABA on its CPU because anything else that runs on that CPU
+/// restarts it. [`steal`](Stack::steal) and [`pop_all_on`](Stack::pop_all_on) reach
+/// another CPU's list by taking that CPU's lock as a remote owner (see
+/// [`crate::remote`]). The lock's word is the list head itself while the lock is free,
+/// so the sequences' one load of the head is also their check of the lock: they restart
+/// while it is held.
 ///
 /// A thread whose sequences keep aborting (a debugger single-stepping) completes its
 /// operation through the same remote acquisition of its own CPU's lock.
@@ -153,7 +151,7 @@ impl<T> Stack<T> {
     /// Empty lists, one per possible CPU.
     pub fn new() -> Self {
         Stack {
-            // A zeroed slot is an empty list with its lock free (both words 0).
+            // A zeroed slot is an empty list with its lock free (its word 0).
             slots: Pool::for_index(Index::Cpu).alloc(SLOT),
             len: sys::possible_cpus(),
             _owns: PhantomData,
@@ -240,47 +238,18 @@ impl<T> Stack<T> {
     /// One restartable push onto the current CPU's list.
     #[inline(always)]
     fn try_push(&self, rseq: *mut Rseq, node: *mut Node<T>) -> Outcome {
-        #[cfg(any(test, feature = "__test-hooks"))]
-        if crate::test_hooks::stack_guard_broken() {
-            return self.try_push_ignoring_the_lock(rseq, node);
-        }
-        // The table has `slots.len()` slots laid out as the constants say (the sequence
-        // refuses a CPU beyond them); each head is written only by sequences on its CPU,
-        // which check its lock word, and by that lock's holders, which fence them.
+        // The table has `self.len` slots laid out as the constants say (the sequence
+        // refuses a CPU beyond them); each head word is written only by sequences on its
+        // CPU, which refuse it while it holds a token, and by that lock's holders, which
+        // fence them.
         // SAFETY: `rseq` is ours; heads as above; `node` is ours until the commit, its
         // link at NEXT_OFFSET (0).
         unsafe {
-            arch::push_guarded_on_current_cpu::<SLOT_SHIFT, GUARD_OFFSET, HEAD_OFFSET>(
+            arch::push_guarded_on_current_cpu::<SLOT_SHIFT, HEAD_OFFSET>(
                 rseq,
                 self.base(),
                 self.len,
                 node.cast(),
-            )
-        }
-    }
-
-    /// The mutation of the stress tests: a push whose sequence ignores the lock word.
-    #[cfg(any(test, feature = "__test-hooks"))]
-    #[inline(never)]
-    fn try_push_ignoring_the_lock(&self, rseq: *mut Rseq, node: *mut Node<T>) -> Outcome {
-        static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
-        // SAFETY: `rseq` is the calling thread's live area.
-        let cpu = unsafe { crate::cpu::load_u32(&raw const (*rseq).cpu_id_start) };
-        let Some(slot) = self.slot_at(cpu as usize) else {
-            return Outcome::Aborted;
-        };
-        let head = slot.head.load(Ordering::Relaxed);
-        // SAFETY: we own `node` until the commit publishes it.
-        unsafe { (*node).next.store(head, Ordering::Relaxed) };
-        // SAFETY: as in `try_push`, but for the guard, which is broken on purpose.
-        unsafe {
-            arch::compare_store_guarded(
-                rseq,
-                NEVER_HELD.as_ptr(),
-                slot.head.as_ptr(),
-                head,
-                node as usize,
-                cpu,
             )
         }
     }
@@ -308,12 +277,12 @@ impl<T> Stack<T> {
     /// leaking it.
     #[cold]
     fn push_locked(&self, node: Box<Node<T>>) {
-        let index = CpuLock::lock_current(self.len, |i| &self.own_slot(i).lock);
-        let slot = self.own_slot(index);
-        // SAFETY: the node is ours (from the box); we hold the slot's lock, so the list
-        // is ours.
-        unsafe { link(slot, Box::into_raw(node)) };
-        slot.lock.unlock();
+        let (index, head) = CpuLock::lock_current_taking(self.len, |i| &self.own_slot(i).lock);
+        // Relaxed: the node is ours; the release below publishes the link.
+        node.next.store(head, Ordering::Relaxed);
+        self.own_slot(index)
+            .lock
+            .unlock_to(Box::into_raw(node) as usize);
     }
 
     /// Pops the most recently pushed node of the calling thread's CPU's list; `None`
@@ -337,47 +306,14 @@ impl<T> Stack<T> {
     /// when the list is empty.
     #[inline(always)]
     fn try_pop(&self, rseq: *mut Rseq) -> Outcome<*mut Node<T>> {
-        #[cfg(any(test, feature = "__test-hooks"))]
-        if crate::test_hooks::stack_guard_broken() {
-            return self.try_pop_ignoring_the_lock(rseq);
-        }
-        // SAFETY: (1) and (2) as in `try_push`; (3) every non-zero head is a node on
-        // this list whose link is at NEXT_OFFSET and which nobody can free before this
-        // sequence commits or restarts.
+        // SAFETY: (1) and (2) as in `try_push`; (3) every non-zero even head is a node
+        // on this list whose link is at NEXT_OFFSET and which nobody can free before this
+        // sequence commits or restarts (an odd head is a token: the sequence refuses it).
         let outcome = unsafe {
-            arch::pop_guarded_on_current_cpu::<
-                SLOT_SHIFT,
-                GUARD_OFFSET,
-                HEAD_OFFSET,
-                { NEXT_OFFSET as i32 },
-            >(rseq, self.base(), self.len)
-        };
-        match outcome {
-            Outcome::Committed(head) => Outcome::Committed(head as *mut Node<T>),
-            Outcome::CompareFailed => Outcome::CompareFailed,
-            Outcome::Aborted => Outcome::Aborted,
-        }
-    }
-
-    /// The mutation of the stress tests: a pop whose sequence ignores the lock word.
-    #[cfg(any(test, feature = "__test-hooks"))]
-    #[inline(never)]
-    fn try_pop_ignoring_the_lock(&self, rseq: *mut Rseq) -> Outcome<*mut Node<T>> {
-        static NEVER_HELD: AtomicUsize = AtomicUsize::new(0);
-        // SAFETY: `rseq` is the calling thread's live area.
-        let cpu = unsafe { crate::cpu::load_u32(&raw const (*rseq).cpu_id_start) };
-        let Some(slot) = self.slot_at(cpu as usize) else {
-            return Outcome::Aborted;
-        };
-        // SAFETY: as in `try_pop`, but for the guard, which is broken on purpose.
-        let outcome = unsafe {
-            arch::pop_guarded(
+            arch::pop_guarded_on_current_cpu::<SLOT_SHIFT, HEAD_OFFSET, { NEXT_OFFSET as i32 }>(
                 rseq,
-                NEVER_HELD.as_ptr(),
-                slot.head.as_ptr(),
-                0,
-                NEXT_OFFSET,
-                cpu,
+                self.base(),
+                self.len,
             )
         };
         match outcome {
@@ -405,12 +341,9 @@ impl<T> Stack<T> {
 
     #[cold]
     fn pop_locked(&self) -> Option<Box<Node<T>>> {
-        let index = CpuLock::lock_current(self.len, |i| &self.own_slot(i).lock);
-        let slot = self.own_slot(index);
-        // SAFETY: we hold the slot's lock.
-        let node = unsafe { unlink(slot) };
-        slot.lock.unlock();
-        node
+        let (index, head) = CpuLock::lock_current_taking(self.len, |i| &self.own_slot(i).lock);
+        // SAFETY: the lock is ours and `head` is the list it replaced.
+        unsafe { unlink_and_unlock(&self.own_slot(index).lock, head) }
     }
 
     /// The first slot, which the sequences index from.
@@ -433,20 +366,15 @@ impl<T> Stack<T> {
     /// [`InvalidCpu`] when `cpu` is not below [`slots`](Stack::slots).
     pub fn steal(&self, cpu: usize) -> Result<Option<Box<Node<T>>>, InvalidCpu> {
         let slot = self.slot(cpu)?;
-        slot.lock.lock_remote(cpu as u32);
-        // SAFETY: we hold the slot's lock.
-        let node = unsafe { unlink(slot) };
-        slot.lock.unlock();
-        Ok(node)
+        let head = lock_remote(slot, cpu);
+        // SAFETY: the lock is ours and `head` is the list it replaced.
+        Ok(unsafe { unlink_and_unlock(&slot.lock, head) })
     }
 
     /// Detaches the calling thread's CPU's whole list.
     pub fn pop_all(&self) -> NodeList<T> {
-        let index = CpuLock::lock_current(self.len, |i| &self.own_slot(i).lock);
-        let slot = self.own_slot(index);
-        // Relaxed: we hold the lock; it orders the list's nodes.
-        let head = slot.head.swap(0, Ordering::Relaxed);
-        slot.lock.unlock();
+        let (index, head) = CpuLock::lock_current_taking(self.len, |i| &self.own_slot(i).lock);
+        self.own_slot(index).lock.unlock_to(0);
         NodeList::from_head(head)
     }
 
@@ -458,10 +386,8 @@ impl<T> Stack<T> {
     /// [`InvalidCpu`] when `cpu` is not below [`slots`](Stack::slots).
     pub fn pop_all_on(&self, cpu: usize) -> Result<NodeList<T>, InvalidCpu> {
         let slot = self.slot(cpu)?;
-        slot.lock.lock_remote(cpu as u32);
-        // Relaxed: we hold the lock.
-        let head = slot.head.swap(0, Ordering::Relaxed);
-        slot.lock.unlock();
+        let head = lock_remote(slot, cpu);
+        slot.lock.unlock_to(0);
         Ok(NodeList::from_head(head))
     }
 
@@ -473,37 +399,33 @@ impl<T> Stack<T> {
     }
 }
 
-/// Pushes `node` on `slot`'s list.
-///
-/// # Safety
-///
-/// The caller owns `node` (from `Box::into_raw`) and holds `slot`'s lock.
-unsafe fn link<T>(slot: &Slot, node: *mut Node<T>) {
-    let head = slot.head.load(Ordering::Relaxed);
-    // SAFETY: the caller owns `node`.
-    unsafe { (*node).next.store(head, Ordering::Relaxed) };
-    // Relaxed: the lock's Release orders this for the next owner; a sequence on the
-    // slot's CPU runs only after the lock is free again (it checks it).
-    slot.head.store(node as usize, Ordering::Relaxed);
+/// Takes CPU `cpu`'s lock from any thread; returns the list head it replaced.
+fn lock_remote(slot: &Slot, cpu: usize) -> usize {
+    #[cfg(any(test, feature = "__test-hooks"))]
+    if crate::test_hooks::stack_guard_broken() {
+        // The mutation of the stress tests: the exchange without the fence, so a push
+        // or pop in flight on `cpu` still commits over the token.
+        return slot.lock.lock_atomic();
+    }
+    slot.lock.lock_remote(cpu as u32)
 }
 
-/// Pops the first node of `slot`'s list.
+/// Pops the first node of the list `head` and releases `lock` to the rest.
 ///
 /// # Safety
 ///
-/// The caller holds `slot`'s lock.
-unsafe fn unlink<T>(slot: &Slot) -> Option<Box<Node<T>>> {
-    let head = slot.head.load(Ordering::Relaxed);
-    let node = NonNull::new(head as *mut Node<T>)?;
-    // SAFETY: `node` is on the list we hold the lock of, so it is alive and ours to
-    // take; it came from `Box::into_raw`.
-    unsafe {
-        slot.head.store(
-            node.as_ref().next.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
-        Some(Box::from_raw(node.as_ptr()))
-    }
+/// The caller holds `lock`, and `head` is the list head its acquisition replaced.
+unsafe fn unlink_and_unlock<T>(lock: &CpuLock, head: usize) -> Option<Box<Node<T>>> {
+    let Some(node) = NonNull::new(head as *mut Node<T>) else {
+        lock.unlock_to(0);
+        return None;
+    };
+    // SAFETY: `node` heads the list we hold (the caller's contract), so it is alive and
+    // ours to take; it came from `Box::into_raw`.
+    let node = unsafe { Box::from_raw(node.as_ptr()) };
+    // Relaxed: the lock's acquisition ordered the list's links before us.
+    lock.unlock_to(node.next.load(Ordering::Relaxed));
+    Some(node)
 }
 
 impl<T> Default for Stack<T> {
@@ -515,8 +437,8 @@ impl<T> Default for Stack<T> {
 impl<T> Drop for Stack<T> {
     fn drop(&mut self) {
         for cpu in 0..self.len {
-            // Relaxed: `&mut self`: no other thread uses the stack any more.
-            let head = self.own_slot(cpu).head.swap(0, Ordering::Relaxed);
+            // `&mut self`: no other thread uses the stack any more, and no lock is held.
+            let head = self.own_slot(cpu).lock.take_unshared();
             drop(NodeList::<T>::from_head(head));
         }
         // SAFETY: from `alloc` of this pool with `SLOT`, freed once (here), and nothing

@@ -52,9 +52,11 @@ pub fn kernel_aborts() -> u64 {
 
 static STACK_GUARD_BROKEN: AtomicBool = AtomicBool::new(false);
 
-/// Breaks (`true`) or restores (`false`) the check of the CPU's lock word in
-/// [`Stack`](crate::Stack)'s push and pop sequences, so that tests can show that remote
-/// operations racing the fast paths then lose or duplicate nodes.
+/// Breaks (`true`) or restores (`false`) the guard of [`Stack`](crate::Stack)'s lists:
+/// `steal` and `pop_all_on` then take a CPU's lock without the membarrier fence (and
+/// without checking that their token survived it), so a push or pop in flight on that
+/// CPU still commits over the token, and tests can show that remote operations racing
+/// the fast paths then lose or duplicate nodes.
 pub fn break_stack_guard(broken: bool) {
     // Relaxed: a test switch, set while no stack is in use.
     STACK_GUARD_BROKEN.store(broken, Ordering::Relaxed);

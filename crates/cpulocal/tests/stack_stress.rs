@@ -595,15 +595,15 @@ fn stack_is_exact_without_rseq() {
 /// Runs in a child: the switch is process-wide, and a broken stack leaks its nodes.
 #[cfg(feature = "__test-hooks")]
 #[test]
-fn a_stack_whose_sequences_ignore_the_cpu_lock_loses_or_duplicates_nodes() {
+fn a_stack_whose_remote_owners_skip_the_fence_loses_or_duplicates_nodes() {
     let _serial = serial();
     common::in_child(
-        "a_stack_whose_sequences_ignore_the_cpu_lock_loses_or_duplicates_nodes",
+        "a_stack_whose_remote_owners_skip_the_fence_loses_or_duplicates_nodes",
         &[],
         || {
             if cpulocal::remote_scheme() != Scheme::Membarrier {
                 println!(
-                    "skipped: the guard is only checked under the membarrier scheme ({})",
+                    "skipped: the fence is only used under the membarrier scheme ({})",
                     cpulocal::remote_scheme()
                 );
                 return;

@@ -35,12 +35,11 @@
 //!   `Counter::add` run cpulocal's own sequence with its critical section unarmed
 //!   (load, delay, store): a preemption, migration or signal between its load and its
 //!   store loses updates.
-//! - `stack`: `cpulocal::test_hooks::break_stack_guard(true)` makes the push and pop
-//!   sequences ignore a remote owner's lock, so steals racing them lose or duplicate
-//!   nodes. Duplicates are detected (a node held twice is never pushed back nor freed);
-//!   the broken run leaks what it cannot account for. Use a short `--delay` (0–10):
-//!   the steal's membarrier fence restarts the victim's sequence, and a long delay
-//!   keeps the restarted sequence from reaching the list head until the steal is over.
+//! - `stack`: `cpulocal::test_hooks::break_stack_guard(true)` makes steals take a CPU's
+//!   lock without the membarrier fence, so pushes and pops in flight on that CPU commit
+//!   over the thief's token and steals racing them lose or duplicate nodes. Duplicates
+//!   are detected (a node held twice is never pushed back nor freed); the broken run
+//!   leaks what it cannot account for.
 //!
 //! # Layout
 //!

@@ -536,75 +536,6 @@ pub(crate) unsafe fn compare_store_guarded(
     Outcome::Committed(())
 }
 
-/// Guarded list pop: [`pop`], aborting while `*guard != 0`.
-///
-/// ```text
-/// if rseq->cpu_id != cpu: abort
-/// if *guard != 0: abort             ldar: the CPU's lock is held (by a remote owner)
-/// head = *v
-/// if head == expect_not: compare failed
-/// next = *(head + offset)
-/// *v = next                         commit
-/// ```
-///
-/// # Safety
-///
-/// As for [`pop`], and `guard` is valid for reads of a `usize`.
-#[inline(always)]
-#[cfg_attr(
-    not(any(test, feature = "__test-hooks")),
-    allow(
-        dead_code,
-        reason = "Stack's fast path pops through `pop_guarded_on_current_cpu`; \
-              this one serves the broken-guard mutation and the arch tests"
-    )
-)]
-pub(crate) unsafe fn pop_guarded(
-    rseq: *mut Rseq,
-    guard: *const usize,
-    v: *mut usize,
-    expect_not: usize,
-    offset: isize,
-    cpu: u32,
-) -> Outcome<usize> {
-    let mut head: usize = 0;
-    // SAFETY: as in `pop`; the guard is only read.
-    unsafe {
-        asm!(
-            rseq_start!(),
-            "ldar {tmp}, [{guard}]",
-            "cbnz {tmp}, {moved}",
-            "ldr {tmp}, [{v}]",
-            "cmp {tmp}, {expect_not}",
-            "b.eq {fail}",
-            "str {tmp}, [{head}]",
-            "ldr {tmp}, [{tmp}, {offset}]",
-            "str {tmp}, [{v}]",
-            rseq_end!(),
-            rseq = in(reg) rseq,
-            cpu = in(reg) cpu,
-            guard = in(reg) guard,
-            v = in(reg) v,
-            expect_not = in(reg) expect_not,
-            offset = in(reg) offset,
-            head = in(reg) &mut head,
-            tmp = out(reg) _,
-            // A linker veneer for `b {abort}` (see the module docs) may use these.
-            out("x16") _,
-            out("x17") _,
-            sig = const RSEQ_SIG,
-            fail = label { return Outcome::CompareFailed; },
-            moved = label { return Outcome::Aborted; },
-            abort = label {
-                super::note_kernel_abort();
-                return Outcome::Aborted;
-            },
-            options(nostack),
-        );
-    }
-    Outcome::Committed(head)
-}
-
 /// Slab push: stores `item` in the next free slot of a per-CPU slab array and moves
 /// its `current` pointer on, unless the array is full or the CPU's slab is locked.
 ///
@@ -1077,32 +1008,31 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
 }
 
 /// Guarded list push on the CPU the thread runs on: the slot is `base + (cpu << SHIFT)`,
-/// with the CPU's lock word `GUARD` bytes and the list head `HEAD` bytes into it.
+/// and its word `HEAD` bytes into it is the list head, or, when odd, the token of the
+/// holder of the CPU's lock (a remote owner).
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
 /// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// slot = base + (cpu << SHIFT)
-/// if slot.guard != 0: abort (moved) ldar: the CPU's lock is held (by a remote owner)
-/// *node = slot.head                 tentative: the node is still the caller's
-/// slot.head = node                  commit
+/// head = slot.head                   ldar
+/// if head is odd: abort (moved)      the CPU's lock is held
+/// *node = head                       tentative: the node is still the caller's
+/// slot.head = node                   commit
 /// ```
 ///
-/// The guard is read with `ldar`, as in [`compare_store_guarded`]. The head is read
-/// inside the section, so no compare is needed.
+/// The head is read with `ldar`, as the guard of [`compare_store_guarded`] is: a
+/// holder's release (`stlr`) and everything it wrote before are seen together. It is
+/// read inside the section, so no compare is needed.
 ///
 /// # Safety
 ///
-/// As for [`add_on_current_cpu`] for the head word of every slot (the guard word is only
-/// read), and: `node` is valid for a `usize` write, and nobody reads it as a list link
-/// before seeing the commit.
+/// As for [`add_on_current_cpu`] for the head word of every slot, and: `node` is valid
+/// for a `usize` write, even, and nobody reads it as a list link before seeing the
+/// commit.
 #[inline(always)]
-pub(crate) unsafe fn push_guarded_on_current_cpu<
-    const SHIFT: u32,
-    const GUARD: i32,
-    const HEAD: i32,
->(
+pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i32>(
     rseq: *mut Rseq,
     base: *mut u8,
     len: usize,
@@ -1113,10 +1043,10 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
     unsafe {
         asm!(
             rseq_start_on_current_cpu!(),
-            "add {tmp}, {slot}, #{guard}",
+            "add {tmp}, {slot}, #{head}",
             "ldar {tmp}, [{tmp}]",
-            "cbnz {tmp}, {moved}",
-            "ldr {tmp}, [{slot}, #{head}]",
+            "tst {tmp}, #1",
+            "b.ne {moved}",
             "str {tmp}, [{node}]",
             "str {node}, [{slot}, #{head}]",
             rseq_end!(),
@@ -1124,7 +1054,6 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
             base = in(reg) base,
             len = in(reg) len,
             shift = const SHIFT,
-            guard = const GUARD,
             head = const HEAD,
             node = in(reg) node,
             cpu = out(reg) _,
@@ -1153,20 +1082,19 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
 /// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// slot = base + (cpu << SHIFT)
-/// if slot.guard != 0: abort (moved) ldar
-/// head = slot.head
-/// if head == 0: compare failed      the list is empty
-/// slot.head = *(head + NEXT)        commit
+/// head = slot.head                   ldar
+/// if head == 0: compare failed       the list is empty
+/// if head is odd: abort (moved)      the CPU's lock is held
+/// slot.head = *(head + NEXT)         commit
 /// ```
 ///
 /// # Safety
 ///
-/// As for [`push_guarded_on_current_cpu`], and: every non-zero head is an address at
-/// which `NEXT` bytes further a `usize` is readable.
+/// As for [`push_guarded_on_current_cpu`], and: every non-zero even head is an address
+/// at which `NEXT` bytes further a `usize` is readable.
 #[inline(always)]
 pub(crate) unsafe fn pop_guarded_on_current_cpu<
     const SHIFT: u32,
-    const GUARD: i32,
     const HEAD: i32,
     const NEXT: i32,
 >(
@@ -1180,11 +1108,11 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
     unsafe {
         asm!(
             rseq_start_on_current_cpu!(),
-            "add {tmp}, {slot}, #{guard}",
+            "add {tmp}, {slot}, #{head_off}",
             "ldar {tmp}, [{tmp}]",
-            "cbnz {tmp}, {moved}",
-            "ldr {tmp}, [{slot}, #{head_off}]",
             "cbz {tmp}, {empty}",
+            "tst {tmp}, #1",
+            "b.ne {moved}",
             "str {tmp}, [{out}]",
             "ldr {tmp}, [{tmp}, #{next}]",
             "str {tmp}, [{slot}, #{head_off}]",
@@ -1193,7 +1121,6 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
             base = in(reg) base,
             len = in(reg) len,
             shift = const SHIFT,
-            guard = const GUARD,
             head_off = const HEAD,
             next = const NEXT,
             out = in(reg) &mut head,

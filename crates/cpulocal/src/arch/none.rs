@@ -29,7 +29,6 @@ unreachable_primitive! {
     pop(v: *mut usize, expect_not: usize, offset: isize, cpu: u32) -> Outcome<usize>;
     compare_try_store_release(v: *mut usize, expect: usize, v2: *mut usize, newv2: usize, newv: usize, cpu: u32) -> Outcome;
     compare_store_guarded(guard: *const usize, v: *mut usize, expect: usize, newv: usize, cpu: u32) -> Outcome;
-    pop_guarded(guard: *const usize, v: *mut usize, expect_not: usize, offset: isize, cpu: u32) -> Outcome<usize>;
     compare_memcpy_store_release(v: *mut usize, expect: usize, dst: *mut u8, src: *const u8, len: usize, newv: usize, cpu: u32) -> Outcome;
     slab_push(guard: *const usize, hdr: *mut usize, item: usize, cpu: u32) -> Outcome;
     slab_pop(guard: *const usize, hdr: *mut usize, cpu: u32) -> Outcome<usize>;
@@ -76,11 +75,7 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
 
 /// Never called: without sequences no thread holds a registered area.
 #[allow(clippy::missing_safety_doc)]
-pub(crate) unsafe fn push_guarded_on_current_cpu<
-    const SHIFT: u32,
-    const GUARD: i32,
-    const HEAD: i32,
->(
+pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i32>(
     _rseq: *mut Rseq,
     _base: *mut u8,
     _len: usize,
@@ -93,7 +88,6 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
 #[allow(clippy::missing_safety_doc)]
 pub(crate) unsafe fn pop_guarded_on_current_cpu<
     const SHIFT: u32,
-    const GUARD: i32,
     const HEAD: i32,
     const NEXT: i32,
 >(

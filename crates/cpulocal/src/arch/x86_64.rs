@@ -504,72 +504,6 @@ pub(crate) unsafe fn compare_store_guarded(
     Outcome::Committed(())
 }
 
-/// Guarded list pop: [`pop`], aborting while `*guard != 0`.
-///
-/// ```text
-/// if rseq->cpu_id != cpu: abort
-/// if *guard != 0: abort             the CPU's lock is held (by a remote owner)
-/// head = *v
-/// if head == expect_not: compare failed
-/// next = *(head + offset)
-/// *v = next                         commit
-/// ```
-///
-/// # Safety
-///
-/// As for [`pop`], and `guard` is valid for reads of a `usize`.
-#[inline(always)]
-#[cfg_attr(
-    not(any(test, feature = "__test-hooks")),
-    allow(
-        dead_code,
-        reason = "Stack's fast path pops through `pop_guarded_on_current_cpu`; \
-              this one serves the broken-guard mutation and the arch tests"
-    )
-)]
-pub(crate) unsafe fn pop_guarded(
-    rseq: *mut Rseq,
-    guard: *const usize,
-    v: *mut usize,
-    expect_not: usize,
-    offset: isize,
-    cpu: u32,
-) -> Outcome<usize> {
-    let mut head: usize = 0;
-    // SAFETY: as in `pop`; the guard is only read.
-    unsafe {
-        asm!(
-            rseq_start!(),
-            "cmpq $0, ({guard})",
-            "jnz {moved}",
-            "movq ({v}), {tmp}",
-            "cmpq {tmp}, {expect_not}",
-            "jz {fail}",
-            "movq {tmp}, ({head})",
-            "movq ({tmp}, {offset}), {tmp}",
-            "movq {tmp}, ({v})",
-            rseq_end!(),
-            rseq = in(reg) rseq,
-            cpu = in(reg) cpu,
-            guard = in(reg) guard,
-            v = in(reg) v,
-            expect_not = in(reg) expect_not,
-            offset = in(reg) offset,
-            head = in(reg) &mut head,
-            tmp = out(reg) _,
-            sig = const RSEQ_SIG,
-            fail = label { return Outcome::CompareFailed; },
-            moved = label { return Outcome::Aborted; },
-            abort = label {
-                super::note_kernel_abort();
-                return Outcome::Aborted;
-            },
-            options(att_syntax, nostack),
-        );
-    }
-    Outcome::Committed(head)
-}
-
 /// Slab push: stores `item` in the next free slot of a per-CPU slab array and moves
 /// its `current` pointer on, unless the array is full or the CPU's slab is locked.
 ///
@@ -1107,32 +1041,31 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
 }
 
 /// Guarded list push on the CPU the thread runs on: the slot is `base + (cpu << SHIFT)`,
-/// with the CPU's lock word `GUARD` bytes and the list head `HEAD` bytes into it.
+/// and its word `HEAD` bytes into it is the list head, or, when odd, the token of the
+/// holder of the CPU's lock (a remote owner).
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
 /// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// slot = base + (cpu << SHIFT)
-/// if slot.guard != 0: abort (moved) the CPU's lock is held (by a remote owner)
-/// *node = slot.head                 tentative: the node is still the caller's
-/// slot.head = node                  commit
+/// head = slot.head
+/// if head is odd: abort (moved)      the CPU's lock is held
+/// *node = head                       tentative: the node is still the caller's
+/// slot.head = node                   commit
 /// ```
 ///
 /// The head is read inside the section, so no compare is needed: nothing else on this
-/// CPU can change it before the commit without restarting the section.
+/// CPU can change it before the commit without restarting the section, and a remote
+/// owner's exchange is followed by a fence that restarts it (see `remote::lock`).
 ///
 /// # Safety
 ///
-/// As for [`add_on_current_cpu`] for the head word of every slot (the guard word is only
-/// read), and: `node` is valid for a `usize` write, and nobody reads it as a list link
-/// before seeing the commit.
+/// As for [`add_on_current_cpu`] for the head word of every slot, and: `node` is valid
+/// for a `usize` write, even, and nobody reads it as a list link before seeing the
+/// commit.
 #[inline(always)]
-pub(crate) unsafe fn push_guarded_on_current_cpu<
-    const SHIFT: u32,
-    const GUARD: i32,
-    const HEAD: i32,
->(
+pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i32>(
     rseq: *mut Rseq,
     base: *mut u8,
     len: usize,
@@ -1143,9 +1076,9 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
     unsafe {
         asm!(
             rseq_start_on_current_cpu!(),
-            "cmpq $0, {guard}({slot})",
-            "jnz {moved}",
             "movq {head}({slot}), {tmp}",
+            "testb $1, {tmp:l}",
+            "jnz {moved}",
             "movq {tmp}, ({node})",
             "movq {node}, {head}({slot})",
             rseq_end!(),
@@ -1153,7 +1086,6 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
             base = in(reg) base,
             len = in(reg) len,
             shift = const SHIFT,
-            guard = const GUARD,
             head = const HEAD,
             node = in(reg) node,
             cpu = out(reg) _,
@@ -1179,10 +1111,10 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
 /// cpu = rseq->cpu_id
 /// if cpu >= len: head = MOVED, out
 /// slot = base + (cpu << SHIFT)
-/// if slot.guard != 0: head = MOVED, out
 /// head = slot.head
-/// if head == 0: out                 the list is empty
-/// slot.head = *(head + NEXT)        commit
+/// if head == 0: out                  the list is empty
+/// if head is odd: head = MOVED, out  the CPU's lock is held
+/// slot.head = *(head + NEXT)         commit
 /// abort (label 6): head = KERNEL_ABORT, out
 /// ```
 ///
@@ -1196,12 +1128,11 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<
 ///
 /// # Safety
 ///
-/// As for [`push_guarded_on_current_cpu`], and: every non-zero head is an address at
-/// which `NEXT` bytes further a `usize` is readable, and is at least 4-byte aligned.
+/// As for [`push_guarded_on_current_cpu`], and: every non-zero even head is an address
+/// at which `NEXT` bytes further a `usize` is readable, and is at least 4-byte aligned.
 #[inline(always)]
 pub(crate) unsafe fn pop_guarded_on_current_cpu<
     const SHIFT: u32,
-    const GUARD: i32,
     const HEAD: i32,
     const NEXT: i32,
 >(
@@ -1209,7 +1140,7 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
     base: *mut u8,
     len: usize,
 ) -> Outcome<usize> {
-    /// `head` after a CPU mismatch or a held guard.
+    /// `head` after a CPU mismatch or a held lock.
     const MOVED: usize = 1;
     /// `head` after the kernel restarted the section.
     const KERNEL_ABORT: usize = 2;
@@ -1219,11 +1150,11 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
     unsafe {
         asm!(
             rseq_start_on_current_cpu!("12f"),
-            "cmpq $0, {guard}({slot})",
-            "jnz 12f",
             "movq {head_off}({slot}), {head}",
             "testq {head}, {head}",
             "jz 14f",
+            "testb $1, {head:l}",
+            "jnz 12f",
             "movq {next}({head}), {tmp}",
             "movq {tmp}, {head_off}({slot})",
             result_in_register_exits!("{head}"),
@@ -1231,7 +1162,6 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
             base = in(reg) base,
             len = in(reg) len,
             shift = const SHIFT,
-            guard = const GUARD,
             head_off = const HEAD,
             next = const NEXT,
             moved = const MOVED,

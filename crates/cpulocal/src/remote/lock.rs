@@ -6,15 +6,22 @@
 //!
 //! | value | meaning |
 //! |---|---|
-//! | `0` | free: a `Stack`'s or `RingBuffer`'s fast paths may run; a `PerCpu` slot without its value yet |
+//! | `0` | free: a `RingBuffer`'s fast paths may run; a `PerCpu` slot without its value yet |
 //! | `READY` (2) | free, and the owner's flag is set: a `PerCpu` slot that holds its value |
+//! | another even value | free: a `Stack`'s list head (a node's address, 8-byte aligned; 0 when empty) |
 //! | a token (odd) | held by the thread whose token it is (unique among live threads) |
 //!
 //! Free words are even, held ones odd. `READY` lets `with_cpu`'s fast path learn from the
 //! one word it compares that the slot holds a value (it compares with `READY`, so a slot
 //! without one goes to the slow path, which creates it): a flag read less. A release
-//! writes `READY` when the flag is set, 0 otherwise; structures that never set the flag
-//! (`Stack`, `RingBuffer`, whose sequences check the word against 0) never see it.
+//! writes `READY` when the flag is set, 0 otherwise; `RingBuffer`, which never sets the
+//! flag and whose sequences check the word against 0, never sees it.
+//!
+//! A `Stack` keeps its list head in the word itself while the lock is free: its push and
+//! pop load one word, which is both their guard (odd: held) and the head, and commit the
+//! new head into it. A holder takes the head with the lock (the acquisitions return the
+//! free word they replaced), works on the list privately, and releases the lock to the
+//! new head ([`CpuLock::unlock_to`]).
 //!
 //! Under the [`Scheme::Membarrier`] scheme:
 //!
@@ -28,8 +35,11 @@
 //!   lock is ours; if a local compare-and-store committed before the fence it overwrote
 //!   our token with its own, and that thread owns the lock: we wait and retry. Tokens
 //!   are unique, so two remote owners can never both find "their" token.
-//! - Fast paths that do not take the lock (a `Stack` push or pop) check the word inside
-//!   their sequence and abort while it is held: the same fence argument covers them.
+//! - Fast paths that do not take the lock check the word inside their sequence and abort
+//!   while it is held: the same fence argument covers them. A `Stack` push or pop that
+//!   read the word (its list head) before our exchange and committed before the fence
+//!   overwrote our token with a new head: the lock is then free, with a consistent list,
+//!   and we try again.
 //! - Release is a `Release` store of the free value (0 or `READY`), paired with the
 //!   `Acquire` of the next owner (the remote compare-exchange, or the fence after a local
 //!   acquisition).
@@ -103,6 +113,9 @@ pub(crate) struct CpuLock {
 const _: () = assert!(core::mem::size_of::<CpuLock>() == 16);
 
 impl CpuLock {
+    /// Where the word is in the lock, for sequences that address it from a slot's base.
+    pub(crate) const WORD_OFFSET: usize = core::mem::offset_of!(CpuLock, word);
+
     /// A free lock.
     pub(crate) const fn new() -> Self {
         CpuLock {
@@ -189,26 +202,27 @@ impl CpuLock {
 
     /// Takes the lock from any thread, on any CPU: compare-exchange, then (under
     /// [`Scheme::Membarrier`]) the membarrier fence on `cpu` and the check that our token
-    /// survived it. Waits while somebody else holds it.
-    pub(crate) fn lock_remote(&self, cpu: u32) {
-        self.lock_fenced(Some(cpu));
+    /// survived it. Waits while somebody else holds it. Returns the free word it
+    /// replaced (a [`Stack`](crate::Stack)'s list head: see "States" in the module docs).
+    pub(crate) fn lock_remote(&self, cpu: u32) -> usize {
+        self.lock_fenced(Some(cpu))
     }
 
     /// [`lock_remote`](CpuLock::lock_remote) for a slot indexed by mm_cid, whose
     /// sequences may run on any CPU: the fence is [`fence_sequences_everywhere`].
-    pub(crate) fn lock_mm_cid_slot(&self) {
-        self.lock_fenced(None);
+    pub(crate) fn lock_mm_cid_slot(&self) -> usize {
+        self.lock_fenced(None)
     }
 
     /// [`lock_remote`](CpuLock::lock_remote) on `cpu`, or on every CPU (`None`).
-    fn lock_fenced(&self, cpu: Option<u32>) {
+    fn lock_fenced(&self, cpu: Option<u32>) -> usize {
         if scheme() != Scheme::Membarrier {
             return self.lock_atomic();
         }
         let me = token();
         let slot_cpu = cpu.map(|c| c as usize);
         loop {
-            self.acquire_word(me, slot_cpu);
+            let replaced = self.acquire_word(me, slot_cpu);
             // Restart every sequence in flight on `cpu` (on every CPU): any that read the
             // word as free before our exchange either committed already or never will.
             let fenced = match cpu {
@@ -217,11 +231,12 @@ impl CpuLock {
             };
             if let Err(refused) = fenced {
                 // Without the fence we cannot exclude `cpu`'s sequences. Our token (or a
-                // local owner's, which overwrote it) is in the word: give it back before
-                // unwinding, so the slot stays usable for every other thread.
+                // local owner's, which overwrote it) is in the word: give it back, with
+                // the free word it replaced, before unwinding, so the slot stays usable
+                // (and a list whole) for every other thread.
                 if self
                     .word
-                    .compare_exchange(me, self.free_word(), Ordering::Release, Ordering::Relaxed)
+                    .compare_exchange(me, replaced, Ordering::Release, Ordering::Relaxed)
                     .is_ok()
                 {
                     self.wake_sleepers();
@@ -231,25 +246,28 @@ impl CpuLock {
             // Acquire: a local owner that overwrote our token released with a Release
             // store; we must see its writes before ours.
             if self.word.load(Ordering::Acquire) == me {
-                return;
+                return replaced;
             }
-            // A local compare-and-store committed before the fence: that thread owns the
-            // lock now (it overwrote our token). Wait for its release, then try again.
+            // A local sequence committed before the fence and overwrote our token: a
+            // compare-and-store that took the lock (wait for its owner's release), or a
+            // `Stack` push or pop that read the list head we replaced (the lock is free
+            // again, with the list as that sequence left it). Then try again.
             self.wait_while_held(slot_cpu);
         }
     }
 
     /// Takes the lock with a compare-exchange alone: for slots that no sequence ever
-    /// locks ([`Scheme::Locked`]).
-    pub(crate) fn lock_atomic(&self) {
+    /// locks ([`Scheme::Locked`]). Returns the free word it replaced.
+    pub(crate) fn lock_atomic(&self) -> usize {
         // Decided before any lock is taken: releases and waits read ASYMMETRIC.
         scheme();
-        self.acquire_word(token(), None);
+        self.acquire_word(token(), None)
     }
 
-    /// Compare-exchanges the word from free (0 or [`READY`]) to `me`, waiting while it
-    /// is held. `cpu`: the CPU whose slot this is (`None` for mm_cid slots).
-    fn acquire_word(&self, me: usize, cpu: Option<usize>) {
+    /// Compare-exchanges the word from free (any even value) to `me`, waiting while it
+    /// is held; returns the free word replaced. `cpu`: the CPU whose slot this is
+    /// (`None` for mm_cid slots).
+    fn acquire_word(&self, me: usize, cpu: Option<usize>) -> usize {
         // Relaxed: only a guess at the free value; the exchange checks it.
         let mut seen = self.word.load(Ordering::Relaxed);
         loop {
@@ -259,7 +277,7 @@ impl CpuLock {
                     .word
                     .compare_exchange(seen, me, Ordering::Acquire, Ordering::Relaxed)
                 {
-                    Ok(_) => return,
+                    Ok(_) => return seen,
                     Err(now) => seen = now,
                 }
                 continue;
@@ -294,6 +312,15 @@ impl CpuLock {
     /// `lock_of(i)` is slot `i`'s lock, for `i` below `slots`. Returns the index of the
     /// slot whose lock is now held.
     pub(crate) fn lock_current<'a>(slots: usize, lock_of: impl Fn(usize) -> &'a CpuLock) -> usize {
+        Self::lock_current_taking(slots, lock_of).0
+    }
+
+    /// [`lock_current`](CpuLock::lock_current), returning with the slot's index the free
+    /// word the lock replaced (a [`Stack`](crate::Stack)'s list head).
+    pub(crate) fn lock_current_taking<'a>(
+        slots: usize,
+        lock_of: impl Fn(usize) -> &'a CpuLock,
+    ) -> (usize, usize) {
         let local = on_current_cpu(slots, |rseq, cpu| {
             let lock = lock_of(cpu as usize);
             // Relaxed: the free value to expect; the sequence compares it again.
@@ -304,7 +331,7 @@ impl CpuLock {
                 lock.try_lock_local::<{ arch::CPU_ID_FIELD }>(rseq, cpu, seen)
             };
             match outcome {
-                Outcome::Committed(()) => Attempt::Done(cpu as usize),
+                Outcome::Committed(()) => Attempt::Done((cpu as usize, seen)),
                 Outcome::CompareFailed => {
                     lock.refuse_own_token(token());
                     lock.wait_while_held(Some(cpu as usize));
@@ -313,14 +340,13 @@ impl CpuLock {
                 Outcome::Aborted => Attempt::Aborted,
             }
         });
-        if let Some(index) = local {
-            return index;
+        if let Some(taken) = local {
+            return taken;
         }
         // The slow path: no successful sequence needed. Slot `i` belongs to CPU `i`, so
         // the fence goes to the CPU whose sequences use the slot we lock.
         let index = crate::cpu::current_cpu() % slots;
-        lock_of(index).lock_remote(index as u32);
-        index
+        (index, lock_of(index).lock_remote(index as u32))
     }
 
     /// The [`Attempt`] of a guarded sequence that aborted: if the abort came from this
@@ -340,7 +366,23 @@ impl CpuLock {
     /// docs for the fences.
     #[inline]
     pub(crate) fn unlock(&self) {
-        let free = self.free_word();
+        self.unlock_to(self.free_word());
+    }
+
+    /// [`unlock`](CpuLock::unlock) of a lock whose flag is set, when the sleepers fence
+    /// with membarrier (`ASYMMETRIC`), both of which the caller knows: `with_cpu`'s fast
+    /// path only runs with the asymmetric fence, and only takes a [`READY`] word.
+    #[inline(always)]
+    pub(crate) fn unlock_ready_asymmetric(&self) {
+        debug_assert!(self.flag.load(Ordering::Relaxed));
+        self.unlock_asymmetric_to(READY);
+    }
+
+    /// Releases the lock to the free word `free`, which must be even (a
+    /// [`Stack`](crate::Stack)'s list head), waking its sleepers if there are any.
+    #[inline]
+    pub(crate) fn unlock_to(&self, free: usize) {
+        debug_assert!(!is_token(free));
         // Relaxed: ASYMMETRIC is fixed before any lock is taken (module docs).
         if ASYMMETRIC.load(Ordering::Relaxed) {
             self.unlock_asymmetric_to(free);
@@ -353,13 +395,11 @@ impl CpuLock {
         }
     }
 
-    /// [`unlock`](CpuLock::unlock) of a lock whose flag is set, when the sleepers fence
-    /// with membarrier (`ASYMMETRIC`), both of which the caller knows: `with_cpu`'s fast
-    /// path only runs with the asymmetric fence, and only takes a [`READY`] word.
-    #[inline(always)]
-    pub(crate) fn unlock_ready_asymmetric(&self) {
-        debug_assert!(self.flag.load(Ordering::Relaxed));
-        self.unlock_asymmetric_to(READY);
+    /// The word of a lock that nobody else can reach any more (its structure is being
+    /// dropped), set to 0: the free word it held.
+    pub(crate) fn take_unshared(&self) -> usize {
+        // Relaxed: nobody else uses the lock.
+        self.word.swap(0, Ordering::Relaxed)
     }
 
     /// The release to the free word `free` when the sleepers fence with membarrier.

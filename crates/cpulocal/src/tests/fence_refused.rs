@@ -1,8 +1,9 @@
 //! A thread whose membarrier fence the kernel refuses after the process registered for
 //! it (a seccomp filter on that thread alone, as some sandboxes install) cannot operate
 //! on another CPU's data: its remote acquisitions panic. They must give the lock word
-//! back first, so every other thread keeps using that CPU's slot, and a `Stack::push`
-//! that panics there frees its node instead of leaking it.
+//! back first, as it was (a `Stack`'s list head is that word), so every other thread
+//! keeps using that CPU's slot and list, and a `Stack::push` that panics there frees its
+//! node instead of leaking it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -51,6 +52,9 @@ fn a_refused_fence_releases_the_lock_and_frees_the_node() {
         let stack = Arc::new(Stack::<Tracked>::new());
         let drops = Arc::new(AtomicUsize::new(0));
         let slots = percpu.slots();
+        // A node on some CPU's list, which the refused steals must leave there.
+        let kept_drops = Arc::new(AtomicUsize::new(0));
+        stack.push(Node::new(Tracked(kept_drops.clone())));
 
         let sandboxed = {
             let (percpu, stack, drops) = (percpu.clone(), stack.clone(), drops.clone());
@@ -83,18 +87,21 @@ fn a_refused_fence_releases_the_lock_and_frees_the_node() {
             1,
             "the node of the panicking push was leaked"
         );
-        // Every slot is usable by the other threads.
-        let total = within(Duration::from_secs(10), move || {
+        // Every slot is usable by the other threads, and the lists are whole.
+        let (total, kept) = within(Duration::from_secs(10), move || {
+            let mut kept = 0;
             for cpu in 0..slots {
                 percpu.on_cpu(cpu, |v| *v += 1).unwrap();
-                assert!(stack.steal(cpu).unwrap().is_none());
+                kept += stack.pop_all_on(cpu).unwrap().count();
             }
             let mut total = 0;
             percpu.for_each(|_, v| total += *v);
-            total
+            (total, kept)
         })
         .expect("a CPU's slot stayed locked after the refused fence");
         assert_eq!(total, slots as u64 + 1);
+        assert_eq!(kept, 1, "a refused steal lost the list it found");
+        assert_eq!(kept_drops.load(Ordering::Relaxed), 1);
         done.store(true, Ordering::Relaxed);
     });
 }

@@ -89,15 +89,15 @@ fn a_counters_slots_are_one_stride_apart_and_one_line_each() {
     assert_eq!(Counter::BYTES_PER_CPU, 16);
 }
 
-/// A `Stack`'s lists are pool items too: 24 bytes per CPU (lock word and head), one
-/// line each, one stride apart (a padded slot took 128 bytes per CPU).
+/// A `Stack`'s lists are pool items too: 16 bytes per CPU (the lock, whose word is the
+/// head), one line each, one stride apart (a padded slot took 128 bytes per CPU).
 #[test]
 fn a_stacks_lists_are_one_stride_apart_and_one_line_each() {
     let _delay = delay_shared();
     let stack = crate::Stack::<u32>::new();
     stack.push_value(1);
     let bytes = crate::stack::tests_api::SLOT_BYTES;
-    assert_eq!(bytes, 24);
+    assert_eq!(bytes, 16);
     let base = crate::stack::tests_api::slot_address(&stack, 0);
     for cpu in 0..crate::possible_cpus() {
         let p = crate::stack::tests_api::slot_address(&stack, cpu);

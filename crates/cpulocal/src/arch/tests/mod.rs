@@ -136,23 +136,6 @@ unsafe fn pop_node(
     unsafe { arch::pop(area, head, expect_not, NEXT, cpu) }
 }
 
-/// [`pop_node`], checking `guard` first.
-///
-/// # Safety
-///
-/// As for [`pop_node`].
-unsafe fn pop_node_guarded(
-    area: &mut Rseq,
-    guard: &usize,
-    head: &mut usize,
-    expect_not: usize,
-    cpu: u32,
-) -> Outcome<usize> {
-    let _delay = crate::tests::delay_shared();
-    // SAFETY: as in `pop_node`; `guard` is a live word, only read.
-    unsafe { arch::pop_guarded(area, guard, head, expect_not, NEXT, cpu) }
-}
-
 /// Reads the descriptor the last sequence armed in `area` and checks it against the
 /// layout of `arch/mod.rs`; returns its address.
 fn armed_descriptor(area: &Rseq) -> usize {
@@ -638,38 +621,6 @@ fn guarded_compare_store_commits_only_while_the_guard_is_free() {
         Outcome::Aborted
     );
     assert_eq!(v, 6);
-}
-
-#[test]
-fn guarded_pop_commits_only_while_the_guard_is_free() {
-    let mut a = area(CPU);
-    let second = Node {
-        payload: 2,
-        next: 0,
-    };
-    let first = Node {
-        payload: 1,
-        next: &raw const second as usize,
-    };
-    let mut head = &raw const first as usize;
-    // SAFETY: `head` and every `next` are live nodes up to 0.
-    let held = unsafe { pop_node_guarded(&mut a, &1, &mut head, 0, CPU) };
-    assert_eq!(held, Outcome::Aborted);
-    assert_eq!(head, &raw const first as usize);
-    // SAFETY: as above.
-    let popped = unsafe { pop_node_guarded(&mut a, &0, &mut head, 0, CPU) };
-    assert_eq!(popped, Outcome::Committed(&raw const first as usize));
-    assert_eq!(head, &raw const second as usize);
-    armed_descriptor(&a);
-    // SAFETY: as above.
-    let moved = unsafe { pop_node_guarded(&mut a, &0, &mut head, 0, OTHER_CPU) };
-    assert_eq!(moved, Outcome::Aborted);
-    // SAFETY: as above.
-    let popped = unsafe { pop_node_guarded(&mut a, &0, &mut head, 0, CPU) };
-    assert_eq!(popped, Outcome::Committed(&raw const second as usize));
-    // SAFETY: the list is empty.
-    let empty = unsafe { pop_node_guarded(&mut a, &0, &mut head, 0, CPU) };
-    assert_eq!(empty, Outcome::CompareFailed);
 }
 
 mod on_current_cpu;

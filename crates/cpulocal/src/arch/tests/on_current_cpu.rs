@@ -2,11 +2,13 @@
 
 use super::*;
 
-/// Slots of 128 bytes (`SHIFT` 7) for CPUs `0..=OTHER_CPU`, each a lock word then a
-/// word (a counter, or a list head), as `Counter` and `Stack` lay theirs out.
+/// Slots of 128 bytes (`SHIFT` 7) for CPUs `0..=OTHER_CPU`, each a word no sequence
+/// here may touch, then a word: a counter, or a list head that is a lock holder's token
+/// when odd (as `Stack` keeps it).
 const SHIFT: u32 = 7;
-const GUARD_AT: i32 = 0;
 const HEAD_AT: i32 = 8;
+/// A lock holder's token (odd).
+const TOKEN: usize = 0x1235;
 
 #[repr(C, align(128))]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -65,14 +67,7 @@ fn push_current(a: &mut Rseq, slots: &mut [CpuSlot], node: &mut Linked) -> Outco
     let (base, len) = (slots.as_mut_ptr().cast::<u8>(), slots.len());
     let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add_current`; `node.next` is exclusively borrowed.
-    unsafe {
-        arch::push_guarded_on_current_cpu::<SHIFT, GUARD_AT, HEAD_AT>(
-            a,
-            base,
-            len,
-            &raw mut node.next,
-        )
-    }
+    unsafe { arch::push_guarded_on_current_cpu::<SHIFT, HEAD_AT>(a, base, len, &raw mut node.next) }
 }
 
 /// # Safety
@@ -82,7 +77,7 @@ unsafe fn pop_current(a: &mut Rseq, slots: &mut [CpuSlot]) -> Outcome<usize> {
     let (base, len) = (slots.as_mut_ptr().cast::<u8>(), slots.len());
     let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add_current`, and the caller's contract for the heads.
-    unsafe { arch::pop_guarded_on_current_cpu::<SHIFT, GUARD_AT, HEAD_AT, 0>(a, base, len) }
+    unsafe { arch::pop_guarded_on_current_cpu::<SHIFT, HEAD_AT, 0>(a, base, len) }
 }
 
 /// Runs add, add-const and push on `slots` from area `a`, each of which must abort;
@@ -202,7 +197,7 @@ fn sequences_on_current_cpu_never_commit_on_an_area_that_is_not_registered_yet_o
 }
 
 #[test]
-fn guarded_push_and_pop_on_current_cpu_use_the_slot_of_cpu_id_while_its_guard_is_free() {
+fn guarded_push_and_pop_on_current_cpu_use_the_slot_of_cpu_id_while_its_head_holds_no_token() {
     let mut a = area(CPU);
     let mut slots = cpu_slots();
     let mut first = Linked {
@@ -229,8 +224,8 @@ fn guarded_push_and_pop_on_current_cpu_use_the_slot_of_cpu_id_while_its_guard_is
         assert_eq!(*s, CpuSlot::default(), "slot {cpu}");
     }
 
-    // A held guard (a remote owner's token) aborts both, before any store.
-    slots[CPU as usize].guard = 0x1234;
+    // A held lock (a holder's token in the head word) aborts both, before any store.
+    slots[CPU as usize].word = TOKEN;
     let mut third = Linked {
         payload: 3,
         next: 99,
@@ -240,12 +235,12 @@ fn guarded_push_and_pop_on_current_cpu_use_the_slot_of_cpu_id_while_its_guard_is
         Outcome::Aborted
     );
     assert_eq!(third.next, 99);
-    // SAFETY: the heads are live nodes linked to 0.
+    // SAFETY: the non-zero even heads are live nodes linked to 0.
     assert_eq!(unsafe { pop_current(&mut a, &mut slots) }, Outcome::Aborted);
-    assert_eq!(slots[CPU as usize].word, &raw mut second as usize);
-    // The guard of another CPU's slot does not matter.
-    slots[CPU as usize].guard = 0;
-    slots[OTHER_CPU as usize].guard = 0x1234;
+    assert_eq!(slots[CPU as usize].word, TOKEN);
+    // The holder releases to the list; another CPU's held lock does not matter.
+    slots[CPU as usize].word = &raw mut second as usize;
+    slots[OTHER_CPU as usize].word = TOKEN;
 
     // SAFETY: as above.
     let popped = unsafe { pop_current(&mut a, &mut slots) };
