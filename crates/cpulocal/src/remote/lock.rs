@@ -366,7 +366,20 @@ impl CpuLock {
     /// docs for the fences.
     #[inline]
     pub(crate) fn unlock(&self) {
-        self.unlock_to(self.free_word());
+        // The body of `unlock_to`, not a call to it: with that call the compiler stopped
+        // inlining `PerCpuGuard`'s drop into `with_cpu` callers (1.70 -> 2.20 ns a
+        // `with_cpu`, the same loop otherwise).
+        let free = self.free_word();
+        // Relaxed: ASYMMETRIC is fixed before any lock is taken (module docs).
+        if ASYMMETRIC.load(Ordering::Relaxed) {
+            self.unlock_asymmetric_to(free);
+        } else {
+            // R1. Release: pairs with the Acquire of the next owner.
+            self.word.store(free, Ordering::Release);
+            // R2: R3 must not be hoisted above R1.
+            fence(Ordering::SeqCst);
+            self.wake_if_sleepers();
+        }
     }
 
     /// [`unlock`](CpuLock::unlock) of a lock whose flag is set, when the sleepers fence
