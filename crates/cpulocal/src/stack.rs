@@ -240,8 +240,9 @@ impl<T> Stack<T> {
     fn try_push(&self, rseq: *mut Rseq, node: *mut Node<T>) -> Outcome {
         // The table has `self.len` slots laid out as the constants say (the sequence
         // refuses a CPU beyond them); each head word is written only by sequences on its
-        // CPU, which refuse it while it holds a token, and by that lock's holders, which
-        // fence them.
+        // CPU, which refuse it while it holds a token (one that read a head before a
+        // remote owner's exchange may commit over the token: the owner sees that after
+        // its fence and tries again), and by that lock's holders.
         // SAFETY: `rseq` is ours; heads as above; `node` is ours until the commit, its
         // link at NEXT_OFFSET (0).
         unsafe {
@@ -423,7 +424,8 @@ unsafe fn unlink_and_unlock<T>(lock: &CpuLock, head: usize) -> Option<Box<Node<T
     // SAFETY: `node` heads the list we hold (the caller's contract), so it is alive and
     // ours to take; it came from `Box::into_raw`.
     let node = unsafe { Box::from_raw(node.as_ptr()) };
-    // Relaxed: the lock's acquisition ordered the list's links before us.
+    // Relaxed: the lock's acquisition (the fence after a local one; the membarrier after
+    // a remote one, for the links that sequences stored) ordered the list's links.
     lock.unlock_to(node.next.load(Ordering::Relaxed));
     Some(node)
 }

@@ -40,9 +40,9 @@
 //!   read the word (its list head) before our exchange and committed before the fence
 //!   overwrote our token with a new head: the lock is then free, with a consistent list,
 //!   and we try again.
-//! - Release is a `Release` store of the free value (0 or `READY`), paired with the
-//!   `Acquire` of the next owner (the remote compare-exchange, or the fence after a local
-//!   acquisition).
+//! - Release is a `Release` store of the free value (0 or `READY`, or a `Stack`'s new list
+//!   head), paired with the `Acquire` of the next owner (the remote compare-exchange, or
+//!   the fence after a local acquisition).
 //!
 //! Under [`Scheme::Locked`] (no rseq, no membarrier-rseq, or forced for tests) every
 //! acquisition is the atomic compare-exchange, and structures do all their work under
@@ -75,8 +75,11 @@
 //! and queues atomically, and a token's low 32 bits are never a free word, so a wake that comes
 //! between S3 and S4 makes S4 return at once. Sleepers are counted beside the word, not
 //! in it, because a local sequence may overwrite a remote owner's token (above): a flag
-//! in the word would be lost with it. Every wake wakes all sleepers; they re-check and
-//! go back to sleep if another thread took the lock first.
+//! in the word would be lost with it. A `Stack` push or pop that overwrites a token
+//! frees the word without waking anybody; the remote owner it overwrote tries again and
+//! its release wakes them (and if its fence is refused, it wakes them before it panics).
+//! Every wake wakes all sleepers; they re-check and go back to sleep if another thread
+//! took the lock first.
 //!
 //! Without the membarrier command (the locked scheme, older kernels) the release pays
 //! a `SeqCst` fence instead of the compiler fence: those acquisitions are atomic
@@ -169,8 +172,9 @@ impl CpuLock {
     }
 
     /// Tries to take the lock of `cpu` (whose slot this is) with one restartable
-    /// compare-and-store from the free word `free` (0 or [`READY`]: `CompareFailed` when
-    /// the word holds anything else), from a thread that believes it runs on `cpu`, or,
+    /// compare-and-store from the free word `free` (any even value the caller read: 0,
+    /// [`READY`] or a `Stack`'s list head; `CompareFailed` when the word holds anything
+    /// else), from a thread that believes it runs on `cpu`, or,
     /// with `INDEX_FIELD` = [`arch::MM_CID_FIELD`], whose mm_cid is `cpu`.
     ///
     /// Only under [`Scheme::Membarrier`], with the calling thread's `rseq` area, which
@@ -230,17 +234,16 @@ impl CpuLock {
                 None => fence_sequences_everywhere(),
             };
             if let Err(refused) = fenced {
-                // Without the fence we cannot exclude `cpu`'s sequences. Our token (or a
-                // local owner's, which overwrote it) is in the word: give it back, with
-                // the free word it replaced, before unwinding, so the slot stays usable
-                // (and a list whole) for every other thread.
-                if self
-                    .word
-                    .compare_exchange(me, replaced, Ordering::Release, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    self.wake_sleepers();
-                }
+                // Without the fence we cannot exclude `cpu`'s sequences. The word holds
+                // our token, a local owner's (which overwrote it), or a list head that a
+                // `Stack` push or pop committed over it: give ours back, with the free
+                // word it replaced, before unwinding, so the slot stays usable (and a
+                // list whole) for every other thread. Wake the sleepers either way: a
+                // push or pop that freed the word wakes nobody itself.
+                let _ =
+                    self.word
+                        .compare_exchange(me, replaced, Ordering::Release, Ordering::Relaxed);
+                self.wake_sleepers();
                 refused.panic();
             }
             // Acquire: a local owner that overwrote our token released with a Release
@@ -352,9 +355,16 @@ impl CpuLock {
     /// The [`Attempt`] of a guarded sequence that aborted: if the abort came from this
     /// lock being held, waits until it looks free first, so the retries are not spent
     /// while a remote owner works.
+    ///
+    /// # Panics
+    ///
+    /// If the calling thread holds this lock itself (a signal handler that interrupted
+    /// the holder, e.g. a `steal`, and uses the same structure on that CPU): it would
+    /// wait for itself forever.
     #[inline]
     pub(crate) fn aborted<R>(&self) -> Attempt<R> {
         if self.is_held() {
+            self.refuse_own_token(token());
             // The fast paths run on the slot's own CPU.
             self.wait_while_held(Some(crate::cpu::current_cpu()));
         }
@@ -509,7 +519,8 @@ impl CpuLock {
     }
 }
 
-/// Whether a lock word is held: tokens are odd, free words (0, [`READY`]) even.
+/// Whether a lock word is held: tokens are odd, free words (0, [`READY`], a `Stack`'s list
+/// head) even.
 #[inline(always)]
 fn is_token(word: usize) -> bool {
     word & 1 != 0
@@ -520,8 +531,8 @@ fn is_token(word: usize) -> bool {
 fn refuse_own_token_panic() -> ! {
     panic!(
         "a thread asked for a per-CPU lock it already holds (it already holds a slot of the \
-         same PerCpu: a signal handler interrupting the holder, or nested use): it would wait \
-         for itself forever"
+         same PerCpu, Stack or RingBuffer: a signal handler interrupting the holder, or nested \
+         use): it would wait for itself forever"
     );
 }
 
@@ -572,5 +583,22 @@ mod tests {
             local.is_err() || local == Ok(false),
             "lock_current of its own CPU's lock returned"
         );
+    }
+
+    /// A signal handler that interrupts a holder (a `Stack::steal`, say) and whose fast
+    /// path on the same slot aborts finds the word held by its own thread: the retry
+    /// must panic, not wait for itself.
+    #[test]
+    fn an_abort_on_a_lock_the_thread_holds_panics_instead_of_waiting_for_itself() {
+        let _delay = crate::tests::delay_shared();
+        let outcome = crate::tests::within(Duration::from_secs(60), || {
+            let lock = CpuLock::new();
+            let free = lock.lock_atomic();
+            let retried = catch_unwind(AssertUnwindSafe(|| lock.aborted::<()>()));
+            lock.unlock_to(free);
+            retried.is_err()
+        });
+        let panicked = outcome.expect("still waiting after 60 s: the thread waits for itself");
+        assert!(panicked, "aborted() on a lock the thread holds returned");
     }
 }
