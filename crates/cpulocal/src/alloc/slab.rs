@@ -231,15 +231,15 @@ impl Region {
         }
         debug_assert_eq!(SHIFT, self.shift);
         let (first, slabs) = self.class_table(class);
+        let area = rseq.as_ptr();
         // The header and its entries are written only by sequences on their CPU and by
         // holders of the slab's lock, which lock the header's bounds and fence the CPU
         // first; a locked header, like a zeroed one (slab not ready), makes every
         // sequence fail its bound check without a store.
-        // SAFETY: `rseq` is this thread's area (the caller's contract); see above; the
+        // SAFETY: `area` is this thread's area (the caller's contract); see above; the
         // header of class `class` in slab `c < ranges` is `c << SHIFT` bytes past slab
         // 0's, inside the live region.
-        let outcome =
-            unsafe { arch::slab_pop_on_current_cpu::<SHIFT>(rseq.as_ptr(), first, slabs) };
+        let outcome = unsafe { arch::slab_pop_on_current_cpu::<SHIFT>(area, first, slabs) };
         match outcome {
             Outcome::Committed(p) => Some(p),
             _ => None,
