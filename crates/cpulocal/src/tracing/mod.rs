@@ -245,8 +245,9 @@ struct Shared {
     written: AtomicU64,
     /// Records lost because the output returned an error.
     write_errors: AtomicU64,
-    /// This layer's number, never reused in the process: the key of the producers'
-    /// per-thread cache of the callsites they made known (see [`Shared::learn`]).
+    /// This layer's number, never reused in the process: what marks its spans' encoded
+    /// fields and keys the producers' per-thread cache of the callsites they made known
+    /// (see [`Shared::learn`]).
     id: u64,
     /// Every callsite a record of this layer can name, by address: how the writer finds
     /// the metadata. A producer adds its event's (and its spans') before it writes the

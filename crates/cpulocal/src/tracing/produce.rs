@@ -40,9 +40,9 @@ thread_local! {
 /// `Span::record`), kept in the span's extensions: each event inside the span copies
 /// these bytes into its record.
 struct SpanFields {
-    /// The [`RingLayer`] that encoded them (its `Shared`'s address): with two cpulocal
-    /// layers on one subscriber, only one records.
-    owner: usize,
+    /// The id of the [`RingLayer`] that encoded them: with two cpulocal layers on one
+    /// subscriber, only one records.
+    owner: u64,
     bytes: Vec<u8>,
 }
 
@@ -124,9 +124,10 @@ impl RingLayer {
         self.shared.stats()
     }
 
-    /// The address that tells this layer's [`SpanFields`] from another's.
-    fn owner(&self) -> usize {
-        std::sync::Arc::as_ptr(&self.shared) as usize
+    /// The id that tells this layer's [`SpanFields`] (and cached callsites) from
+    /// another's.
+    fn owner(&self) -> u64 {
+        self.shared.id
     }
 
     /// Makes sure the writer can decode `metadata` before a record names it.
@@ -138,10 +139,7 @@ impl RingLayer {
     /// its own cache first, so in the steady state this takes no shared lock.
     #[inline]
     fn make_known(&self, metadata: &'static Metadata<'static>) {
-        let key = (
-            self.shared.id,
-            metadata as *const Metadata<'static> as usize,
-        );
+        let key = (self.owner(), metadata as *const Metadata<'static> as usize);
         // Metadata are at least 8-byte aligned: the bits above give the slot.
         let cached = KNOWN.try_with(|known| {
             let slot = &known[(key.1 >> 3) % KNOWN_SLOTS];
