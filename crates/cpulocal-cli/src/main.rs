@@ -45,9 +45,10 @@ enum Command {
         /// Also draw the run as an SVG chart into FILE (ns/op per row, log scale).
         #[arg(long, value_name = "FILE.svg")]
         plot: Option<std::path::PathBuf>,
-        /// Also measure the counter and stack groups' cpulocal rows, and the floor, in
-        /// every caller shape: inlined in a tight loop, called through a function
-        /// pointer (rows marked `[call]`), and with other work between operations (`[work]`).
+        /// Also measure the counter, stack and lock groups' cpulocal rows (with the lock
+        /// group's two bench-only baselines) and the floor in every caller shape: inlined
+        /// in a tight loop, called through a function pointer (rows marked `[call]`), and
+        /// with other work between operations (`[work]`).
         #[arg(long)]
         layout: bool,
     },
@@ -308,7 +309,11 @@ fn run_bench(config: bench::Config, json: bool, plot: Option<&std::path::Path>) 
         ));
         for (name, what) in bench::legend() {
             if results.iter().any(|r| r.name == name) {
-                written(writeln!(text, "  {name:<18} {what}"));
+                written(writeln!(
+                    text,
+                    "  {name:<w$} {what}",
+                    w = RowResult::NAME_WIDTH
+                ));
             }
         }
     }

@@ -196,8 +196,12 @@ fn ring_group_compares_each_record_size_with_its_own_ring_row() {
 }
 
 #[test]
-fn layout_shows_every_caller_shape_of_the_counter_and_stack_rows() {
-    for (group, op) in [("counter", "Counter::add"), ("stack", "Stack::push+pop")] {
+fn layout_shows_every_caller_shape_of_the_counter_stack_and_lock_rows() {
+    for (group, op) in [
+        ("counter", "Counter::add"),
+        ("stack", "Stack::push+pop"),
+        ("lock", "PerCpu::with_cpu"),
+    ] {
         let o = cpulocal(&[
             "bench",
             "--quick",
@@ -228,6 +232,14 @@ fn layout_shows_every_caller_shape_of_the_counter_and_stack_rows() {
                 (ratio / expected - 1.0).abs() < 1e-9,
                 "{floor} against {base}"
             );
+        }
+        if group == "lock" {
+            // The check's two baselines, in every shape, to read its cost there.
+            for shape in ["", " [call]", " [work]"] {
+                for variant in ["with_cpu unchecked", "with_cpu park only"] {
+                    assert_eq!(row(&rows, &format!("{variant}{shape}"))["cpulocal"], false);
+                }
+            }
         }
         row(&rows, "work only");
     }

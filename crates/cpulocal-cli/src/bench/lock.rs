@@ -13,14 +13,16 @@ use std::sync::Mutex;
 use cpulocal::{CachePadded, Index, PerCpu};
 
 use super::counter::{Locked, TlsAdd};
-use super::harness::{per_cpu_slots, sum_check, GroupDef, Row, Shape, Subject, TargetSpec};
+use super::harness::{
+    per_cpu_slots, run_shaped, sum_check, GroupDef, OpFn, Row, Shape, Subject, TargetSpec, WorkOnly,
+};
 
 /// The group, as [`super::Group::ALL`] lists it.
 pub(crate) const GROUP: GroupDef = GroupDef {
     name: "lock",
     uses_remote_scheme: true,
     rows,
-    layout_rows: None,
+    layout_rows: Some(layout_rows),
     legend: &LEGEND,
     targets: &TARGETS,
     records_per_s: false,
@@ -110,6 +112,33 @@ impl<L: SlotLock> Subject for WithCpu<L> {
     }
 }
 
+/// A [`WithCpu`] row in another caller [`Shape`] (`--layout`). Its own type, so that the
+/// default rows' loop stays the plain one above.
+struct ShapedWithCpu<L> {
+    inner: WithCpu<L>,
+    shape: Shape,
+}
+
+impl<L: SlotLock> Subject for ShapedWithCpu<L> {
+    #[inline(never)]
+    fn work(&self, ops: u64) {
+        let slots = &self.inner.slots;
+        run_shaped(
+            self.shape,
+            ops,
+            &OpFn(|| L::with(slots, |v| *v += black_box(1))),
+        );
+    }
+
+    fn reset(&mut self, threads: usize, ops: u64) {
+        self.inner.reset(threads, ops);
+    }
+
+    fn check(&mut self, expected: u64) -> Result<(), String> {
+        self.inner.check(expected)
+    }
+}
+
 /// The slots of `slots` added up, each read under its lock.
 pub(super) fn percpu_sum(slots: &PerCpu<u64>) -> u64 {
     let mut sum = 0u64;
@@ -186,8 +215,82 @@ fn rows(_notes: &mut Vec<String>) -> Vec<Row> {
     ]
 }
 
+/// With `--layout`: `with_cpu`, its two bench-only baselines and the floor in the other
+/// caller shapes, so that what the re-entry check and the parking cost can be read where
+/// the operation is a call, and where it overlaps with other work.
+fn layout_rows() -> Vec<Row> {
+    fn shaped<L: SlotLock + 'static>(shape: Shape) -> ShapedWithCpu<L> {
+        ShapedWithCpu {
+            inner: WithCpu::new(Index::Cpu),
+            shape,
+        }
+    }
+    let mut rows = Vec::new();
+    for (shape, names) in [
+        (
+            Shape::Call,
+            [
+                "PerCpu::with_cpu [call]",
+                "with_cpu unchecked [call]",
+                "with_cpu park only [call]",
+                "tls_add [call]",
+            ],
+        ),
+        (
+            Shape::Work,
+            [
+                "PerCpu::with_cpu [work]",
+                "with_cpu unchecked [work]",
+                "with_cpu park only [work]",
+                "tls_add [work]",
+            ],
+        ),
+    ] {
+        let class = shape.class();
+        rows.push(Row::cpulocal(names[0], shaped::<Checked>(shape)).in_class(class));
+        rows.push(Row::new(names[1], shaped::<Baseline>(shape)).in_class(class));
+        rows.push(Row::new(names[2], shaped::<ParkOnly>(shape)).in_class(class));
+        rows.push(Row::new(names[3], TlsAdd::new(shape)).in_class(class));
+    }
+    rows.push(Row::new("work only", WorkOnly).in_class(Shape::Work.class()));
+    rows
+}
+
 /// What each row name stands for, for the legend under the table.
-const LEGEND: [(&str, &str); 8] = [
+const LEGEND: [(&str, &str); 17] = [
+    (
+        "PerCpu::with_cpu [call]",
+        "with_cpu called through a function pointer, never inlined",
+    ),
+    (
+        "with_cpu unchecked [call]",
+        "the unchecked baseline, called the same way",
+    ),
+    (
+        "with_cpu park only [call]",
+        "the park-only variant, called the same way",
+    ),
+    (
+        "tls_add [call]",
+        "the floor, called through a function pointer",
+    ),
+    (
+        "PerCpu::with_cpu [work]",
+        "with_cpu with other work (12 dependent ALU ops) between critical sections",
+    ),
+    (
+        "with_cpu unchecked [work]",
+        "the unchecked baseline with the same other work",
+    ),
+    (
+        "with_cpu park only [work]",
+        "the park-only variant with the same other work",
+    ),
+    (
+        "tls_add [work]",
+        "the floor, with the same other work between increments",
+    ),
+    ("work only", "the other work of the [work] rows alone"),
     (
         "tls_add",
         "const thread_local! Cell<u64> increment (the floor of the counter group)",

@@ -212,7 +212,7 @@ pub struct Config {
     pub quick: bool,
     /// Thread counts of the command line that `--quick` lowered to [`quick_threads`].
     pub capped: Vec<usize>,
-    /// Also measure the counter and stack groups' cpulocal rows (and floors) in every
+    /// Also measure the counter, stack and lock groups' cpulocal rows (and floors) in every
     /// caller shape: inlined in a tight loop, called through a function pointer, and
     /// with other work between operations (`--layout`).
     pub layout: bool,
@@ -259,7 +259,7 @@ impl Config {
         }
     }
 
-    /// The same, with every caller shape of the counter and stack groups (`--layout`).
+    /// The same, with every caller shape of the counter, stack and lock groups (`--layout`).
     pub fn with_layout(self, layout: bool) -> Config {
         Config { layout, ..self }
     }
@@ -309,11 +309,21 @@ impl RowResult {
         serde_json::to_string(self).expect("RowResult serialises")
     }
 
+    /// The width of the row-name column: the longest name (`with_cpu unchecked
+    /// [call]`) with room for the cpulocal row's mark.
+    pub const NAME_WIDTH: usize = 27;
+
     /// The heading of [`table_line`](Self::table_line)'s columns.
     pub fn table_heading() -> String {
         format!(
-            "{:<11} {:<18} {:>7} {:>10} {:>10} {:>11}",
-            "group", "row", "threads", "ns/op", "min", "vs cpulocal"
+            "{:<11} {:<w$} {:>7} {:>10} {:>10} {:>11}",
+            "group",
+            "row",
+            "threads",
+            "ns/op",
+            "min",
+            "vs cpulocal",
+            w = Self::NAME_WIDTH
         )
     }
 
@@ -326,13 +336,14 @@ impl RowResult {
             self.name.to_string()
         };
         let mut line = format!(
-            "{:<11} {:<18} {:>7} {:>10.2} {:>10.2} {:>10.2}x",
+            "{:<11} {:<w$} {:>7} {:>10.2} {:>10.2} {:>10.2}x",
             self.group,
             name,
             self.threads,
             self.ns_per_op,
             self.min_ns_per_op,
-            self.ratio_to_cpulocal
+            self.ratio_to_cpulocal,
+            w = Self::NAME_WIDTH
         );
         if let Some(r) = self.records_per_s {
             line += &format!(" {:>8.1} M records/s", r / 1e6);
