@@ -597,6 +597,48 @@ fn a_dropped_reservation_is_counted_abandoned_and_skipped() {
     assert_eq!(ring.stats().discarded, 0);
 }
 
+/// A header-only record that ends the ring has its payload's address wrapped to the
+/// ring's start; committed (out of line: it closes its sub-buffer) or dropped, it must
+/// still land at its own position, so that both records before it are read.
+#[test]
+fn a_header_only_record_that_ends_the_ring_is_committed_or_dropped_in_place() {
+    let _serial = serial();
+    let cpus = allowed_cpus();
+    set_affinity(0, &cpus[..1]).expect("sched_setaffinity");
+    for timestamps in [false, true] {
+        for commit in [true, false] {
+            let ring = RingBuffer::new(RingConfig {
+                sub_buffer_size: 64,
+                sub_buffers: 2,
+                timestamps,
+                ..RingConfig::default()
+            })
+            .expect("valid config");
+            let header = if timestamps { 16 } else { 8 };
+            // The first sub-buffer full, the second up to one header from its end.
+            let first = vec![1; 64 - header];
+            let second = vec![2; 64 - 2 * header];
+            ring.write(&first).expect("room");
+            ring.write(&second).expect("room");
+            let last = ring.reserve(0).expect("room for a header");
+            if commit {
+                last.commit();
+            } else {
+                drop(last);
+            }
+            let mut expected = vec![first, second];
+            if commit {
+                expected.push(Vec::new());
+            }
+            let case = format!("timestamps {timestamps}, commit {commit}");
+            assert_eq!(drain(&ring), expected, "{case}");
+            assert_eq!(ring.stats().abandoned, u64::from(!commit), "{case}");
+            assert_eq!(ring.stats().discarded, 0, "{case}");
+        }
+    }
+    set_affinity(0, &cpus).expect("sched_setaffinity");
+}
+
 /// Writes `n` records from a thread pinned to one CPU: no commit can land on another
 /// CPU's ring. Returns the ring's stats.
 fn pinned_writes(n: u8) -> RingStats {

@@ -105,13 +105,11 @@ impl RingBuffer {
             buffer: self,
             payload: self.at(ring, pos + self.header_len()),
             counts: self.sub(ring, pos),
-            pos,
-            // All four fit: a record is at most one sub-buffer (2^30 bytes).
+            // All three fit: a record is at most one sub-buffer (2^30 bytes).
             cpu: cpu as u32,
-            size: self.record_size(len) as u32,
+            size_and_flag: self.record_size(len) as u32,
             len: len as u32,
             written: 0,
-            inline_commit: false,
         }
     }
 
@@ -169,15 +167,14 @@ impl RingBuffer {
             // Inside the ring: the record fits in its sub-buffer.
             payload: record.wrapping_add(HEADER),
             counts,
-            pos: old,
-            // All four fit: a record is at most one sub-buffer (2^30 bytes).
+            // All three fit: a record is at most one sub-buffer (2^30 bytes).
             cpu: cpu as u32,
-            size: size as u32,
+            // The inline commit may run: the scheme allows restartable sequences (we
+            // just ran one), and if the sub-buffer goes on after this record, its commit
+            // wakes nobody.
+            size_and_flag: size as u32 | (u32::from(end_in_sub < sub) * INLINE_COMMIT),
             len: len as u32,
             written: 0,
-            // The scheme allows restartable sequences (we just ran one), and the
-            // sub-buffer goes on after this record, so its commit wakes nobody.
-            inline_commit: end_in_sub < sub,
         })
     }
 
@@ -484,22 +481,43 @@ pub struct Reservation<'a> {
     payload: *mut u8,
     /// The commit counts of the record's sub-buffer (also computed at the reserve).
     counts: &'a SubBuffer,
-    pos: usize,
     cpu: u32,
-    size: u32,
+    /// The record's bytes, headers and padding included (a multiple of 8), with
+    /// [`INLINE_COMMIT`] in bit 0. The record's position is not kept: the cold paths
+    /// that need it find it from `payload` ([`pos`](Reservation::pos)). Two words
+    /// fewer to store: the reservation lives in memory wherever the payload's writer
+    /// might panic (its drop needs it), which is most callers.
+    size_and_flag: u32,
     len: u32,
     /// Bytes written through [`io::Write`], from the payload's start.
     written: u32,
-    /// Whether [`commit`](Reservation::commit) may try the inline add without looking
-    /// at the scheme or the sub-buffer's end: both were settled at the reserve.
-    inline_commit: bool,
 }
+
+/// [`Reservation`]'s flag (in its size's bit 0, free as sizes are multiples of 8):
+/// [`commit`](Reservation::commit) may try the inline add without looking at the scheme
+/// or the sub-buffer's end, both settled at the reserve.
+const INLINE_COMMIT: u32 = 1;
 
 // SAFETY: a reservation owns its bytes exclusively until it commits or drops, from
 // whatever thread (a commit from another CPU takes the remote path).
 unsafe impl Send for Reservation<'_> {}
 
 impl Reservation<'_> {
+    /// The record's bytes, headers and padding included.
+    #[inline(always)]
+    fn size(&self) -> usize {
+        (self.size_and_flag & !INLINE_COMMIT) as usize
+    }
+
+    /// The record's position in its ring, modulo the ring's capacity (which is all its
+    /// users need), from the payload's address: the payload follows the headers, and
+    /// wrapped to the ring's start only if the record is header-only and ends the ring.
+    fn pos(&self) -> usize {
+        let buffer = self.buffer;
+        let data = buffer.rings[self.cpu as usize].data.as_ptr() as usize;
+        (self.payload as usize).wrapping_sub(data + buffer.header_len()) & (buffer.capacity - 1)
+    }
+
     /// The CPU whose ring holds the record.
     pub fn cpu(&self) -> usize {
         self.cpu as usize
@@ -554,14 +572,15 @@ impl Reservation<'_> {
         let buffer = self.buffer;
         let ring = &buffer.rings[self.cpu as usize];
         let record = buffer.record_size(len);
-        let rest = self.size as usize - record;
+        let rest = self.size() - record;
+        let pos = self.pos();
         // SAFETY: the reservation owns [pos, pos + size): the header word (the timestamp
         // after it is kept: `None` leaves it), and the padding header at `pos + record`,
         // which is 8-aligned and, `rest` being a non-zero multiple of 8, inside the room.
         unsafe {
-            buffer.write_header(ring, self.pos, KIND_RECORD, len, None);
+            buffer.write_header(ring, pos, KIND_RECORD, len, None);
             if rest > 0 {
-                buffer.write_header(ring, self.pos + record, KIND_PADDING, rest - HEADER, None);
+                buffer.write_header(ring, pos + record, KIND_PADDING, rest - HEADER, None);
             }
         }
         self.len = len as u32;
@@ -571,11 +590,11 @@ impl Reservation<'_> {
     /// Publishes the record.
     #[inline]
     pub fn commit(self) {
-        let (buffer, counts, inline) = (self.buffer, self.counts, self.inline_commit);
-        let (cpu, pos, size) = (self.cpu as usize, self.pos, self.size as usize);
-        core::mem::forget(self);
-        if !(inline && try_commit_inline(counts, cpu, size)) {
-            buffer.commit_bytes_slow(cpu, pos, size);
+        let this = core::mem::ManuallyDrop::new(self);
+        let (cpu, size) = (this.cpu as usize, this.size());
+        let inline = this.size_and_flag & INLINE_COMMIT != 0;
+        if !(inline && try_commit_inline(this.counts, cpu, size)) {
+            this.buffer.commit_bytes_slow(cpu, this.pos(), size);
         }
     }
 }
@@ -584,15 +603,15 @@ impl Drop for Reservation<'_> {
     /// Not committed: the room becomes padding, so the consumer never stalls on it.
     fn drop(&mut self) {
         let ring = &self.buffer.rings[self.cpu as usize];
-        let padding = self.size as usize - HEADER;
+        let (pos, size) = (self.pos(), self.size());
         // SAFETY: the reservation still owns its bytes.
         unsafe {
             self.buffer
-                .write_header(ring, self.pos, KIND_PADDING, padding, None)
+                .write_header(ring, pos, KIND_PADDING, size - HEADER, None)
         };
         self.buffer.abandoned.add(1);
         self.buffer
-            .commit_bytes(self.cpu as usize, self.pos, self.size as usize, false);
+            .commit_bytes(self.cpu as usize, pos, size, false);
     }
 }
 
@@ -627,7 +646,7 @@ impl fmt::Debug for Reservation<'_> {
 }
 
 /// The common commit: one restartable add to `counts.commit_local` on `cpu`, for a
-/// reservation whose [`inline_commit`](Reservation::inline_commit) is set. False
+/// reservation whose [`INLINE_COMMIT`] flag is set. False
 /// (nothing done) when the thread is not on `cpu` or the add aborted.
 #[inline(always)]
 fn try_commit_inline(counts: &SubBuffer, cpu: usize, bytes: usize) -> bool {
