@@ -597,9 +597,10 @@ fn a_dropped_reservation_is_counted_abandoned_and_skipped() {
     assert_eq!(ring.stats().discarded, 0);
 }
 
-/// A header-only record that ends the ring has its payload's address wrapped to the
-/// ring's start; committed (out of line: it closes its sub-buffer) or dropped, it must
-/// still land at its own position, so that both records before it are read.
+/// A header-only record that ends the ring has its payload's address one past the ring's
+/// end (inline reserve, without timestamps here) or wrapped to its start (out-of-line
+/// reserve, with them); committed (out of line: it closes its sub-buffer) or dropped, it
+/// must still land at its own position, so that both records before it are read.
 #[test]
 fn a_header_only_record_that_ends_the_ring_is_committed_or_dropped_in_place() {
     let _serial = serial();

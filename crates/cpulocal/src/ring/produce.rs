@@ -164,7 +164,8 @@ impl RingBuffer {
         unsafe { record.cast::<u64>().write(header_word(KIND_RECORD, len)) };
         Some(Reservation {
             buffer: self,
-            // Inside the ring: the record fits in its sub-buffer.
+            // Inside the ring (the record fits in its sub-buffer), or one past its end for
+            // an empty payload whose header ends the ring.
             payload: record.wrapping_add(HEADER),
             counts,
             // All three fit: a record is at most one sub-buffer (2^30 bytes).
@@ -510,8 +511,10 @@ impl Reservation<'_> {
     }
 
     /// The record's position in its ring, modulo the ring's capacity (which is all its
-    /// users need), from the payload's address: the payload follows the headers, and
-    /// wrapped to the ring's start only if the record is header-only and ends the ring.
+    /// users need), from the payload's address: the payload follows the headers. For a
+    /// header-only record that ends the ring, that address is one past the ring's end
+    /// (made by the inline reserve) or wrapped to its start (the out-of-line one): the
+    /// mask covers both.
     fn pos(&self) -> usize {
         let buffer = self.buffer;
         let data = buffer.rings[self.cpu as usize].data.as_ptr() as usize;
