@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use crate::abi::Rseq;
 use crate::arch::{self, Outcome};
-use crate::pool::{self, Item, Pool, STRIDE_SHIFT};
+use crate::pool::{self, Item, PackedTable, Pool, STRIDE_SHIFT};
 use crate::remote::MAX_ABORTS;
 use crate::{cpu, thread, Index};
 
@@ -84,6 +84,9 @@ pub struct Counter {
     /// Release after it. Next to `slots`, so the fast path's bound check and first-use
     /// check are one load and one compare on the line it reads anyway.
     len: AtomicU32,
+    /// `slots` and `len` in one word ([`PackedTable`]), for the fast paths: stored with
+    /// Release after `len`, 0 (no slot) until then.
+    table: AtomicUsize,
     /// The updates that went through the slow path since creation or the last `take`,
     /// for [`Counter::slow_path_sum`] only (`remote` also holds what `take` cancelled).
     /// One word for all CPUs: slow paths are rare.
@@ -102,6 +105,7 @@ impl Counter {
         Counter {
             slots: AtomicPtr::new(ptr::null_mut()),
             len: AtomicU32::new(0),
+            table: AtomicUsize::new(0),
             slow: AtomicU64::new(0),
             takers: Mutex::new(()),
         }
@@ -154,8 +158,21 @@ impl Counter {
     /// before its first update, so a reader that synchronises with that thread (joins
     /// it) sees the slots even if the thread that set `slots` has not stored it yet.
     fn publish_len(&self) {
+        let len = pool::ranges();
         // Release: pairs with the Acquire in `base`; the value is the same for all.
-        self.len.store(pool::ranges() as u32, Ordering::Release);
+        self.len.store(len as u32, Ordering::Release);
+        // Relaxed: `slots` is set (by us, or seen through the Acquire load that found it).
+        let table = PackedTable::new(self.slots.load(Ordering::Relaxed).cast(), len);
+        // Release: pairs with the Acquire in `fast_table`, as for `len`.
+        self.table.store(table.to_bits(), Ordering::Release);
+    }
+
+    /// [`base`](Counter::base) for the fast paths, from one load: CPU 0's slot and the
+    /// number of slots the sequences may use (at most `len`; 0 before the first use).
+    #[inline(always)]
+    fn fast_table(&self) -> (*mut u8, usize) {
+        // Acquire: as in `base`.
+        PackedTable::from_bits(self.table.load(Ordering::Acquire)).get()
     }
 
     /// The slot of `cpu`, given CPU 0's.
@@ -269,7 +286,7 @@ impl Counter {
         n: u64,
         commit: impl FnOnce(*mut Rseq, *mut u8, usize) -> Outcome,
     ) -> bool {
-        let (base, len) = self.base();
+        let (base, len) = self.fast_table();
         #[cfg(any(test, feature = "__test-hooks"))]
         if crate::test_hooks::counter_sequence_broken() {
             let cpu = cpu::cpu_id_start(rseq);
@@ -277,14 +294,14 @@ impl Counter {
                 return false;
             }
             // SAFETY: `len > cpu`, so `base` is set, and `cpu < len`.
-            let local = unsafe { (*Self::slot_at(base, cpu as usize)).local.as_ptr() };
+            let local = unsafe { (*Self::slot_at(base.cast(), cpu as usize)).local.as_ptr() };
             // SAFETY: as below; the mutation loses updates, it touches no other memory.
             let outcome =
                 unsafe { arch::add_without_restart(rseq.as_ptr(), local, n as usize, cpu) };
             return outcome == Outcome::Committed(());
         }
         let _ = n;
-        commit(rseq.as_ptr(), base.cast(), len) == Outcome::Committed(())
+        commit(rseq.as_ptr(), base, len) == Outcome::Committed(())
     }
 
     /// After an abort (or before the thread's first registration): retry a few times,

@@ -107,6 +107,50 @@ fn a_stacks_lists_are_one_stride_apart_and_one_line_each() {
     assert_eq!(stack.pop_or_steal_value(), Some(1));
 }
 
+/// The fast paths read a `Stack`'s (and a `Counter`'s) first slot and slot count from
+/// one word: both must come back as they are, and what cannot be packed must leave no
+/// fast path rather than a wrong one.
+#[test]
+fn a_stacks_fast_table_is_its_first_slot_and_its_slot_count() {
+    use crate::pool::PackedTable;
+    let stack = crate::Stack::<u32>::new();
+    let base = crate::stack::tests_api::slot_address(&stack, 0);
+    assert_eq!(
+        crate::stack::tests_api::fast_table(&stack),
+        (base, crate::possible_cpus())
+    );
+    let at = |a: usize| a as *mut u8;
+    // A base beyond 48 bits: no slot for the fast paths.
+    assert_eq!(PackedTable::new(at(1 << 48), 4), PackedTable::EMPTY);
+    assert_eq!(PackedTable::EMPTY.get(), (at(0), 0));
+    // A count beyond 16 bits: what fits (CPUs beyond it take the slow paths).
+    assert_eq!(
+        PackedTable::new(at(0x1000), 1 << 16).get(),
+        (at(0x1000), 0xffff)
+    );
+    assert_eq!(
+        PackedTable::new(at((1 << 48) - 8), 3).get(),
+        (at((1 << 48) - 8), 3)
+    );
+}
+
+/// A `Stack` whose fast paths see no slot (as with a base beyond 48 bits) still keeps
+/// every node: every push and pop takes the slow paths.
+#[test]
+fn a_stack_without_a_fast_table_keeps_every_node_on_the_slow_paths() {
+    let _delay = delay_shared();
+    let mut stack = crate::Stack::<u32>::new();
+    crate::stack::tests_api::clear_fast_table(&mut stack);
+    for round in 0..3 {
+        for v in 0..100 {
+            stack.push_value(v);
+        }
+        let mut got: Vec<u32> = core::iter::from_fn(|| stack.pop_or_steal_value()).collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..100).collect::<Vec<_>>(), "round {round}");
+    }
+}
+
 #[test]
 fn a_reused_offset_reads_as_zero_on_every_cpu() {
     let _delay = delay_shared();
