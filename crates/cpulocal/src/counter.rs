@@ -4,7 +4,7 @@
 use core::alloc::Layout;
 use core::fmt;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::abi::Rseq;
@@ -80,12 +80,9 @@ pub struct Counter {
     /// CPU 0's slot, in the pool; CPU `c`'s is `c << STRIDE_SHIFT` bytes further. Null
     /// until the first use.
     slots: AtomicPtr<Slot>,
-    /// The number of slots (the pool's ranges): 0 until `slots` is set, then stored with
-    /// Release after it. Next to `slots`, so the fast path's bound check and first-use
-    /// check are one load and one compare on the line it reads anyway.
-    len: AtomicU32,
-    /// `slots` and `len` in one word ([`PackedTable`]), for the fast paths: stored with
-    /// Release after `len`, 0 (no slot) until then.
+    /// `slots` and their number (the pool's ranges) in one word ([`PackedTable`]), for
+    /// the fast paths' bound and first-use checks: one load. 0 (no slot) until `slots`
+    /// is set, then stored with Release after it.
     table: AtomicUsize,
     /// The updates that went through the slow path since creation or the last `take`,
     /// for [`Counter::slow_path_sum`] only (`remote` also holds what `take` cancelled).
@@ -104,7 +101,6 @@ impl Counter {
     pub const fn new() -> Self {
         Counter {
             slots: AtomicPtr::new(ptr::null_mut()),
-            len: AtomicU32::new(0),
             table: AtomicUsize::new(0),
             slow: AtomicU64::new(0),
             takers: Mutex::new(()),
@@ -114,11 +110,11 @@ impl Counter {
     /// CPU 0's slot and the number of slots; `(null, 0)` before the first use.
     #[inline(always)]
     fn base(&self) -> (*mut Slot, usize) {
-        // Acquire: pairs with the Release store of `len` in `base_or_alloc`: a non-zero
-        // `len` means `slots` is set, and the pool's zeroing of the slots is visible.
-        let len = self.len.load(Ordering::Acquire) as usize;
-        // Relaxed: ordered by the load of `len` above.
-        (self.slots.load(Ordering::Relaxed), len)
+        // Acquire: pairs with the AcqRel exchange in `base_or_alloc`: the pool's zeroing
+        // of the slots is visible.
+        let base = self.slots.load(Ordering::Acquire);
+        // Every item of the pool has `ranges()` slots (a value fixed before any item).
+        (base, if base.is_null() { 0 } else { pool::ranges() })
     }
 
     /// CPU 0's slot, taking the slots from the pool on first use.
@@ -126,7 +122,7 @@ impl Counter {
     fn base_or_alloc(&self) -> NonNull<Slot> {
         // Acquire: pairs with the AcqRel exchange below, in the thread that won it.
         if let Some(base) = NonNull::new(self.slots.load(Ordering::Acquire)) {
-            self.publish_len();
+            self.publish_table();
             return base;
         }
         let pool = Pool::for_index(Index::Cpu);
@@ -150,28 +146,27 @@ impl Counter {
                 unsafe { NonNull::new_unchecked(winner) }
             }
         };
-        self.publish_len();
+        self.publish_table();
         base
     }
 
-    /// Stores `len` once `slots` is set. Every thread that uses the slots stores it
-    /// before its first update, so a reader that synchronises with that thread (joins
-    /// it) sees the slots even if the thread that set `slots` has not stored it yet.
-    fn publish_len(&self) {
-        let len = pool::ranges();
-        // Release: pairs with the Acquire in `base`; the value is the same for all.
-        self.len.store(len as u32, Ordering::Release);
-        // Relaxed: `slots` is set (by us, or seen through the Acquire load that found it).
-        let table = PackedTable::new(self.slots.load(Ordering::Relaxed).cast(), len);
-        // Release: pairs with the Acquire in `fast_table`, as for `len`.
+    /// Stores `table` once `slots` is set. Every thread that uses the slots stores it
+    /// (the same value) before its first update, so its own fast paths find the slots
+    /// even if the thread that set `slots` has not stored it yet.
+    fn publish_table(&self) {
+        // Relaxed: `slots` is set, by us or seen through the Acquire load that found it.
+        let table = PackedTable::new(self.slots.load(Ordering::Relaxed).cast(), pool::ranges());
+        // Release: pairs with the Acquire in `fast_table`: the slots' zeroing is visible
+        // to whoever reads the table.
         self.table.store(table.to_bits(), Ordering::Release);
     }
 
     /// [`base`](Counter::base) for the fast paths, from one load: CPU 0's slot and the
-    /// number of slots the sequences may use (at most `len`; 0 before the first use).
+    /// number of slots the sequences may use (all of them, but 0 before the thread's
+    /// first use and if the table cannot be packed: see [`PackedTable`]).
     #[inline(always)]
     fn fast_table(&self) -> (*mut u8, usize) {
-        // Acquire: as in `base`.
+        // Acquire: pairs with the Release store in `publish_table`.
         PackedTable::from_bits(self.table.load(Ordering::Acquire)).get()
     }
 
