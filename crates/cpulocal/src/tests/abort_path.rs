@@ -33,15 +33,23 @@ fn wait_for(flag: &AtomicBool, limit: Duration) -> bool {
 }
 
 /// How many `pause` loops take about `d` (at least; the sequence's loop is tighter
-/// than this one).
+/// than this one). The fastest of several timings: a preemption during one only makes
+/// it slower, and a slow timing would make the delay short enough for the held sequence
+/// to commit before the signal (as happened once on a loaded CI machine).
 fn loops_lasting(d: Duration) -> usize {
-    const N: u32 = 200_000;
-    let start = Instant::now();
-    for _ in 0..N {
-        core::hint::spin_loop();
-    }
-    let per_loop = (start.elapsed() / N).max(Duration::from_nanos(1));
-    (d.as_nanos() / per_loop.as_nanos()) as usize
+    const N: u32 = 20_000;
+    let fastest = (0..10)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..N {
+                core::hint::spin_loop();
+            }
+            start.elapsed()
+        })
+        .min()
+        .expect("ten timings");
+    let per_loop_ps = (fastest.as_nanos() * 1000 / u128::from(N)).max(1);
+    (d.as_nanos() * 1000 / per_loop_ps) as usize
 }
 
 #[test]
