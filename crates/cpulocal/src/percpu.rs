@@ -563,12 +563,6 @@ impl<T> PerCpu<T> {
     /// released as the panic unwinds, and the slot keeps what `f` had written (no
     /// poisoning).
     ///
-    /// The lock is one restartable compare-and-store on the slot's lock word, and its
-    /// release one store and a look for sleepers. The re-entry check below adds two
-    /// thread-local stores: measurable only in a loop that does nothing but call
-    /// `with_cpu` inlined (`cpulocal bench --group lock --layout` shows it in each caller
-    /// shape against the same sequence without the check).
-    ///
     /// # Panics
     ///
     /// If the calling thread already holds a slot of this `PerCpu` (any slot: it may
