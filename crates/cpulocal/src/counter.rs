@@ -210,10 +210,10 @@ impl Counter {
     pub fn add(&self, n: u64) {
         // One attempt inline; the first registration, retries and the slow path stay out
         // of line (a tail call), so every call site carries only the sequence itself.
-        if let Some(rseq) = thread::current_if_registered() {
-            if self.try_add(rseq, n) {
-                return;
-            }
+        // No check for a registered area: a thread without one gets an area every
+        // sequence refuses (see `thread::area_or_refusing`), so its attempt fails.
+        if self.try_add(thread::area_or_refusing(), n) {
+            return;
         }
         self.add_retry(n);
     }
@@ -243,14 +243,17 @@ impl Counter {
     /// ```
     #[inline]
     pub fn add_const<const N: u32>(&self) {
-        if let Some(rseq) = thread::current_if_registered() {
-            if self.try_commit(rseq, u64::from(N), |rseq, base, len| {
-                // SAFETY: the contract of `try_commit`'s closure, which `try_commit`
-                // upholds (see there).
+        // As in `add`: no check for a registered area.
+        if self.try_commit(
+            thread::area_or_refusing(),
+            u64::from(N),
+            |rseq, base, len| {
+                // SAFETY: the contract of `try_commit`'s closure, which `try_commit` upholds
+                // (see there).
                 unsafe { arch::add_const_on_current_cpu::<STRIDE_SHIFT, N>(rseq, base, len) }
-            }) {
-                return;
-            }
+            },
+        ) {
+            return;
         }
         self.add_retry(u64::from(N));
     }
@@ -269,11 +272,13 @@ impl Counter {
     /// of the CPU the thread runs on, `base + (cpu << STRIDE_SHIFT)`, which the sequence
     /// reads itself (and refuses when it is not below `len`); true when it committed.
     ///
-    /// `commit` is called with (1) `rseq`, this thread's area, and (2) `base` and `len`,
-    /// this counter's CPU-0 slot and slot count: every slot below `len` is live, its
-    /// `local` is at offset 0 and is written only by sequences on its CPU, so the
-    /// kernel serialises all its writers; readers use atomic loads. Before the first
-    /// use `len` is 0 and every CPU is refused.
+    /// `commit` is called with (1) `rseq`, this thread's area or a refusing one (see
+    /// `thread::area_or_refusing`: its `cpu_id` is beyond every `len`, so the sequence
+    /// leaves before its commit), and (2) `base` and `len`, this counter's CPU-0 slot
+    /// and slot count: every slot below `len` is live, its `local` is at offset 0 and is
+    /// written only by sequences on its CPU, so the kernel serialises all its writers;
+    /// readers use atomic loads. Before the first use `len` is 0 and every CPU is
+    /// refused.
     #[inline(always)]
     fn try_commit(
         &self,

@@ -14,6 +14,16 @@
 //! The fast path (`current`) is one thread-local load and one compare that is always
 //! predicted the same way after the first call; everything else is out of line.
 //!
+//! A second word, `SEQUENCE_AREA`, serves the fast paths whose sequences check the CPU
+//! they read against their table's bound (`Counter`'s): it holds the registered area,
+//! or, for a thread that has none (yet), a *refusing area*, laid out like `struct rseq`
+//! with every CPU field at `u32::MAX`, which no bound admits. Those fast paths load it
+//! and run their sequence without a compare: on a refusing area the sequence exits
+//! before its commit, as after a migration, and the slow path registers the thread or
+//! serves it. A thread that cannot use rseq has a refusing area of its own in its TLS
+//! (the sequence stores `rseq_cs` into it); a thread's first call uses one static area
+//! shared by all threads, and then never again.
+//!
 //! # Whose area
 //!
 //! The kernel accepts one registration per thread. glibc ≥ 2.35 registers one for every
@@ -62,7 +72,7 @@
 
 use core::cell::{Cell, UnsafeCell};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use crate::abi::{self, Rseq};
@@ -73,6 +83,49 @@ use crate::sys::{self, Errno};
 const UNKNOWN: usize = 0;
 /// [`AREA`] of a thread that cannot use rseq.
 const UNAVAILABLE: usize = 1;
+
+/// A stand-in for `struct rseq` that no sequence accepts: `cpu_id_start`, `cpu_id` and
+/// `mm_cid` are `u32::MAX`, beyond every table's bound, so a sequence that reads its CPU
+/// from it leaves before its commit. Atomics, because the sequences store `rseq_cs` into
+/// it, and the static one is shared by the threads that have not used cpulocal yet.
+#[repr(C, align(32))]
+struct RefusingArea {
+    cpu_id_start: AtomicU32,
+    cpu_id: AtomicU32,
+    rseq_cs: AtomicU64,
+    flags: AtomicU32,
+    node_id: AtomicU32,
+    mm_cid: AtomicU32,
+    slice_ctrl: AtomicU32,
+}
+
+impl RefusingArea {
+    const fn new() -> Self {
+        RefusingArea {
+            cpu_id_start: AtomicU32::new(u32::MAX),
+            cpu_id: AtomicU32::new(u32::MAX),
+            rseq_cs: AtomicU64::new(0),
+            flags: AtomicU32::new(0),
+            node_id: AtomicU32::new(u32::MAX),
+            mm_cid: AtomicU32::new(u32::MAX),
+            slice_ctrl: AtomicU32::new(0),
+        }
+    }
+}
+
+// The sequences address it as a `struct rseq`.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<RefusingArea>() == size_of::<Rseq>());
+    assert!(align_of::<RefusingArea>() == align_of::<Rseq>());
+    assert!(offset_of!(RefusingArea, cpu_id_start) == offset_of!(Rseq, cpu_id_start));
+    assert!(offset_of!(RefusingArea, cpu_id) == offset_of!(Rseq, cpu_id));
+    assert!(offset_of!(RefusingArea, rseq_cs) == offset_of!(Rseq, rseq_cs));
+    assert!(offset_of!(RefusingArea, mm_cid) == offset_of!(Rseq, mm_cid));
+};
+
+/// The refusing area of the threads that have not used cpulocal yet.
+static REFUSING_BEFORE_FIRST_USE: RefusingArea = RefusingArea::new();
 
 /// Room reserved for our own registration: enough for every field the kernel defines
 /// today plus later growth. A feature size beyond it falls back to the 32-byte legacy
@@ -89,6 +142,12 @@ const _: () = assert!(core::mem::align_of::<OwnArea>() == OWN_AREA_ALIGN as usiz
 thread_local! {
     /// The state of the calling thread; see the module documentation.
     static AREA: Cell<usize> = const { Cell::new(UNKNOWN) };
+    /// The thread's registered area, or a refusing area (see the module docs).
+    static SEQUENCE_AREA: Cell<*mut Rseq> = const {
+        Cell::new((&raw const REFUSING_BEFORE_FIRST_USE).cast_mut().cast())
+    };
+    /// The refusing area of a thread that cannot use rseq.
+    static REFUSING_AREA: RefusingArea = const { RefusingArea::new() };
     /// The area we register when glibc did not. Zeroed: `cpu_id_start` reads 0 until
     /// the kernel fills it, and `rseq_cs` is null.
     static OWN_AREA: OwnArea = const { OwnArea(UnsafeCell::new([0; OWN_AREA_SIZE])) };
@@ -363,6 +422,21 @@ pub(crate) fn current_if_registered() -> Option<NonNull<Rseq>> {
     (state > UNAVAILABLE).then(|| unsafe { NonNull::new_unchecked(state as *mut Rseq) })
 }
 
+/// The calling thread's registered area, or, if it has none (yet), an area on which
+/// every sequence that checks the CPU it reads against its table's bound exits before
+/// its commit (see the module docs). One thread-local load, no branch: for fast paths
+/// whose slow path calls [`current`], and whose every sequence makes that check.
+#[inline(always)]
+pub(crate) fn area_or_refusing() -> NonNull<Rseq> {
+    // SAFETY: only ever set from a registered area or a refusing one, never null.
+    unsafe { NonNull::new_unchecked(SEQUENCE_AREA.get()) }
+}
+
+/// The refusing area of the calling thread.
+fn own_refusing_area() -> *mut Rseq {
+    REFUSING_AREA.with(|r| (r as *const RefusingArea).cast_mut().cast())
+}
+
 #[cold]
 #[inline(never)]
 fn current_slow(state: usize) -> Option<NonNull<Rseq>> {
@@ -371,6 +445,7 @@ fn current_slow(state: usize) -> Option<NonNull<Rseq>> {
     }
     let area = register_current();
     AREA.set(area.map_or(UNAVAILABLE, |a| a.as_ptr() as usize));
+    SEQUENCE_AREA.set(area.map_or_else(own_refusing_area, NonNull::as_ptr));
     area
 }
 
@@ -525,6 +600,7 @@ unsafe extern "C" fn unregister_own(value: *mut libc::c_void) {
         .map_addr(|a| a & !UNREGISTRATION_DEFERRED)
         .cast::<Rseq>();
     AREA.set(UNAVAILABLE);
+    SEQUENCE_AREA.set(own_refusing_area());
     crate::remote::forget_percpu_fast_path();
     crate::remote::forget_fast_path_area();
     // SAFETY: `area` is the area this thread registered with exactly this length and

@@ -964,7 +964,10 @@ pub(crate) unsafe fn slab_pop_without_restart(
 ///
 /// # Safety
 ///
-/// 1. `rseq` is the calling thread's registered area.
+/// 1. `rseq` is the calling thread's registered area, or a refusing area of the calling
+///    thread or of the process (`thread::area_or_refusing`: writable, 32-byte aligned, its
+///    `cpu_id` beyond every `len`), on which the sequence stores `rseq_cs` and leaves
+///    (moved) before its commit.
 /// 2. For every `c < len`, `base + (c << SHIFT)` is valid for reads and writes of a
 ///    `usize`, aligned, and every other write to it is made by a sequence that runs on
 ///    `c` (or under a lock that excludes them). A CPU at or beyond `len` aborts (moved)

@@ -247,3 +247,47 @@ fn fork_child_keeps_a_working_registration() {
     // The parent's counter is untouched by the child's adds.
     assert_eq!(counter.sum(), 5);
 }
+
+/// Before its first use of cpulocal a thread's sequences see an area whose CPU no bound
+/// admits: the add below does not commit (it would if that area said CPU 0), the first
+/// `Counter::add` takes the slow path, registers the thread and counts once, and from
+/// then on the sequences use the registered area (or, in the fallback, the thread's own
+/// refusing area, which refuses as well).
+#[test]
+fn a_thread_without_an_area_runs_its_sequences_on_one_every_bound_refuses() {
+    /// An add on the first slot of a table of `u16::MAX` slots, one byte apart.
+    fn add_on(area: NonNull<Rseq>, table: &mut [u8]) -> crate::arch::Outcome {
+        assert!(table.len() >= usize::from(u16::MAX) + 8);
+        // SAFETY: every slot below `len` is inside `table`, which only this thread
+        // reaches; `area` comes from `area_or_refusing`.
+        unsafe {
+            crate::arch::add_on_current_cpu::<0>(
+                area.as_ptr(),
+                table.as_mut_ptr(),
+                usize::from(u16::MAX),
+                1,
+            )
+        }
+    }
+    std::thread::spawn(|| {
+        let mut table = vec![0u8; 1 << 17];
+        let before = thread::area_or_refusing();
+        assert_eq!(add_on(before, &mut table), crate::arch::Outcome::Aborted);
+        assert!(table.iter().all(|&b| b == 0), "a refused sequence stored");
+        let c = Counter::new();
+        c.add(1);
+        c.add(1);
+        assert_eq!(c.sum(), 2);
+        let after = thread::area_or_refusing();
+        match thread::current() {
+            Some(area) => assert_eq!(after, area),
+            None => {
+                assert_ne!(after, before, "the fallback's area is the thread's own");
+                assert_eq!(add_on(after, &mut table), crate::arch::Outcome::Aborted);
+                assert!(table.iter().all(|&b| b == 0), "a refused sequence stored");
+            }
+        }
+    })
+    .join()
+    .unwrap();
+}
