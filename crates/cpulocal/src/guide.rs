@@ -3,9 +3,8 @@
 //! # When to use what
 //!
 //! Figures: `cargo run --release -p cpulocal-cli -- bench --threads 1,2` on a 2-vCPU
-//! x86_64 VM (AMD EPYC host, Linux 6.18, glibc 2.36), quiet, median ns per operation of
-//! three runs of the build of 6d73c4c, 1 thread / 2 threads. Later builds are as fast or
-//! faster on these paths; the README's table gives their ratios, from noisier runs. The
+//! x86_64 VM (AMD EPYC host, Zen 4, Linux 6.18, glibc 2.36), median ns per operation of
+//! the ten runs of the build of 1691adb in the README's table, 1 thread / 2 threads. The
 //! figures are this machine's; run the command on yours. With 2 threads on 2 CPUs,
 //! every shared structure has its cache line bounce between them; the per-CPU ones do
 //! not.
@@ -14,7 +13,7 @@
 //!
 //! | | `Counter` | `ThreadLocal<Cell<u64>>` |
 //! |---|---|---|
-//! | `add` | 0.85 / 0.87 ns | 1.25 / 1.28 ns (a `const thread_local!` cell: 0.58 / 0.62 ns) |
+//! | `add` | 0.66 / 0.66 ns | 1.25 / 1.33 ns (a `const thread_local!` cell: 0.56 / 0.57 ns) |
 //! | memory | 16 bytes per CPU that ever adds, bounded by the CPUs | one shard per thread that ever added (reused after it exits), grows with the thread count |
 //! | exact `take` (read and reset while others add) | yes: nothing lost or counted twice | no: a shard is a plain `Cell` of another thread; reading it while it adds is a race, resetting it loses adds |
 //! | from a signal handler | `add` is async-signal-safe (after the thread's first use) | the first access allocates: not signal-safe |
@@ -25,15 +24,15 @@
 //! threads end; `ThreadLocal` shards cost more per `add` than `Counter` here. `Counter` wins when threads are many or come and go (a pool of
 //! hundreds of workers on 8 CPUs keeps 8 slots, not hundreds), when the total must be
 //! taken exactly while others add (rates exported per scrape), and in signal handlers.
-//! Both beat one shared `AtomicU64` as soon as two threads add (10 ns with 2
+//! Both beat one shared `AtomicU64` as soon as two threads add (11 ns with 2
 //! threads here, and more with more CPUs).
 //!
 //! ## [`Stack`](crate::Stack) or `crossbeam::queue::ArrayQueue`
 //!
 //! | | `Stack::push` + `pop` | `ArrayQueue::push` + `pop` |
 //! |---|---|---|
-//! | same thread pushes and pops | 2.5 / 2.5 ns | 9.9 / 22 ns |
-//! | a value pushed on one CPU, popped on another | only with `steal` / `pop_all_on`: a `membarrier` each, about 480 ns or more | as above: any thread pops any value |
+//! | same thread pushes and pops | 2.0 / 2.0 ns | 8.1 / 19 ns |
+//! | a value pushed on one CPU, popped on another | only with `steal` / `pop_all_on`: a `membarrier` each, about 500 ns or more | as above: any thread pops any value |
 //! | order, bound | LIFO per CPU, unbounded (intrusive nodes) | FIFO, fixed capacity |
 //!
 //! `Stack` is for objects that are freed and reused on the same CPU (object caches,
@@ -46,8 +45,8 @@
 //!
 //! | | `PerCpu::with_cpu` | `parking_lot::Mutex` | `std::sync::Mutex` |
 //! |---|---|---|---|
-//! | lock, `+= 1`, unlock | 2.0 / 2.0 ns | 5.2 / 27 ns | 4.4 / 27 ns |
-//! | one CPU's slot from another thread (`on_cpu`) | 430 ns or more (a `membarrier`) | | |
+//! | lock, `+= 1`, unlock | 1.7 / 1.7 ns | 5.2 / 19 ns | 4.4 / 35 ns |
+//! | one CPU's slot from another thread (`on_cpu`) | 440 ns or more (a `membarrier`) | | |
 //!
 //! `PerCpu` is for state that splits per CPU and is combined rarely: histograms,
 //! per-CPU caches, statistics. Each thread touches only its CPU's slot, so threads never
