@@ -248,46 +248,105 @@ fn fork_child_keeps_a_working_registration() {
     assert_eq!(counter.sum(), 5);
 }
 
+/// An add of 1 on the first slot of `table`, read as `u16::MAX` slots one byte apart, on
+/// `area`.
+fn add_on(area: NonNull<Rseq>, table: &mut [u8]) -> crate::arch::Outcome {
+    assert!(table.len() >= usize::from(u16::MAX) + 8);
+    // SAFETY: every slot below `len` is inside `table`, which only this thread reaches;
+    // `area` comes from `area_or_refusing`.
+    unsafe {
+        crate::arch::add_on_current_cpu::<0>(
+            area.as_ptr(),
+            table.as_mut_ptr(),
+            usize::from(u16::MAX),
+            1,
+        )
+    }
+}
+
+/// What a raw pthread saw, for [`a_thread_without_an_area_runs_its_sequences_on_one_every_bound_refuses`].
+struct FirstUse {
+    /// The table the thread adds on (allocated by the parent: the thread's first
+    /// allocation would register it when the tests allocate through `CpuCache`).
+    table: *mut u8,
+    table_len: usize,
+    before: Option<crate::arch::Outcome>,
+    stored_before: bool,
+    sum: u64,
+    /// `Some(outcome)` of an add on the thread's own refusing area (the fallback), or
+    /// `None` when the area after the first use is the registered one.
+    after_fallback: Option<crate::arch::Outcome>,
+    stored_after: bool,
+    after_is_registered: bool,
+}
+
+extern "C" fn first_use_main(arg: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: the parent passes a `FirstUse` it does not touch until `pthread_join`.
+    let seen = unsafe { &mut *arg.cast::<FirstUse>() };
+    // SAFETY: a table of `table_len` bytes that only this thread reaches until the join.
+    let table = unsafe { core::slice::from_raw_parts_mut(seen.table, seen.table_len) };
+    // First, before anything of ours runs (or allocates) on this thread.
+    seen.before = Some(add_on(thread::area_or_refusing(), table));
+    seen.stored_before = table.iter().any(|&b| b != 0);
+    let c = Counter::new();
+    c.add(1);
+    c.add(1);
+    seen.sum = c.sum();
+    let after = thread::area_or_refusing();
+    match thread::current() {
+        Some(area) => seen.after_is_registered = after == area,
+        None => {
+            seen.after_fallback = Some(add_on(after, table));
+            seen.stored_after = table.iter().any(|&b| b != 0);
+        }
+    }
+    core::ptr::null_mut()
+}
+
 /// Before its first use of cpulocal a thread's sequences see an area whose CPU no bound
 /// admits: the add below does not commit (it would if that area said CPU 0), the first
 /// `Counter::add` takes the slow path, registers the thread and counts once, and from
 /// then on the sequences use the registered area (or, in the fallback, the thread's own
-/// refusing area, which refuses as well).
+/// refusing area, which refuses as well). A raw pthread, so that nothing of ours runs on
+/// it before the first check.
 #[test]
 fn a_thread_without_an_area_runs_its_sequences_on_one_every_bound_refuses() {
-    /// An add on the first slot of a table of `u16::MAX` slots, one byte apart.
-    fn add_on(area: NonNull<Rseq>, table: &mut [u8]) -> crate::arch::Outcome {
-        assert!(table.len() >= usize::from(u16::MAX) + 8);
-        // SAFETY: every slot below `len` is inside `table`, which only this thread
-        // reaches; `area` comes from `area_or_refusing`.
-        unsafe {
-            crate::arch::add_on_current_cpu::<0>(
-                area.as_ptr(),
-                table.as_mut_ptr(),
-                usize::from(u16::MAX),
-                1,
-            )
+    let mut table = vec![0u8; 1 << 17];
+    let mut seen = FirstUse {
+        table: table.as_mut_ptr(),
+        table_len: table.len(),
+        before: None,
+        stored_before: false,
+        sum: 0,
+        after_fallback: None,
+        stored_after: false,
+        after_is_registered: false,
+    };
+    let mut tid = core::mem::MaybeUninit::<libc::pthread_t>::uninit();
+    // SAFETY: `seen` and `table` outlive the thread, which is joined below.
+    let r = unsafe {
+        libc::pthread_create(
+            tid.as_mut_ptr(),
+            core::ptr::null(),
+            first_use_main,
+            (&raw mut seen).cast(),
+        )
+    };
+    assert_eq!(r, 0, "pthread_create: {:?}", Errno(r));
+    // SAFETY: pthread_create succeeded, so it wrote `tid`.
+    let r = unsafe { libc::pthread_join(tid.assume_init(), core::ptr::null_mut()) };
+    assert_eq!(r, 0, "pthread_join: {:?}", Errno(r));
+    assert_eq!(seen.before, Some(crate::arch::Outcome::Aborted));
+    assert!(!seen.stored_before, "a refused sequence stored");
+    assert_eq!(seen.sum, 2);
+    match seen.after_fallback {
+        None => assert!(
+            seen.after_is_registered,
+            "the sequences' area is not the registered one"
+        ),
+        Some(outcome) => {
+            assert_eq!(outcome, crate::arch::Outcome::Aborted);
+            assert!(!seen.stored_after, "a refused sequence stored");
         }
     }
-    std::thread::spawn(|| {
-        let mut table = vec![0u8; 1 << 17];
-        let before = thread::area_or_refusing();
-        assert_eq!(add_on(before, &mut table), crate::arch::Outcome::Aborted);
-        assert!(table.iter().all(|&b| b == 0), "a refused sequence stored");
-        let c = Counter::new();
-        c.add(1);
-        c.add(1);
-        assert_eq!(c.sum(), 2);
-        let after = thread::area_or_refusing();
-        match thread::current() {
-            Some(area) => assert_eq!(after, area),
-            None => {
-                assert_ne!(after, before, "the fallback's area is the thread's own");
-                assert_eq!(add_on(after, &mut table), crate::arch::Outcome::Aborted);
-                assert!(table.iter().all(|&b| b == 0), "a refused sequence stored");
-            }
-        }
-    })
-    .join()
-    .unwrap();
 }
