@@ -21,7 +21,8 @@ pub(crate) unsafe fn load_u32(p: *const u32) -> u32 {
 /// The `cpu_id_start` of the calling thread's area: the CPU a sequence should expect.
 #[inline(always)]
 pub(crate) fn cpu_id_start(rseq: core::ptr::NonNull<crate::abi::Rseq>) -> u32 {
-    // SAFETY: `rseq` comes from `thread::current`: the calling thread's live area.
+    // SAFETY: `rseq` comes from `thread::current` (the calling thread's live area) or
+    // from `thread::area_or_refusing` (that, or a refusing area, which lives for ever).
     unsafe { load_u32(&raw const (*rseq.as_ptr()).cpu_id_start) }
 }
 

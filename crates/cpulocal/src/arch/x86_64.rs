@@ -1,8 +1,9 @@
 //! x86_64 restartable sequences (AT&T syntax).
 //!
-//! Register use: `{rseq}` holds the thread's `struct rseq`, `{cpu}` the CPU (the caller
-//! read it from `cpu_id_start`, or the `*_on_current_cpu` sequences read it from `cpu_id`
-//! once their section is open); `{tmp}` is scratch. The signature is the 4-byte immediate
+//! Register use: `{rseq}` holds the thread's `struct rseq`, `{cpu}` the CPU the caller
+//! read from `cpu_id_start` (the `*_on_current_cpu` sequences read `cpu_id` themselves,
+//! once their section is open, into `{slot}`, which they turn into the slot's address);
+//! `{tmp}` is scratch. The signature is the 4-byte immediate
 //! of `ud1 0x53053053(%rip), %edi` (`0f b9 3d` + imm32), so a stray jump into it traps
 //! instead of running data. Every store on x86_64 is a release store (TSO), so the
 //! `*_release` commits are plain `mov`s.
@@ -99,8 +100,9 @@ macro_rules! rseq_start {
 ///
 /// The CPU is read once, after the section opens, so it needs no check against a second
 /// read (as the sequences given a CPU do): from label `4` on, a migration restarts the
-/// section. `cpu_id`, not `cpu_id_start`: only a registered area's `cpu_id` is a CPU
-/// (the callers hold one), and a negative value would fail the bound anyway. One load
+/// section. `cpu_id`, not `cpu_id_start`: a registered area's `cpu_id` is a CPU, and
+/// anything else fails the bound: `u32::MAX` in a refusing area (see
+/// `thread::area_or_refusing`) or in an unregistered one. One load
 /// and one compare fewer than reading `cpu_id_start` first: a `Stack` push+pop went
 /// from 4.3x-4.5x to 4.0x-4.2x the `tls_add` floor in three interleaved runs;
 /// `Counter::add` from 1.50x-1.59x to 1.43x-1.44x in two of them (the third, noisier,

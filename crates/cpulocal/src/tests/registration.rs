@@ -264,17 +264,21 @@ fn add_on(area: NonNull<Rseq>, table: &mut [u8]) -> crate::arch::Outcome {
     }
 }
 
-/// What a raw pthread saw, for [`a_thread_without_an_area_runs_its_sequences_on_one_every_bound_refuses`].
+/// What a raw pthread saw, for [`first_use_runs_on_a_refusing_area`].
 struct FirstUse {
     /// The table the thread adds on (allocated by the parent: the thread's first
     /// allocation would register it when the tests allocate through `CpuCache`).
     table: *mut u8,
     table_len: usize,
+    /// A counter the parent has used already: its slot table is published, so the
+    /// thread's first `inc` and `add` run their sequences on a real table.
+    counter: *const Counter,
     before: Option<crate::arch::Outcome>,
     stored_before: bool,
-    sum: u64,
-    /// `Some(outcome)` of an add on the thread's own refusing area (the fallback), or
-    /// `None` when the area after the first use is the registered one.
+    before_area: usize,
+    after_area: usize,
+    /// `Some(outcome)` of an add on the area after the first use when the thread has no
+    /// registered area (the fallback), `None` when it has one.
     after_fallback: Option<crate::arch::Outcome>,
     stored_after: bool,
     after_is_registered: bool,
@@ -286,13 +290,17 @@ extern "C" fn first_use_main(arg: *mut libc::c_void) -> *mut libc::c_void {
     // SAFETY: a table of `table_len` bytes that only this thread reaches until the join.
     let table = unsafe { core::slice::from_raw_parts_mut(seen.table, seen.table_len) };
     // First, before anything of ours runs (or allocates) on this thread.
-    seen.before = Some(add_on(thread::area_or_refusing(), table));
+    let before = thread::area_or_refusing();
+    seen.before_area = before.as_ptr() as usize;
+    seen.before = Some(add_on(before, table));
     seen.stored_before = table.iter().any(|&b| b != 0);
-    let c = Counter::new();
-    c.add(1);
-    c.add(1);
-    seen.sum = c.sum();
+    // SAFETY: the parent keeps the counter alive until the join.
+    let counter = unsafe { &*seen.counter };
+    // The thread's first uses: `inc`'s path (the constant count) and `add`'s.
+    counter.inc();
+    counter.add(5);
     let after = thread::area_or_refusing();
+    seen.after_area = after.as_ptr() as usize;
     match thread::current() {
         Some(area) => seen.after_is_registered = after == area,
         None => {
@@ -304,26 +312,29 @@ extern "C" fn first_use_main(arg: *mut libc::c_void) -> *mut libc::c_void {
 }
 
 /// Before its first use of cpulocal a thread's sequences see an area whose CPU no bound
-/// admits: the add below does not commit (it would if that area said CPU 0), the first
-/// `Counter::add` takes the slow path, registers the thread and counts once, and from
-/// then on the sequences use the registered area (or, in the fallback, the thread's own
-/// refusing area, which refuses as well). A raw pthread, so that nothing of ours runs on
-/// it before the first check.
-#[test]
-fn a_thread_without_an_area_runs_its_sequences_on_one_every_bound_refuses() {
+/// admits: the add below does not commit (it would if that area said CPU 0); the first
+/// `Counter::inc` and `add` take the slow path, register the thread and count once
+/// each; from then on the sequences use the registered area (or, in the fallback, the
+/// thread's own refusing area, which refuses as well). A raw pthread, so that nothing
+/// of ours runs on it before the first check.
+fn first_use_runs_on_a_refusing_area() {
+    let counter = Counter::new();
+    counter.add(1); // publishes the slot table
     let mut table = vec![0u8; 1 << 17];
     let mut seen = FirstUse {
         table: table.as_mut_ptr(),
         table_len: table.len(),
+        counter: &counter,
         before: None,
         stored_before: false,
-        sum: 0,
+        before_area: 0,
+        after_area: 0,
         after_fallback: None,
         stored_after: false,
         after_is_registered: false,
     };
     let mut tid = core::mem::MaybeUninit::<libc::pthread_t>::uninit();
-    // SAFETY: `seen` and `table` outlive the thread, which is joined below.
+    // SAFETY: `seen`, `table` and `counter` outlive the thread, which is joined below.
     let r = unsafe {
         libc::pthread_create(
             tid.as_mut_ptr(),
@@ -338,7 +349,11 @@ fn a_thread_without_an_area_runs_its_sequences_on_one_every_bound_refuses() {
     assert_eq!(r, 0, "pthread_join: {:?}", Errno(r));
     assert_eq!(seen.before, Some(crate::arch::Outcome::Aborted));
     assert!(!seen.stored_before, "a refused sequence stored");
-    assert_eq!(seen.sum, 2);
+    assert_eq!(counter.sum(), 1 + 1 + 5);
+    assert_ne!(
+        seen.after_area, seen.before_area,
+        "the first use left the shared area"
+    );
     match seen.after_fallback {
         None => assert!(
             seen.after_is_registered,
@@ -349,4 +364,35 @@ fn a_thread_without_an_area_runs_its_sequences_on_one_every_bound_refuses() {
             assert!(!seen.stored_after, "a refused sequence stored");
         }
     }
+}
+
+#[test]
+fn a_thread_without_an_area_runs_its_sequences_on_one_every_bound_refuses() {
+    first_use_runs_on_a_refusing_area();
+}
+
+/// The same with cpulocal's own registration (glibc registers none).
+#[test]
+fn a_thread_without_an_area_is_refused_with_own_registration() {
+    super::child::in_child(
+        super::child::test_name!(a_thread_without_an_area_is_refused_with_own_registration),
+        super::child::Setup {
+            env: vec![("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
+            ..super::child::Setup::default()
+        },
+        first_use_runs_on_a_refusing_area,
+    );
+}
+
+/// The same in the fallback: the thread ends on its own refusing area.
+#[test]
+fn a_thread_without_an_area_is_refused_in_the_fallback() {
+    super::child::in_child(
+        super::child::test_name!(a_thread_without_an_area_is_refused_in_the_fallback),
+        super::child::Setup {
+            env: vec![("CPULOCAL_DISABLE_RSEQ", "1")],
+            ..super::child::Setup::default()
+        },
+        first_use_runs_on_a_refusing_area,
+    );
 }
