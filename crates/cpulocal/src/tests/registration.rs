@@ -100,26 +100,35 @@ extern "C" fn raw_pthread_main(out: *mut libc::c_void) -> *mut libc::c_void {
     core::ptr::null_mut()
 }
 
-/// Runs `observe` on a thread made with `pthread_create` directly, not through std.
-pub(super) fn observe_on_raw_pthread() -> Seen {
-    let mut out: Option<Seen> = None;
+/// Runs `main(arg)` on a thread made with `pthread_create` directly, not through std,
+/// and joins it.
+///
+/// # Safety
+///
+/// `main` may use `arg` as its contract with the caller says; whatever `arg` points to
+/// outlives the thread (it is joined before this returns).
+unsafe fn run_on_raw_pthread(
+    main: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
+    arg: *mut libc::c_void,
+) {
     let mut tid = core::mem::MaybeUninit::<libc::pthread_t>::uninit();
-    // SAFETY: `tid` is a live out-parameter, default attributes, and `out` outlives the
-    // thread: it is joined below before `out` is read or dropped.
-    let r = unsafe {
-        libc::pthread_create(
-            tid.as_mut_ptr(),
-            core::ptr::null(),
-            raw_pthread_main,
-            (&raw mut out).cast(),
-        )
-    };
+    // SAFETY: `tid` is a live out-parameter, default attributes; `arg` as the caller
+    // vouches.
+    let r = unsafe { libc::pthread_create(tid.as_mut_ptr(), core::ptr::null(), main, arg) };
     assert_eq!(r, 0, "pthread_create: {:?}", Errno(r));
     // SAFETY: pthread_create succeeded, so it wrote `tid`.
     let tid = unsafe { tid.assume_init() };
     // SAFETY: `tid` is a joinable thread created above, joined once.
     let r = unsafe { libc::pthread_join(tid, core::ptr::null_mut()) };
     assert_eq!(r, 0, "pthread_join: {:?}", Errno(r));
+}
+
+/// Runs `observe` on a thread made with `pthread_create` directly, not through std.
+pub(super) fn observe_on_raw_pthread() -> Seen {
+    let mut out: Option<Seen> = None;
+    // SAFETY: `raw_pthread_main` writes an `Option<Seen>` through its argument, `out`,
+    // which lives until the thread is joined.
+    unsafe { run_on_raw_pthread(raw_pthread_main, (&raw mut out).cast()) };
     out.expect("the raw pthread reported")
 }
 
@@ -333,20 +342,9 @@ fn first_use_runs_on_a_refusing_area() {
         stored_after: false,
         after_is_registered: false,
     };
-    let mut tid = core::mem::MaybeUninit::<libc::pthread_t>::uninit();
-    // SAFETY: `seen`, `table` and `counter` outlive the thread, which is joined below.
-    let r = unsafe {
-        libc::pthread_create(
-            tid.as_mut_ptr(),
-            core::ptr::null(),
-            first_use_main,
-            (&raw mut seen).cast(),
-        )
-    };
-    assert_eq!(r, 0, "pthread_create: {:?}", Errno(r));
-    // SAFETY: pthread_create succeeded, so it wrote `tid`.
-    let r = unsafe { libc::pthread_join(tid.assume_init(), core::ptr::null_mut()) };
-    assert_eq!(r, 0, "pthread_join: {:?}", Errno(r));
+    // SAFETY: `first_use_main` takes a `FirstUse` whose table and counter live until the
+    // thread is joined, as `seen`, `table` and `counter` do.
+    unsafe { run_on_raw_pthread(first_use_main, (&raw mut seen).cast()) };
     assert_eq!(seen.before, Some(crate::arch::Outcome::Aborted));
     assert!(!seen.stored_before, "a refused sequence stored");
     assert_eq!(counter.sum(), 1 + 1 + 5);
