@@ -369,28 +369,30 @@ fn a_thread_without_an_area_runs_its_sequences_on_one_every_bound_refuses() {
     first_use_runs_on_a_refusing_area();
 }
 
+/// [`first_use_runs_on_a_refusing_area`] in a child process (the test `name`) whose
+/// environment has `var` set as given.
+fn first_use_in_child(name: &str, var: (&'static str, &'static str)) {
+    let setup = super::child::Setup {
+        env: vec![var],
+        ..super::child::Setup::default()
+    };
+    super::child::in_child(name, setup, first_use_runs_on_a_refusing_area);
+}
+
 /// The same with cpulocal's own registration (glibc registers none).
 #[test]
 fn a_thread_without_an_area_is_refused_with_own_registration() {
-    super::child::in_child(
+    first_use_in_child(
         super::child::test_name!(a_thread_without_an_area_is_refused_with_own_registration),
-        super::child::Setup {
-            env: vec![("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
-            ..super::child::Setup::default()
-        },
-        first_use_runs_on_a_refusing_area,
+        ("GLIBC_TUNABLES", "glibc.pthread.rseq=0"),
     );
 }
 
 /// The same in the fallback: the thread ends on its own refusing area.
 #[test]
 fn a_thread_without_an_area_is_refused_in_the_fallback() {
-    super::child::in_child(
+    first_use_in_child(
         super::child::test_name!(a_thread_without_an_area_is_refused_in_the_fallback),
-        super::child::Setup {
-            env: vec![("CPULOCAL_DISABLE_RSEQ", "1")],
-            ..super::child::Setup::default()
-        },
-        first_use_runs_on_a_refusing_area,
+        ("CPULOCAL_DISABLE_RSEQ", "1"),
     );
 }
