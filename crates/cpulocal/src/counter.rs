@@ -125,27 +125,9 @@ impl Counter {
             self.publish_table();
             return base;
         }
-        let pool = Pool::for_index(Index::Cpu);
-        let item = pool.alloc(SLOT);
-        let fresh = item.base().as_ptr().cast::<Slot>();
-        // AcqRel: Release publishes the pool's zeroing to whoever reads the winner's
-        // pointer; Acquire on failure sees the winner's.
-        let base = match self.slots.compare_exchange(
-            ptr::null_mut(),
-            fresh,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            // SAFETY: the pool never hands out null.
-            Ok(_) => unsafe { NonNull::new_unchecked(fresh) },
-            Err(winner) => {
-                // Another thread's first use won: give ours back, unused.
-                // SAFETY: `item` is ours alone, from `alloc(SLOT)`, never published.
-                unsafe { pool.free(item, SLOT) };
-                // SAFETY: the winner stored a pool address, never null.
-                unsafe { NonNull::new_unchecked(winner) }
-            }
-        };
+        // The first use of all threads that race here allocates once: no loser frees an
+        // item, which could call the system allocator (from a signal handler, too).
+        let base = Pool::for_index(Index::Cpu).alloc_once(&self.slots, SLOT);
         self.publish_table();
         base
     }
@@ -383,6 +365,12 @@ impl Counter {
             // Relaxed: the value read is the very value cancelled below, whenever the
             // read happens, so exactness needs no ordering.
             let local = s.local.load(Ordering::Relaxed) as u64;
+            // A slot that holds nothing stays unwritten: a CPU that never added keeps its
+            // page unpopulated (a swap of 0 for 0 would write it). Relaxed: a remote add
+            // after this load is the next take's, as if it came after the swap.
+            if local == 0 && s.remote.load(Ordering::Relaxed) == 0 {
+                return acc;
+            }
             // Release: pairs with the Acquire in `sum` (see there).
             let remote = s.remote.swap(local.wrapping_neg(), Ordering::Release);
             acc.wrapping_add(local).wrapping_add(remote)

@@ -118,6 +118,17 @@ struct Slot<T> {
 /// panicking code left in it, and the next holder gets it as it is. Keep a slot's `T`
 /// valid at every point where your code can panic, or catch the panic and repair it.
 ///
+/// # Alignment
+///
+/// `T`'s alignment may be at most 4096 (a page), the pool's placement unit; a larger
+/// one fails to compile:
+///
+/// ```compile_fail
+/// #[repr(align(8192))]
+/// struct Huge(u8);
+/// let _ = cpulocal::PerCpu::new(|_| Huge(0));
+/// ```
+///
 /// # Nesting
 ///
 /// A thread may hold slots of several `PerCpu`s at once, but never two slots of one
@@ -172,7 +183,13 @@ unsafe impl<T: Send> Send for PerCpu<T> {}
 
 impl<T> PerCpu<T> {
     /// The layout of one CPU's slot in the pool.
-    const SLOT: Layout = Layout::new::<Slot<T>>();
+    const SLOT: Layout = {
+        assert!(
+            core::mem::align_of::<Slot<T>>() <= 4096,
+            "PerCpu<T>: T's alignment may be at most 4096 (a page)"
+        );
+        Layout::new::<Slot<T>>()
+    };
     /// log2 of the distance between two CPUs' slots.
     const SHIFT: u32 = pool::shift_for(Self::SLOT);
 
@@ -290,28 +307,10 @@ impl<T> PerCpu<T> {
     #[cold]
     #[inline(never)]
     fn alloc_slots(&self) -> (*mut Slot<T>, usize) {
-        let pool = Pool::for_index(self.index);
-        // Acquire: pairs with the AcqRel exchange below, in the thread that won it.
-        let mut base = self.slots.load(Ordering::Acquire);
-        if base.is_null() {
-            let item = pool.alloc(Self::SLOT);
-            let fresh = item.base().as_ptr().cast::<Slot<T>>();
-            // AcqRel: Release publishes the pool's zeroing; Acquire on failure sees the
-            // winner's.
-            base = match self.slots.compare_exchange(
-                ptr::null_mut(),
-                fresh,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => fresh,
-                Err(winner) => {
-                    // SAFETY: `item` is ours alone, from `alloc(SLOT)`, never published.
-                    unsafe { pool.free(item, Self::SLOT) };
-                    winner
-                }
-            };
-        }
+        // Of the threads that race here, one allocates; none frees (see `Pool::alloc_once`).
+        let base = Pool::for_index(self.index)
+            .alloc_once(&self.slots, Self::SLOT)
+            .as_ptr();
         let len = pool::ranges();
         // Release: pairs with the Acquire in `base_and_len`. Every thread that uses the
         // slots stores it (the same value) before its first use.

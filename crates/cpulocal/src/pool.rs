@@ -33,7 +33,8 @@
 //! the bump pointer moves. A freed item is zeroed in every range first (only the bytes
 //! that are not zero already are written, so freeing populates nothing), which keeps the
 //! promise that a new item reads as zero on every CPU. The free lists live on the heap,
-//! not in the ranges, so they populate no range either.
+//! not in the ranges, so they populate no range either; their storage is allocated
+//! *before* the lock is taken (see [`Pool::free`]), never while it is held.
 //!
 //! # Growth
 //!
@@ -54,6 +55,9 @@
 //!
 //! - `Pool::for_index(index)`: the process-wide pool of an [`Index`].
 //! - `Pool::alloc(layout) -> Item`: an item zeroed in every range.
+//! - `Pool::alloc_once(&dest, layout)`: the item `dest` points to, allocated and stored
+//!   there under the lock if `dest` is still null: a first use that races another
+//!   never allocates an item it must then free.
 //! - `Item::at(cpu)`: the item's address for a CPU (or mm_cid); `shift_for(layout)`
 //!   gives the shift of a layout as a constant, for fast paths that keep only the CPU-0
 //!   address (`Item::base`) and rebuild the item with `Item::from_base`.
@@ -62,15 +66,17 @@
 //! Allocation and freeing take the pool's lock, with every signal blocked while it is
 //! held: a handler that makes a counter's first use (an allocation, see
 //! [`Counter::add`](crate::Counter::add)) then runs after the lock is given back, instead
-//! of waiting forever for a lock its own thread holds. Allocation calls `mmap` for a new
-//! chunk and never the system allocator (freeing may); getting an item's address is
-//! arithmetic only.
+//! of waiting forever for a lock its own thread holds. Nothing calls the system allocator
+//! while the lock is held: a global allocator that counts with cpulocal, or one whose
+//! `pthread_atfork` handler takes its own lock before cpulocal's, would otherwise wait for
+//! itself (or for the thread that waits for it). Allocation calls `mmap` for a new chunk
+//! and never the system allocator; freeing may call it, before it takes the lock; getting
+//! an item's address is arithmetic only.
 
 use core::alloc::Layout;
 use core::cell::UnsafeCell;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::collections::BTreeMap;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::Once;
 
 use crate::percpu::Index;
@@ -222,12 +228,20 @@ struct State {
     chunks: usize,
     /// The first free offset of the newest chunk.
     next: usize,
-    /// Freed offsets (CPU-0 addresses) by (size, alignment).
-    free: BTreeMap<(usize, usize), Vec<usize>>,
+    /// Freed offsets, one list per (size, alignment) (a handful: one per item type).
+    free: Vec<FreeList>,
     live_items: usize,
     live_bytes: usize,
     large_chunks: usize,
+    /// The address space the large chunks reserve.
+    large_bytes: usize,
     free_items: usize,
+}
+
+/// The freed offsets (CPU-0 addresses) of items of one size and alignment.
+struct FreeList {
+    key: (usize, usize),
+    offsets: Vec<usize>,
 }
 
 /// A per-CPU memory pool. See the module documentation.
@@ -315,10 +329,11 @@ impl Pool {
                 newest_chunk: 0,
                 chunks: 0,
                 next: 0,
-                free: BTreeMap::new(),
+                free: Vec::new(),
                 live_items: 0,
                 live_bytes: 0,
                 large_chunks: 0,
+                large_bytes: 0,
                 free_items: 0,
             }),
         }
@@ -376,14 +391,49 @@ impl Pool {
     /// If the alignment is larger than a page, or the address space is exhausted
     /// (`mmap` fails).
     pub(crate) fn alloc(&self, layout: Layout) -> Item {
+        Self::check_align(layout);
+        let mut state = self.lock();
+        Self::alloc_locked(&mut state, layout)
+    }
+
+    /// The item `dest` points to, allocating one of `layout` and storing its CPU-0
+    /// address there (Release: its zeroing is visible to whoever reads it with Acquire)
+    /// if `dest` is still null. Checked and stored under the lock, so of two first uses
+    /// that race, one allocates and the other finds its item: neither frees an item,
+    /// which could call the system allocator (see the module docs), from a signal
+    /// handler too.
+    ///
+    /// # Panics
+    ///
+    /// As [`alloc`](Pool::alloc).
+    pub(crate) fn alloc_once<P>(&self, dest: &AtomicPtr<P>, layout: Layout) -> NonNull<P> {
+        Self::check_align(layout);
+        // Acquire (both): pairs with the Release store below, made by an earlier holder.
+        if let Some(found) = NonNull::new(dest.load(Ordering::Acquire)) {
+            return found; // no lock, no system calls
+        }
+        let mut state = self.lock();
+        if let Some(found) = NonNull::new(dest.load(Ordering::Acquire)) {
+            return found;
+        }
+        let base = Self::alloc_locked(&mut state, layout).base().cast::<P>();
+        // Release: the item's zeroing before its address.
+        dest.store(base.as_ptr(), Ordering::Release);
+        base
+    }
+
+    fn check_align(layout: Layout) {
         assert!(
             layout.align() <= 4096,
             "cpulocal pool: alignment {} is larger than a page",
             layout.align()
         );
+    }
+
+    /// [`alloc`](Pool::alloc) under the lock.
+    fn alloc_locked(state: &mut Locked<'_>, layout: Layout) -> Item {
         let size = layout.size().max(1);
         let shift = shift_for(layout);
-        let mut state = self.lock();
         let ranges = state.ranges;
         if shift != STRIDE_SHIFT {
             let stride = 1usize << shift;
@@ -394,12 +444,17 @@ impl Pool {
                 )
             });
             state.large_chunks += 1;
+            state.large_bytes += stride * ranges;
             state.live_items += 1;
             state.live_bytes += size;
             return Item { base, shift };
         }
         let key = (size, layout.align());
-        let reused = state.free.get_mut(&key).and_then(Vec::pop);
+        let reused = state
+            .free
+            .iter_mut()
+            .find(|list| list.key == key)
+            .and_then(|list| list.offsets.pop());
         let base = match reused {
             Some(base) => {
                 state.free_items -= 1;
@@ -444,29 +499,82 @@ impl Pool {
     /// need dropping, have been dropped).
     pub(crate) unsafe fn free(&self, item: Item, layout: Layout) {
         let size = layout.size().max(1);
-        let mut state = self.lock();
-        let ranges = state.ranges;
-        state.live_items -= 1;
-        state.live_bytes -= size;
+        // Set before any item existed (see `ranges`).
+        let ranges = ranges();
         if item.shift != STRIDE_SHIFT {
+            let mut state = self.lock();
+            state.live_items -= 1;
+            state.live_bytes -= size;
             state.large_chunks -= 1;
+            state.large_bytes -= (1usize << item.shift) * ranges;
             drop(state);
             // SAFETY: a large item is its own mapping of `ranges` strides, unused now
             // (the caller's contract).
             unsafe { sys::unmap(item.base, (1usize << item.shift) * ranges) };
             return;
         }
+        // Outside the lock: the item is ours alone (the caller's contract).
         for cpu in 0..ranges {
             // SAFETY: the copy for `cpu` lies inside the chunk (offset + size <= STRIDE),
             // and nobody uses it any more (the caller's contract).
             unsafe { zero_if_needed(item.at(cpu), size) };
         }
-        state
-            .free
-            .entry((size, layout.align()))
-            .or_default()
-            .push(item.base.as_ptr() as usize);
-        state.free_items += 1;
+        let key = (size, layout.align());
+        // Storage for the free lists, allocated with the lock free whenever the lists
+        // need more, and then the look again; what they no longer need is freed after
+        // the lock is given back.
+        let mut spare_lists: Vec<FreeList> = Vec::new();
+        let mut spare_offsets: Vec<usize> = Vec::new();
+        loop {
+            let mut state = self.lock();
+            let lists = &mut state.free;
+            let found = lists.iter().position(|list| list.key == key);
+            if found.is_none() && lists.len() == lists.capacity() {
+                if spare_lists.capacity() <= lists.len() {
+                    let want = (lists.len() * 2).max(4);
+                    drop(state);
+                    spare_lists = Vec::with_capacity(want);
+                    continue;
+                }
+                // Into storage with room for one more list: no allocation. The old
+                // storage is freed with `spare_lists`.
+                spare_lists.append(lists);
+                core::mem::swap(lists, &mut spare_lists);
+            }
+            let index = match found {
+                Some(index) => index,
+                None if spare_offsets.capacity() == 0 => {
+                    drop(state);
+                    spare_offsets = Vec::with_capacity(8);
+                    continue;
+                }
+                None => {
+                    lists.push(FreeList {
+                        key,
+                        offsets: core::mem::take(&mut spare_offsets),
+                    });
+                    lists.len() - 1
+                }
+            };
+            let offsets = &mut lists[index].offsets;
+            if offsets.len() == offsets.capacity() {
+                if spare_offsets.capacity() <= offsets.len() {
+                    let want = (offsets.len() * 2).max(8);
+                    drop(state);
+                    spare_offsets = Vec::with_capacity(want);
+                    continue;
+                }
+                // As above: the spare storage has room for one more.
+                spare_offsets.append(offsets);
+                core::mem::swap(offsets, &mut spare_offsets);
+            }
+            offsets.push(item.base.as_ptr() as usize);
+            state.free_items += 1;
+            state.live_items -= 1;
+            state.live_bytes -= size;
+            drop(state);
+            return;
+        }
     }
 
     fn stats(&self) -> Stats {
@@ -478,7 +586,7 @@ impl Pool {
             live_items: state.live_items,
             live_bytes_per_cpu: state.live_bytes,
             free_items: state.free_items,
-            reserved_bytes: state.chunks * STRIDE * state.ranges,
+            reserved_bytes: state.chunks * STRIDE * state.ranges + state.large_bytes,
         }
     }
 

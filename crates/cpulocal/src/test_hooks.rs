@@ -79,6 +79,18 @@ pub fn raise_inside_pool_lock(signal: libc::c_int) {
     SIGNAL_INSIDE_POOL_LOCK.store(signal, Ordering::Relaxed);
 }
 
+/// Microseconds the next holder of the per-CPU pool's lock sleeps with it held (0: none).
+static SLEEP_INSIDE_POOL_LOCK_US: core::sync::atomic::AtomicU64 =
+    core::sync::atomic::AtomicU64::new(0);
+
+/// Makes the next holder of the per-CPU pool's lock (any thread) sleep `micros` with it
+/// held, once: a window in which other threads' first uses wait for the lock, so that
+/// tests can show they do not allocate a second item.
+pub fn sleep_inside_pool_lock(micros: u64) {
+    // Relaxed: a test switch; the sleep only widens a window.
+    SLEEP_INSIDE_POOL_LOCK_US.store(micros, Ordering::Relaxed);
+}
+
 /// Called by the pool with its lock held.
 pub(crate) fn pool_lock_taken() {
     // Relaxed: as above.
@@ -86,6 +98,11 @@ pub(crate) fn pool_lock_taken() {
     if signal != 0 {
         // SAFETY: raise has no memory preconditions.
         unsafe { libc::raise(signal) };
+    }
+    // Relaxed: as in `sleep_inside_pool_lock`.
+    let micros = SLEEP_INSIDE_POOL_LOCK_US.swap(0, Ordering::Relaxed);
+    if micros != 0 {
+        std::thread::sleep(std::time::Duration::from_micros(micros));
     }
 }
 

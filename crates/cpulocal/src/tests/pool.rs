@@ -311,6 +311,25 @@ fn a_large_item_gets_its_own_chunk() {
     big.with_cpu(|b| assert_eq!(b.len(), 8));
 }
 
+/// The pool's statistics count a large item's own chunk in the address space reserved,
+/// and give it back when the item is freed. In a child process: other tests allocate.
+#[test]
+fn the_reserved_bytes_count_large_chunks() {
+    let name = test_name!(the_reserved_bytes_count_large_chunks);
+    in_child(name, Setup::default(), || {
+        let reserved = || pool::stats(Index::Cpu).reserved_bytes;
+        let before = reserved();
+        let huge: PerCpu<[u64; 40_000]> = PerCpu::new(|_| [0; 40_000]);
+        let with_huge = reserved();
+        assert!(
+            with_huge - before >= 320_000 * crate::possible_cpus(),
+            "{before} -> {with_huge}"
+        );
+        drop(huge);
+        assert_eq!(reserved(), before);
+    });
+}
+
 static STATIC_HITS: Counter = Counter::new();
 static STATIC_SEEN: PerCpu<u64> = PerCpu::new_lazy(|| 0);
 
@@ -578,6 +597,23 @@ fn resident(p: usize) -> bool {
     v & 1 == 1
 }
 
+/// Whether the page holding `p` was written by this process since it was forked: a page
+/// of its own (`/proc/self/pagemap`: present and mapped exclusively), not the shared
+/// zero page that a read maps (which `mincore` counts as resident) and not a page still
+/// shared with the parent.
+fn written_here(p: usize) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let page = crate::sys::page_size();
+    let mut map = std::fs::File::open("/proc/self/pagemap").expect("open pagemap");
+    map.seek(SeekFrom::Start((p / page * 8) as u64))
+        .expect("seek pagemap");
+    let mut entry = [0u8; 8];
+    map.read_exact(&mut entry).expect("read pagemap");
+    let entry = u64::from_le_bytes(entry);
+    let (present, exclusive) = (entry >> 63 & 1 == 1, entry >> 56 & 1 == 1);
+    present && exclusive
+}
+
 /// Pins the calling thread to `cpu`; false when the kernel refuses.
 fn pin_to(cpu: usize) -> bool {
     // SAFETY: cpu_set_t is an array of integers: all zeroes is the empty set.
@@ -614,6 +650,49 @@ fn cpus_that_never_use_a_per_cpu_cost_no_resident_memory() {
                     "CPU {cpu}'s slot was populated"
                 );
             }
+        })
+        .join()
+        .expect("pinned thread")
+    });
+}
+
+/// `take`, `reset` and `sum` of a counter used on one CPU write nothing on the others:
+/// their ranges stay unpopulated (reads map the shared zero page). In a child process,
+/// for the reason above; the counter is one whose pages on the other CPUs nothing in
+/// the child wrote.
+#[test]
+fn taking_a_counter_populates_no_cpu_that_never_added() {
+    let name = test_name!(taking_a_counter_populates_no_cpu_that_never_added);
+    in_child(name, Setup::default(), || {
+        std::thread::spawn(|| {
+            if !pin_to(0) || crate::possible_cpus() < 2 {
+                return; // nothing to show
+            }
+            let elsewhere_unpopulated = |c: &Counter| {
+                (1..crate::possible_cpus()).all(|cpu| !written_here(c.slot_address(cpu)))
+            };
+            let mut kept = Vec::new();
+            let counter = loop {
+                let c = Counter::new();
+                c.add(5);
+                if elsewhere_unpopulated(&c) {
+                    break c;
+                }
+                assert!(
+                    kept.len() < 100_000,
+                    "no counter with unpopulated pages found"
+                );
+                kept.push(c);
+            };
+            assert_eq!(counter.sum(), 5);
+            assert_eq!(counter.take(), 5);
+            counter.add(2);
+            counter.reset();
+            assert_eq!(counter.sum(), 0);
+            assert!(
+                elsewhere_unpopulated(&counter),
+                "take, reset or sum wrote another CPU's range"
+            );
         })
         .join()
         .expect("pinned thread")
