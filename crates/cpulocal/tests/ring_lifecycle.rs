@@ -431,6 +431,66 @@ fn a_sleeping_consumer_is_woken_when_a_sub_buffer_fills() {
     });
 }
 
+/// The scheduler state of thread `tid` of this process ('S': asleep).
+fn thread_state(tid: libc::pid_t) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // The state is the first field after the parenthesised thread name.
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// A consumer that calls `wait` while another holds the claim on the only complete
+/// sub-buffer, and then hands it back unread (its callback panicked), sees the
+/// sub-buffer once it is handed back: no producer commit is left to wake it, so it must
+/// not sleep its whole timeout (before the fix it did: the claimed sub-buffer counted
+/// neither as complete nor as pending).
+#[test]
+fn a_waiting_consumer_sees_a_sub_buffer_handed_back_unread_by_another() {
+    let _serial = serial();
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    // The callback fails on the first record: the second stays unread.
+    let cpu = write_pinned(&ring, 2);
+    ring.flush(cpu).expect("cpu < cpus");
+    let waiter_tid = std::sync::atomic::AtomicI32::new(0);
+    let (claimed, claimed_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| {
+            catch_unwind(AssertUnwindSafe(|| {
+                ring.consume(cpu, |_| {
+                    claimed.send(()).expect("the waiter");
+                    // Hand the claim back only once the waiter sleeps in `wait`, so
+                    // that nothing but the hand-back can show it the sub-buffer.
+                    loop {
+                        let tid = waiter_tid.load(Ordering::Acquire);
+                        if tid != 0 && thread_state(tid) == Some('S') {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    panic!("the consumer's callback failed");
+                })
+            }))
+        });
+        claimed_rx
+            .recv()
+            .expect("the holder claimed the sub-buffer");
+        waiter_tid.store(common::gettid(), Ordering::Release);
+        let start = Instant::now();
+        let ready = ring.wait(TIMEOUT);
+        let slept = start.elapsed();
+        assert!(holder.join().expect("the holder").is_err());
+        assert!(ready, "wait timed out with a complete sub-buffer there");
+        assert!(
+            slept < TIMEOUT / 2,
+            "the waiter slept {slept:?} through the hand-back"
+        );
+    });
+    let mut unread = Vec::new();
+    ring.consume(cpu, |rec| unread.push(rec.data[0]))
+        .expect("cpu < cpus");
+    assert_eq!(unread, [1]);
+}
+
 #[test]
 fn notify_wakes_a_sleeping_consumer() {
     let _serial = serial();

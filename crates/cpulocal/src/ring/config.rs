@@ -15,7 +15,9 @@ use crate::sys::Errno;
 pub const MAX_RESERVED_BYTES: u64 = 1 << 40;
 
 /// How long a waiting consumer sleeps at most while a sub-buffer is fully reserved but
-/// a producer has not committed its record yet (such a last commit wakes nobody).
+/// a producer has not committed its record yet (such a last commit wakes nobody), or
+/// while another consumer claims the oldest unread sub-buffer (handing it back wakes
+/// nobody).
 pub const PENDING_POLL: Duration = Duration::from_millis(1);
 
 /// What a full ring does with a new record.

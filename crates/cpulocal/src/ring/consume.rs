@@ -196,12 +196,18 @@ impl RingBuffer {
         })
     }
 
-    /// Whether some CPU's oldest unread sub-buffer is fully reserved but not yet fully
-    /// committed: a producer is between its reserve and its commit.
+    /// Whether some CPU's oldest unread sub-buffer may become readable with no wake-up
+    /// to say so: it is fully reserved but not yet fully committed (a producer is
+    /// between its reserve and its commit, and its late commit wakes nobody), or another
+    /// consumer claims it (a claim handed back unread, after a panicking callback, wakes
+    /// nobody either; nor does a claim that ends with complete sub-buffers after it).
     fn has_pending(&self) -> bool {
         let sub = self.config.sub_buffer_size;
         self.rings.iter().any(|ring| {
-            let consumed = ring.consumed.load(Ordering::Acquire) & !CLAIMED;
+            let consumed = ring.consumed.load(Ordering::Acquire);
+            if consumed & CLAIMED != 0 {
+                return true;
+            }
             // Relaxed: a hint for the length of the sleep.
             ring.write.load(Ordering::Relaxed) >= consumed + sub
                 && !self.is_complete(ring, consumed)

@@ -49,7 +49,8 @@
 //! So a producer pays one fence per sub-buffer and a system call only when somebody
 //! sleeps, and no wake-up is lost. A sub-buffer whose last commit lands after the one
 //! that closed it (a producer preempted between its reserve and its commit) is noticed
-//! by the sleeping consumer within [`PENDING_POLL`].
+//! by the sleeping consumer within [`PENDING_POLL`], and so is a sub-buffer another
+//! consumer claimed and hands back (consumers wake nobody: a claim costs them no fence).
 //!
 //! # Memory
 //!
