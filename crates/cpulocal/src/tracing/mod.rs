@@ -298,13 +298,15 @@ impl Shared {
 /// The record counts of a [`RingLayer`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TracingStats {
-    /// Records the writer wrote out.
+    /// Records the writer wrote out: the write of their bytes to the output, and the
+    /// flush after it, succeeded.
     pub written: u64,
     /// Events discarded because their CPU's ring was full.
     pub dropped_full: u64,
     /// Events discarded because their record was larger than a sub-buffer.
     pub dropped_too_large: u64,
-    /// Records lost because the output returned an error.
+    /// Records lost because the output returned an error, on their write or on the
+    /// flush after it.
     pub write_errors: u64,
 }
 

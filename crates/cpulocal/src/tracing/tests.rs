@@ -120,6 +120,55 @@ fn an_event_larger_than_a_sub_buffer_is_counted() {
     );
 }
 
+/// An output that fails: every write, or (with `writes_succeed`) only every flush, as a
+/// buffered output does when what it buffered cannot be passed on.
+struct FailingOutput {
+    writes_succeed: bool,
+}
+
+impl io::Write for FailingOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.writes_succeed {
+            Ok(buf.len())
+        } else {
+            Err(io::Error::other("disk full"))
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Err(io::Error::other("disk full"))
+    }
+}
+
+/// Records whose bytes never reach the output count as write errors, not as written:
+/// when the write fails, and when the write is accepted but the flush after it fails
+/// (before the fix both counted as written: the writer counted a record once its own
+/// buffer took it, and dropped the flush's error).
+#[test]
+fn records_that_do_not_reach_a_failing_output_count_as_write_errors() {
+    for writes_succeed in [false, true] {
+        let (layer, guard) = Builder::new()
+            .build(FailingOutput { writes_succeed })
+            .unwrap();
+        on_threads(layer, 1, |_| {
+            for i in 0..100u64 {
+                tracing::info!(i, "event");
+            }
+        });
+        guard.sync();
+        let stats = guard.stats();
+        drop(guard);
+        assert_eq!(
+            stats.written, 0,
+            "writes succeed: {writes_succeed}, {stats:?}"
+        );
+        assert_eq!(
+            stats.write_errors, 100,
+            "writes succeed: {writes_succeed}, {stats:?}"
+        );
+    }
+}
+
 /// A `tracing_subscriber::fmt` writer into a `SharedBuffer`.
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SharedBuffer {
     type Writer = SharedBuffer;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, Write};
+use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,6 +18,9 @@ use super::{
 /// Flush-and-read rounds of a full pass (`sync`, the guard's drop) at most.
 const FULL_PASS_ROUNDS: usize = 8;
 
+/// The bytes of formatted lines gathered before they are written to the output.
+const OUT_BATCH_BYTES: usize = 64 << 10;
+
 /// A record read from a ring, waiting in a batch to be ordered and formatted.
 struct Pending {
     timestamp: u64,
@@ -30,7 +33,11 @@ struct Pending {
 pub(super) struct Writer<W: Write> {
     shared: Arc<Shared>,
     settings: Builder,
-    out: io::BufWriter<W>,
+    out: W,
+    /// Formatted lines not yet written to `out`, and the records among them: counted as
+    /// written (or lost) once the write of these bytes and the flush after it returned.
+    out_batch: Vec<u8>,
+    out_batch_records: u64,
     /// `CLOCK_REALTIME - CLOCK_MONOTONIC`, in ns, measured at the start.
     realtime_offset: i128,
     /// The bytes of the records of the batch being read.
@@ -51,7 +58,9 @@ impl<W: Write> Writer<W> {
         Writer {
             shared,
             settings,
-            out: io::BufWriter::with_capacity(64 << 10, out),
+            out,
+            out_batch: Vec::with_capacity(OUT_BATCH_BYTES),
+            out_batch_records: 0,
             realtime_offset,
             bytes: Vec::new(),
             batch: Vec::new(),
@@ -154,19 +163,31 @@ impl<W: Write> Writer<W> {
         read
     }
 
-    /// Writes `self.line`, counting it as `records` records written (or lost).
+    /// Adds `self.line`, which holds `records` records, to the lines to write out.
     fn emit_line(&mut self, records: u64) {
-        if self.out.write_all(&self.line).is_ok() {
-            self.shared.written.fetch_add(records, Ordering::Release);
-        } else {
-            self.shared
-                .write_errors
-                .fetch_add(records, Ordering::Relaxed);
+        self.out_batch.extend_from_slice(&self.line);
+        self.out_batch_records += records;
+        if self.out_batch.len() >= OUT_BATCH_BYTES {
+            self.flush_out();
         }
     }
 
+    /// Writes the gathered lines and flushes the output. Their records count as written
+    /// only when both succeed: an output that accepts bytes into a buffer of its own
+    /// and then fails to pass them on has not written them.
     fn flush_out(&mut self) {
-        let _ = self.out.flush();
+        if !self.out_batch.is_empty() {
+            let written = self.out.write_all(&self.out_batch).is_ok() && self.out.flush().is_ok();
+            let records = std::mem::take(&mut self.out_batch_records);
+            if written {
+                self.shared.written.fetch_add(records, Ordering::Release);
+            } else {
+                self.shared
+                    .write_errors
+                    .fetch_add(records, Ordering::Relaxed);
+            }
+            self.out_batch.clear();
+        }
     }
 
     fn wall_clock(&self, monotonic: u64) -> SystemTime {
@@ -214,7 +235,7 @@ impl<W: Write> Writer<W> {
             }
         }
         // A report is not a record: it is not counted as written.
-        let _ = self.out.write_all(&self.line);
+        self.emit_line(0);
     }
 }
 
