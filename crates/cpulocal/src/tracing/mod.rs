@@ -98,7 +98,15 @@ mod writer;
 pub enum Format {
     /// `tracing-subscriber`'s default fmt style, without colours:
     /// `2026-12-03T10:24:04.123456Z  INFO span1{a=1}:span2: target: message k=v`
-    /// (byte for byte what `tracing_subscriber::fmt` writes for the same event).
+    /// (byte for byte what `tracing_subscriber::fmt` 0.3.23 writes for the same event
+    /// with its default settings and `with_ansi(false)`, the time stamp aside: an
+    /// error's source chain as `error.sources=[..]`, and the control characters of
+    /// messages and error texts that a terminal acts on escaped, as `\x1b`, as its
+    /// default ANSI sanitization escapes them). Two differences: spans deeper than 32
+    /// are left out, and an event that `tracing-log`'s bridge makes of a `log` record
+    /// is written as the bridge's callsite says (target `log`, fields `log.target`,
+    /// `log.module_path`, ...), where the fmt layer (with its default `tracing-log`
+    /// feature) writes the record's own target and leaves those fields out.
     #[default]
     Full,
     /// One JSON object per line: `timestamp`, `level`, `fields` (with `message`),
@@ -346,6 +354,9 @@ const TAG_STR: u8 = 4;
 const TAG_RENDERED: u8 = 5;
 const TAG_U128: u8 = 6;
 const TAG_I128: u8 = 7;
+/// An error (`record_error`): u32 length, then its `Display` and that of each error in
+/// its source chain, in order, each as u32 length and bytes.
+const TAG_ERROR: u8 = 8;
 
 /// Owns the writer thread: [`sync`](WriterGuard::sync) waits until everything recorded
 /// so far is written; dropping it writes everything recorded before the drop, flushes

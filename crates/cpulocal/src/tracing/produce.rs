@@ -13,8 +13,8 @@ use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use super::{
-    RingLayer, TracingStats, TAG_BOOL, TAG_F64, TAG_I128, TAG_I64, TAG_RENDERED, TAG_STR, TAG_U128,
-    TAG_U64,
+    RingLayer, TracingStats, TAG_BOOL, TAG_ERROR, TAG_F64, TAG_I128, TAG_I64, TAG_RENDERED,
+    TAG_STR, TAG_U128, TAG_U64,
 };
 use crate::ring::ReserveError;
 
@@ -64,6 +64,17 @@ impl Encoder<'_> {
         self.0.extend_from_slice(&len.to_le_bytes());
         self.0.extend_from_slice(&bytes[..len as usize]);
     }
+
+    /// Renders `value` with its `Display` impl as u32 length and bytes.
+    #[inline]
+    fn rendered(&mut self, value: impl fmt::Display) {
+        let at = self.0.len();
+        self.0.extend_from_slice(&[0; 4]);
+        // Writing into a Vec cannot fail; a Display impl that errors leaves what it wrote.
+        let _ = write!(self.0, "{value}");
+        let len = u32::try_from(self.0.len() - at - 4).unwrap_or(u32::MAX);
+        self.0[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
 }
 
 impl Visit for Encoder<'_> {
@@ -101,18 +112,24 @@ impl Visit for Encoder<'_> {
         self.bytes(field, TAG_STR, value.as_bytes());
     }
 
+    /// The error and its source chain, each rendered on its own: the fmt format writes
+    /// the chain as `error.sources=[..]`, the JSON format the error alone.
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.record_debug(field, &format_args!("{value}"));
+        self.head(field, TAG_ERROR);
+        let at = self.0.len();
+        self.0.extend_from_slice(&[0; 4]);
+        let mut error = Some(value);
+        while let Some(e) = error {
+            self.rendered(e);
+            error = e.source();
+        }
+        let len = u32::try_from(self.0.len() - at - 4).unwrap_or(u32::MAX);
+        self.0[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.head(field, TAG_RENDERED);
-        let at = self.0.len();
-        self.0.extend_from_slice(&[0; 4]);
-        // Writing into a Vec cannot fail; a Debug impl that errors leaves what it wrote.
-        let _ = write!(self.0, "{value:?}");
-        let len = u32::try_from(self.0.len() - at - 4).unwrap_or(u32::MAX);
-        self.0[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        self.rendered(format_args!("{value:?}"));
     }
 }
 

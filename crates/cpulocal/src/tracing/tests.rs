@@ -236,6 +236,107 @@ fn fields_format_as_the_fmt_layer_formats_them() {
     );
 }
 
+/// An error whose text is `.0` and whose source is `.1`.
+#[derive(Debug)]
+struct ChainedError(&'static str, Option<Box<ChainedError>>);
+
+impl fmt::Display for ChainedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for ChainedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.1
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// The fmt layer writes an error's source chain (`error.sources=[..]`) and escapes the
+/// control characters of messages and errors that a terminal would act on; our Full
+/// format writes the same bytes (before the fix it wrote the error's text alone and the
+/// control characters raw).
+#[test]
+fn errors_and_control_characters_format_as_the_fmt_layer_formats_them() {
+    let ours = SharedBuffer::default();
+    let theirs = SharedBuffer::default();
+    // One batch, ordered by time (see `fields_format_as_the_fmt_layer_formats_them`).
+    let (layer, guard) = Builder::new()
+        .flush_interval(Duration::from_secs(3600))
+        .build(ours.clone())
+        .unwrap();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(theirs.clone())
+        .with_ansi(false);
+    let emit = || {
+        let inner = ChainedError("no space \x07left", None);
+        let middle = ChainedError("write failed", Some(Box::new(inner)));
+        let outer = ChainedError("\x1b[31msave\x1b[0m failed", Some(Box::new(middle)));
+        tracing::error!(
+            error = &outer as &(dyn std::error::Error + 'static),
+            "with sources"
+        );
+        let alone = ChainedError("alone \u{9b}", None);
+        tracing::warn!(
+            cause = &alone as &(dyn std::error::Error + 'static),
+            "without"
+        );
+        tracing::info!("literal \x1b[1mbold\x1b[0m \x08\x0c\x7f\u{85} tab\tend");
+        tracing::info!(
+            s = "\x1b[2m",
+            shown = %"\x1b[3m",
+            "args {} {:?}",
+            "\x1b[4m",
+            "\x1b"
+        );
+        let _span = tracing::info_span!("span", message = "in \x1b span").entered();
+        tracing::info!("inside");
+    };
+    let subscriber = tracing_subscriber::registry().with(layer).with(fmt);
+    tracing::subscriber::with_default(subscriber, emit);
+    drop(guard);
+    let without_timestamps = |text: String| -> Vec<String> {
+        text.lines()
+            .map(|line| line.split_once(' ').unwrap().1.to_owned())
+            .collect()
+    };
+    let ours = without_timestamps(ours.text());
+    assert_eq!(ours, without_timestamps(theirs.text()));
+    assert_eq!(
+        ours[0],
+        "ERROR cpulocal::tracing::tests: with sources error=\\x1b[31msave\\x1b[0m failed \
+         error.sources=[write failed, no space \\x07left]"
+    );
+    assert_eq!(ours.len(), 5, "{ours:?}");
+}
+
+/// The JSON format writes an error as its text alone, as tracing-subscriber's JSON
+/// format does (tracing-core's default `record_error`): no sources, no escaping but
+/// JSON's own.
+#[test]
+fn an_error_in_json_is_its_text() {
+    let out = SharedBuffer::default();
+    let (layer, guard) = Builder::new()
+        .format(Format::Json)
+        .build(out.clone())
+        .unwrap();
+    let error = ChainedError("\x1b[31mouter", Some(Box::new(ChainedError("inner", None))));
+    let subscriber = tracing_subscriber::registry().with(layer);
+    tracing::subscriber::with_default(subscriber, || {
+        tracing::error!(
+            error = &error as &(dyn std::error::Error + 'static),
+            "failed"
+        );
+    });
+    drop(guard);
+    let text = out.text();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["fields"]["error"], "\x1b[31mouter", "{text}");
+    assert_eq!(line["fields"]["message"], "failed", "{text}");
+}
+
 #[test]
 fn sync_waits_for_what_was_recorded_before_it() {
     let out = SharedBuffer::default();

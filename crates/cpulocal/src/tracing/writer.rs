@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -11,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing_core::{Level, Metadata};
 
 use super::{
-    Builder, Format, Shared, TAG_BOOL, TAG_F64, TAG_I128, TAG_I64, TAG_RENDERED, TAG_STR, TAG_U128,
-    TAG_U64,
+    Builder, Format, Shared, TAG_BOOL, TAG_ERROR, TAG_F64, TAG_I128, TAG_I64, TAG_RENDERED,
+    TAG_STR, TAG_U128, TAG_U64,
 };
 
 /// Flush-and-read rounds of a full pass (`sync`, the guard's drop) at most.
@@ -249,12 +250,34 @@ enum Value<'a> {
     Rendered(&'a str),
     U128(u128),
     I128(i128),
+    /// An error of the field `field`: its rendering and its source chain's (see
+    /// [`TAG_ERROR`]).
+    Error {
+        field: &'static str,
+        chain: &'a [u8],
+    },
 }
 
 impl fmt::Display for Value<'_> {
-    /// As `tracing-subscriber`'s fmt layer shows a field value (`Debug`), strings quoted.
+    /// As `tracing-subscriber`'s fmt layer shows a field value (`Debug`), strings quoted;
+    /// an error as `error error.sources=[source, its source]` when it has sources, its
+    /// texts escaped as the layer escapes them (see [`Escaping`]).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Value::Error { field, chain } => {
+                let mut texts = Reader(chain).texts();
+                Escaping(&mut *f).write_str(texts.next().unwrap_or(""))?;
+                if let Some(first) = texts.next() {
+                    write!(f, " {field}.sources=[")?;
+                    Escaping(&mut *f).write_str(first)?;
+                    for source in texts {
+                        f.write_str(", ")?;
+                        Escaping(&mut *f).write_str(source)?;
+                    }
+                    f.write_str("]")?;
+                }
+                Ok(())
+            }
             Value::U64(v) => write!(f, "{v:?}"),
             Value::I64(v) => write!(f, "{v:?}"),
             Value::F64(v) => write!(f, "{v:?}"),
@@ -277,7 +300,48 @@ impl Value<'_> {
             Value::Str(v) | Value::Rendered(v) => v.into(),
             Value::U128(v) => v.to_string().into(),
             Value::I128(v) => v.to_string().into(),
+            // The JSON format records an error with `Display`, as tracing-core's default
+            // `record_error` does: no sources, no escaping (JSON escapes).
+            Value::Error { chain, .. } => Reader(chain).texts().next().unwrap_or("").into(),
         }
+    }
+}
+
+/// Escapes what `tracing-subscriber`'s fmt layer escapes in a message and an error's
+/// texts, against terminal injection (its `EscapeGuard`, on by default): ESC, BEL, BS,
+/// FF and DEL as `\x1b`, `\x07`, `\x08`, `\x0c`, `\x7f`, and the C1 controls
+/// (U+0080 to U+009F) as `\u{80}`. Other control characters, newlines included, pass.
+struct Escaping<W>(W);
+
+impl<W: fmt::Write> fmt::Write for Escaping<W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut plain = 0;
+        for (at, c) in s.char_indices() {
+            let escaped = matches!(
+                c,
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
+            );
+            if escaped {
+                self.0.write_str(&s[plain..at])?;
+                if c < '\u{80}' {
+                    write!(self.0, "\\x{:02x}", c as u32)?;
+                } else {
+                    write!(self.0, "\\u{{{:x}}}", c as u32)?;
+                }
+                plain = at + c.len_utf8();
+            }
+        }
+        self.0.write_str(&s[plain..])
+    }
+}
+
+/// A line being formatted, as a `fmt::Write`.
+struct LineWriter<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for LineWriter<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -309,6 +373,9 @@ fn parse_fields<'a>(
 ) -> Option<()> {
     while !r.0.is_empty() {
         let index = usize::from(r.u8()?);
+        let name = metadata
+            .and_then(|m| m.fields().iter().nth(index))
+            .map_or("?", |f| f.name());
         let value = match r.u8()? {
             TAG_U64 => Value::U64(u64::from_le_bytes(r.array()?)),
             TAG_I64 => Value::I64(i64::from_le_bytes(r.array()?)),
@@ -318,27 +385,36 @@ fn parse_fields<'a>(
             TAG_RENDERED => Value::Rendered(r.text()?),
             TAG_U128 => Value::U128(u128::from_le_bytes(r.array()?)),
             TAG_I128 => Value::I128(i128::from_le_bytes(r.array()?)),
+            TAG_ERROR => {
+                let len = u32::from_le_bytes(r.array()?) as usize;
+                let chain = r.take(len)?;
+                // Checked here, so that formatting finds every text whole.
+                let mut texts = Reader(chain);
+                while !texts.0.is_empty() {
+                    texts.text()?;
+                }
+                Value::Error { field: name, chain }
+            }
             _ => return None,
         };
-        let name = metadata
-            .and_then(|m| m.fields().iter().nth(index))
-            .map_or("?", |f| f.name());
         out.push((name, value));
     }
     Some(())
 }
 
-/// Writes `fields` as the fmt layer does: `message` bare, the others `name=value`, each
-/// after a space (but the first when `leading_space` is false).
+/// Writes `fields` as the fmt layer does: `message` bare and escaped (see
+/// [`Escaping`]), the others `name=value`, each after a space (but the first when
+/// `leading_space` is false).
 fn write_fields(line: &mut Vec<u8>, fields: &Fields<'_>, leading_space: bool) {
     for (i, (name, value)) in fields.iter().enumerate() {
         if leading_space || i > 0 {
             line.push(b' ');
         }
+        // Writing into a Vec cannot fail.
         let _ = match (name, value) {
-            (&"message", Value::Str(v)) => write!(line, "{v}"),
-            (&"message", v) => write!(line, "{v}"),
-            (name, v) => write!(line, "{name}={v}"),
+            (&"message", Value::Str(v)) => Escaping(LineWriter(line)).write_str(v),
+            (&"message", v) => write!(Escaping(LineWriter(line)), "{v}"),
+            (name, v) => write!(LineWriter(line), "{name}={v}"),
         };
     }
 }
@@ -374,6 +450,11 @@ impl<'a> Reader<'a> {
         let len = u32::from_le_bytes(self.array()?) as usize;
         // Rendered values are valid UTF-8 (written by `fmt`); a `&str` was too.
         std::str::from_utf8(self.take(len)?).ok()
+    }
+
+    /// The texts that fill the rest (an error's chain), until one is cut short.
+    fn texts(mut self) -> impl Iterator<Item = &'a str> {
+        std::iter::from_fn(move || self.text())
     }
 }
 
