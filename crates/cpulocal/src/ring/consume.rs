@@ -15,6 +15,16 @@ use super::{
 use crate::remote::InvalidCpu;
 use crate::sys;
 
+/// Every ring's reserve position at one moment, each rounded up to the end of its
+/// sub-buffer: every record reserved before that moment lies below it. A consumer that
+/// flushes after taking the mark has read everything reserved before it (or seen it
+/// dropped) once every ring's consumer position has reached the mark
+/// ([`RingBuffer::reached`]): a record still being written below the mark keeps its
+/// sub-buffer, and so the consumer position, from getting there.
+#[cfg(feature = "tracing")]
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ReserveMark(Vec<usize>);
+
 /// One record, as the consumer sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Record<'a> {
@@ -185,6 +195,54 @@ impl RingBuffer {
             });
             reading.next.set(reading.end); // read to its end: `reading` moves past it
         }
+    }
+
+    /// The [`ReserveMark`] of now: what a consumer that wants every record reserved so
+    /// far reads up to (after a [`flush_all`](Self::flush_all), which closes the
+    /// sub-buffers the mark ends in).
+    ///
+    /// A record reserved before the call, on any thread the caller is synchronised with,
+    /// lies below the mark: its reserve moved `write` past it before the call.
+    #[cfg(feature = "tracing")]
+    pub(crate) fn reserve_mark(&self) -> ReserveMark {
+        let sub = self.config.sub_buffer_size;
+        ReserveMark(
+            self.rings
+                .iter()
+                // Relaxed: a reservation ordered before this call is seen (coherence
+                // with what ordered it); one that races the call is not the caller's.
+                .map(|ring| ring.write.load(Ordering::Relaxed).next_multiple_of(sub))
+                .collect(),
+        )
+    }
+
+    /// Whether every ring's consumer position has reached `mark`: every record reserved
+    /// before the mark was taken has been read, or dropped unread by an overwriting
+    /// producer (counted in [`overwritten`](super::RingStats::overwritten)).
+    #[cfg(feature = "tracing")]
+    pub(crate) fn reached(&self, mark: &ReserveMark) -> bool {
+        self.rings.iter().zip(&mark.0).all(|(ring, &end)| {
+            // Relaxed: the consumer asking moved `consumed` itself, or an overwriting
+            // producer did and counted what it dropped.
+            ring.consumed.load(Ordering::Relaxed) & !CLAIMED >= end
+        })
+    }
+
+    /// The sub-buffers below `mark` not read yet, over every ring, leaving out those
+    /// below `counted` (a mark whose unread sub-buffers were counted before, so that one
+    /// stalled sub-buffer counts once); then raises `counted` to `mark`.
+    #[cfg(feature = "tracing")]
+    pub(crate) fn unread_below(&self, mark: &ReserveMark, counted: &mut ReserveMark) -> u64 {
+        counted.0.resize(mark.0.len(), 0);
+        let mut unread = 0;
+        for ((ring, &end), counted) in self.rings.iter().zip(&mark.0).zip(&mut counted.0) {
+            // Relaxed: as in `reached`.
+            let consumed = ring.consumed.load(Ordering::Relaxed) & !CLAIMED;
+            let from = consumed.max(*counted);
+            unread += (end.saturating_sub(from) >> self.sub_shift) as u64;
+            *counted = (*counted).max(end);
+        }
+        unread
     }
 
     /// Whether some CPU's ring has a complete sub-buffer no consumer is reading.

@@ -75,6 +75,8 @@ mod produce;
 
 pub use config::{ConfigError, Mode, RingConfig, MAX_RESERVED_BYTES, PENDING_POLL};
 pub use consume::Record;
+#[cfg(feature = "tracing")]
+pub(crate) use consume::ReserveMark;
 pub use produce::{Reservation, ReserveError};
 
 /// Counts kept by a [`RingBuffer`].

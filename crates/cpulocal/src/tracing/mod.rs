@@ -51,8 +51,11 @@
 //!
 //! A record that finds its CPU's ring full is discarded and counted (the ring's
 //! `discarded` counter, which is exact); a record larger than a sub-buffer is counted as
-//! too large. Nothing is lost silently: the writer writes a `WARN` line with the counts
-//! whenever they grew since its last report, and [`WriterGuard::stats`] returns them.
+//! too large; a record the output refused, as a write error. Nothing is lost silently:
+//! the writer writes a `WARN` line with the counts whenever they grew since its last
+//! report, and [`WriterGuard::stats`] returns them (with the sub-buffers that
+//! [`WriterGuard::sync`] or the guard's drop gave up waiting for, see
+//! [`TracingStats::stalled_sub_buffers`]).
 //! Producers never wait for the writer. Size the rings ([`Builder::ring`]) for your
 //! bursts.
 //!
@@ -62,7 +65,9 @@
 //! reaches the writer late (its sub-buffer completed after a later one) can come out
 //! after records stamped later than it. Partly filled sub-buffers are flushed every
 //! [`Builder::flush_interval`], and on [`WriterGuard::sync`] and on the guard's drop,
-//! which writes everything recorded before it and stops the writer. Events recorded
+//! which writes everything recorded before it and stops the writer (both wait for a
+//! record whose producer is between its reserve and its commit, for 1 s at most: see
+//! [`WriterGuard::sync`]). Events recorded
 //! after the guard is dropped are not written: keep the guard alive (e.g. in `main`).
 //!
 //! # The writer sleeps
@@ -186,6 +191,7 @@ impl Builder {
             too_large: Counter::new(),
             written: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            stalled: AtomicU64::new(0),
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             callsites: RwLock::default(),
             control: Mutex::default(),
@@ -244,6 +250,13 @@ const NOTIFY_AGAIN_FIRST: Duration = Duration::from_millis(1);
 /// The longest wait between two wake-ups of the writer by `sync` or the guard's drop.
 const NOTIFY_AGAIN_LAST: Duration = Duration::from_millis(64);
 
+/// How long [`WriterGuard::sync`] and the guard's drop wait, with nothing else to read,
+/// for a record reserved before them whose producer has not committed it yet. Such a
+/// producer was preempted for a moment (milliseconds at most, on a loaded machine) or
+/// is stopped for good (in a debugger, between its reserve and its commit): a wait
+/// without a bound would hang the drop. The bound of `tracing-appender`'s `WorkerGuard`.
+const STALLED_RECORD_WAIT: Duration = Duration::from_secs(1);
+
 /// What the layer and the writer share.
 struct Shared {
     ring: RingBuffer,
@@ -253,6 +266,8 @@ struct Shared {
     written: AtomicU64,
     /// Records lost because the output returned an error.
     write_errors: AtomicU64,
+    /// Sub-buffers that `sync` or the guard's drop gave up waiting for.
+    stalled: AtomicU64,
     /// This layer's number, never reused in the process: what marks its spans' encoded
     /// fields and keys the producers' per-thread cache of the callsites they made known
     /// (see [`Shared::learn`]).
@@ -299,6 +314,7 @@ impl Shared {
             dropped_full: self.ring.stats().discarded,
             dropped_too_large: self.too_large.sum(),
             write_errors: self.write_errors.load(Ordering::Relaxed),
+            stalled_sub_buffers: self.stalled.load(Ordering::Relaxed),
         }
     }
 }
@@ -316,6 +332,14 @@ pub struct TracingStats {
     /// Records lost because the output returned an error, on their write or on the
     /// flush after it.
     pub write_errors: u64,
+    /// Sub-buffers that [`WriterGuard::sync`] or the guard's drop gave up waiting for:
+    /// after 1 s with nothing else to read, one of their records was still reserved and
+    /// not committed (its thread stopped in between, e.g. in a debugger). Their events
+    /// (how many is not known until the sub-buffer is complete) were not written when
+    /// the call returned: they come out later if the writer still runs, and are lost
+    /// if it stops (the drop). Not part of [`dropped`](TracingStats::dropped), which
+    /// counts events.
+    pub stalled_sub_buffers: u64,
 }
 
 impl TracingStats {
@@ -374,6 +398,13 @@ impl WriterGuard {
 
     /// Returns once every event recorded before the call (on any thread that the call
     /// is synchronised with) is written and the output flushed, or counted as dropped.
+    ///
+    /// An event whose thread is between its reserve and its commit (preempted) is waited
+    /// for, at most 1 s with nothing else to read: a thread stopped there for longer
+    /// (in a debugger) must not hang the call. When that bound expires, `sync` returns
+    /// without the events of the sub-buffers it could not read, and counts those in
+    /// [`TracingStats::stalled_sub_buffers`] (with a `WARN` line); they come out once
+    /// the thread commits.
     pub fn sync(&self) {
         let mut control = self.shared.control();
         control.syncs_requested += 1;
@@ -395,6 +426,11 @@ impl WriterGuard {
 }
 
 impl Drop for WriterGuard {
+    /// Writes every event recorded before the drop, flushes the output and stops the
+    /// writer. As [`sync`](WriterGuard::sync), it waits at most 1 s (with nothing else
+    /// to read) for an event whose thread is stopped between reserve and commit; the
+    /// events of the sub-buffers it then gives up on are lost, counted in
+    /// [`TracingStats::stalled_sub_buffers`] and reported in a `WARN` line.
     fn drop(&mut self) {
         self.shared.control().stop = true;
         if let Some(thread) = self.thread.take() {

@@ -573,3 +573,145 @@ fn a_span_whose_callsite_is_still_being_registered_is_written_whole() {
         assert!(text.contains(&line), "{text}");
     }
 }
+
+/// Pins the calling thread to the CPU it runs on: its reservations and events then go
+/// to one ring.
+fn pin_to_current_cpu() {
+    let cpu = crate::current_cpu();
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `cpu` is below the possible CPUs, far below CPU_SETSIZE (1024).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; 0 names the calling thread.
+    let pinned = unsafe { libc::sched_setaffinity(0, core::mem::size_of_val(&set), &set) };
+    assert_eq!(pinned, 0, "sched_setaffinity");
+}
+
+/// The line of the event recorded after an [`OpenReservation`].
+const AFTER_THE_OPEN_ONE: &str = " INFO cpulocal::tracing::tests: after the open one\n";
+
+/// A record reserved and not committed, as by a producer preempted (or stopped in a
+/// debugger) between its reserve and its commit, on a thread pinned to one CPU, with an
+/// event recorded after it into the same sub-buffer: the sub-buffer stays incomplete
+/// while the reservation is open. Dropped: the thread drops the reservation uncommitted
+/// (it becomes padding, which the writer skips) and is joined.
+struct OpenReservation {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OpenReservation {
+    /// Returns once the event after the reservation is recorded.
+    fn new(shared: &Arc<Shared>, dispatch: &Dispatch) -> OpenReservation {
+        let (recorded, recorded_rx) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let (shared, dispatch) = (Arc::clone(shared), dispatch.clone());
+        let thread = std::thread::spawn(move || {
+            pin_to_current_cpu();
+            let open = shared.ring.reserve(8).expect("room in an empty ring");
+            tracing_core::dispatcher::with_default(&dispatch, || {
+                tracing::info!("after the open one");
+            });
+            recorded.send(()).unwrap();
+            // Until the release is sent or dropped.
+            let _ = release_rx.recv();
+            drop(open);
+        });
+        recorded_rx.recv().unwrap();
+        OpenReservation {
+            release: Some(release),
+            thread: Some(thread),
+        }
+    }
+
+    /// Lets the producer drop its reservation after `delay`, from another thread.
+    fn release_after(self, delay: Duration) {
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            drop(self);
+        });
+    }
+}
+
+impl Drop for OpenReservation {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+/// A layer that never flushes on its own (only `sync` and the drop do), its shared
+/// state, and its subscriber.
+fn unflushed_layer(out: &SharedBuffer) -> (WriterGuard, Arc<Shared>, Dispatch) {
+    let (layer, guard) = Builder::new()
+        .flush_interval(Duration::from_secs(3600))
+        .build(out.clone())
+        .unwrap();
+    let shared = Arc::clone(&layer.shared);
+    (
+        guard,
+        shared,
+        Dispatch::new(tracing_subscriber::registry().with(layer)),
+    )
+}
+
+/// `sync` returns only once the events recorded before it are written, also when a
+/// producer is between its reserve and its commit in front of them (before the fix the
+/// sync's full pass read nothing of the incomplete sub-buffer and returned without the
+/// event).
+#[test]
+fn sync_waits_for_a_record_still_being_written_before_it() {
+    let out = SharedBuffer::default();
+    let (guard, shared, dispatch) = unflushed_layer(&out);
+    // The producer commits while `sync` waits, well within its 1 s bound.
+    OpenReservation::new(&shared, &dispatch).release_after(Duration::from_millis(50));
+    guard.sync();
+    let text = out.text();
+    assert!(text.contains(AFTER_THE_OPEN_ONE), "{text}");
+    assert_eq!(guard.stats().written, 1, "{:?}", guard.stats());
+    assert_eq!(guard.stats().stalled_sub_buffers, 0);
+}
+
+/// The same for the guard's drop: it writes the event, where before the fix it stopped
+/// the writer with the event unread, lost and counted nowhere.
+#[test]
+fn the_guards_drop_waits_for_a_record_still_being_written_before_it() {
+    let out = SharedBuffer::default();
+    let (guard, shared, dispatch) = unflushed_layer(&out);
+    OpenReservation::new(&shared, &dispatch).release_after(Duration::from_millis(50));
+    drop(guard);
+    let text = out.text();
+    assert!(text.contains(AFTER_THE_OPEN_ONE), "{text}");
+    assert_eq!(shared.stats().written, 1, "{:?}", shared.stats());
+    assert_eq!(shared.stats().stalled_sub_buffers, 0);
+}
+
+/// A producer that never commits (a thread stopped in a debugger) holds `sync` and the
+/// guard's drop for their bound only: both return, and the sub-buffer they gave up on is
+/// counted (once) and reported.
+#[test]
+fn sync_and_the_guards_drop_give_up_on_a_record_never_committed_and_count_it() {
+    let out = SharedBuffer::default();
+    let (guard, shared, dispatch) = unflushed_layer(&out);
+    let open = OpenReservation::new(&shared, &dispatch);
+    guard.sync();
+    assert_eq!(guard.stats().stalled_sub_buffers, 1, "{:?}", guard.stats());
+    assert_eq!(guard.stats().written, 0);
+    // A generous limit: a drop that waits without a bound hangs.
+    let dropped = crate::tests::within(Duration::from_secs(60), move || drop(guard));
+    assert!(
+        dropped.is_some(),
+        "the guard's drop hung on the open reservation"
+    );
+    drop(open);
+    assert_eq!(shared.stats().stalled_sub_buffers, 1, "counted once");
+    assert_eq!(shared.stats().written, 0);
+    let text = out.text();
+    assert!(!text.contains(AFTER_THE_OPEN_ONE), "{text}");
+    assert!(
+        text.contains("WARN cpulocal::tracing: 1 sub-buffers still held a record reserved"),
+        "{text}"
+    );
+}

@@ -11,13 +11,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing_core::{Level, Metadata};
 
-use super::{
-    Builder, Format, Shared, TAG_BOOL, TAG_ERROR, TAG_F64, TAG_I128, TAG_I64, TAG_RENDERED,
-    TAG_STR, TAG_U128, TAG_U64,
-};
+use crate::ring::{ReserveMark, PENDING_POLL};
 
-/// Flush-and-read rounds of a full pass (`sync`, the guard's drop) at most.
-const FULL_PASS_ROUNDS: usize = 8;
+use super::{
+    Builder, Format, Shared, STALLED_RECORD_WAIT, TAG_BOOL, TAG_ERROR, TAG_F64, TAG_I128, TAG_I64,
+    TAG_RENDERED, TAG_STR, TAG_U128, TAG_U64,
+};
 
 /// The bytes of formatted lines gathered before they are written to the output.
 const OUT_BATCH_BYTES: usize = 64 << 10;
@@ -48,6 +47,12 @@ pub(super) struct Writer<W: Write> {
     line: Vec<u8>,
     /// The drop counts last reported.
     reported: (u64, u64, u64),
+    /// The stalled sub-buffers last reported.
+    reported_stalled: u64,
+    /// How far the stalled sub-buffers were counted (see [`RingBuffer::unread_below`]).
+    ///
+    /// [`RingBuffer::unread_below`]: crate::ring::RingBuffer::unread_below
+    stalled_counted: ReserveMark,
 }
 
 impl<W: Write> Writer<W> {
@@ -67,6 +72,8 @@ impl<W: Write> Writer<W> {
             batch: Vec::new(),
             line: Vec::new(),
             reported: (0, 0, 0),
+            reported_stalled: 0,
+            stalled_counted: ReserveMark::default(),
         }
     }
 
@@ -90,15 +97,7 @@ impl<W: Write> Writer<W> {
                 self.shared.done.notify_all();
             }
             if stop || requested > done {
-                // Everything committed so far: hand over the sub-buffers being filled and
-                // read until nothing is left (a few rounds at most: a reservation still
-                // in flight keeps its sub-buffer incomplete for a moment).
-                for _ in 0..FULL_PASS_ROUNDS {
-                    self.shared.ring.flush_all();
-                    if self.pass() == 0 {
-                        break;
-                    }
-                }
+                self.full_pass();
                 last_flush = Instant::now();
                 self.report_drops();
                 self.flush_out();
@@ -128,6 +127,40 @@ impl<W: Write> Writer<W> {
                     .saturating_sub(last_flush.elapsed());
                 self.shared.ring.wait(due);
             }
+        }
+    }
+
+    /// Reads every record reserved before the call, or counts its sub-buffer as stalled
+    /// (below): hands over the sub-buffers being filled, then reads until every ring's
+    /// consumer position reaches where its reserve position was at the start.
+    ///
+    /// A record reserved before that and not committed yet (its producer preempted
+    /// between reserve and commit) keeps its sub-buffer incomplete, so the pass waits
+    /// for it, looking again every [`PENDING_POLL`]. A producer that never commits (a
+    /// thread stopped in a debugger there) would hold the pass forever, and the guard's
+    /// drop with it: after [`STALLED_RECORD_WAIT`] with nothing to read, the pass gives
+    /// up and counts the sub-buffers it did not reach as stalled (their records come
+    /// out later, if the writer still runs, or never).
+    fn full_pass(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        // Taken before the flush: the flush then closes the sub-buffers the mark ends in.
+        let mark = shared.ring.reserve_mark();
+        shared.ring.flush_all();
+        let mut give_up = Instant::now() + STALLED_RECORD_WAIT;
+        loop {
+            if self.pass() > 0 {
+                give_up = Instant::now() + STALLED_RECORD_WAIT;
+            }
+            if shared.ring.reached(&mark) {
+                return;
+            }
+            if Instant::now() >= give_up {
+                let stalled = shared.ring.unread_below(&mark, &mut self.stalled_counted);
+                shared.stalled.fetch_add(stalled, Ordering::Relaxed);
+                return;
+            }
+            // Woken early when a producer completes a sub-buffer.
+            shared.ring.wait(PENDING_POLL);
         }
     }
 
@@ -196,20 +229,47 @@ impl<W: Write> Writer<W> {
         UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
     }
 
-    /// Writes a `WARN` line when events were dropped since the last report.
+    /// Writes a `WARN` line when events were dropped, or sub-buffers stalled, since the
+    /// last report.
     fn report_drops(&mut self) {
         let s = self.shared.stats();
+        if s.stalled_sub_buffers != self.reported_stalled {
+            let new = s.stalled_sub_buffers - self.reported_stalled;
+            self.reported_stalled = s.stalled_sub_buffers;
+            let message = format!(
+                "{new} sub-buffers still held a record reserved but not committed after \
+                 {STALLED_RECORD_WAIT:?}: their events come out late, or not at all if the \
+                 writer stops (in total: {} stalled)",
+                s.stalled_sub_buffers
+            );
+            self.warn(
+                &message,
+                serde_json::json!({ "stalled_sub_buffers": s.stalled_sub_buffers }),
+            );
+        }
         let now = (s.dropped_full, s.dropped_too_large, s.write_errors);
         if now == self.reported {
             return;
         }
         let new = (now.0 - self.reported.0) + (now.1 - self.reported.1) + (now.2 - self.reported.2);
         self.reported = now;
-        let wall = self.wall_clock(crate::ring::monotonic_ns());
         let message = format!(
             "{new} events dropped (in total: {} ring full, {} too large, {} write errors)",
             now.0, now.1, now.2
         );
+        let counts = serde_json::json!({
+            "dropped": new,
+            "dropped_full": now.0,
+            "dropped_too_large": now.1,
+            "write_errors": now.2,
+        });
+        self.warn(&message, counts);
+    }
+
+    /// Writes a `WARN` line of our own: `message`, and in JSON the fields of `counts`
+    /// (an object) after it.
+    fn warn(&mut self, message: &str, counts: serde_json::Value) {
+        let wall = self.wall_clock(crate::ring::monotonic_ns());
         self.line.clear();
         match self.settings.format {
             Format::Full => {
@@ -220,16 +280,15 @@ impl<W: Write> Writer<W> {
                 );
             }
             Format::Json => {
+                let mut fields = serde_json::Map::new();
+                fields.insert("message".into(), message.into());
+                if let serde_json::Value::Object(counts) = counts {
+                    fields.extend(counts);
+                }
                 let object = serde_json::json!({
                     "timestamp": humantime::format_rfc3339_micros(wall).to_string(),
                     "level": "WARN",
-                    "fields": {
-                        "message": message,
-                        "dropped": new,
-                        "dropped_full": now.0,
-                        "dropped_too_large": now.1,
-                        "write_errors": now.2,
-                    },
+                    "fields": fields,
                     "target": "cpulocal::tracing",
                 });
                 let _ = writeln!(self.line, "{object}");
