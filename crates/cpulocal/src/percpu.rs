@@ -307,7 +307,6 @@ impl<T> PerCpu<T> {
     #[cold]
     #[inline(never)]
     fn alloc_slots(&self) -> (*mut Slot<T>, usize) {
-        // Of the threads that race here, one allocates; none frees (see `Pool::alloc_once`).
         let base = Pool::for_index(self.index)
             .alloc_once(&self.slots, Self::SLOT)
             .as_ptr();
@@ -512,6 +511,7 @@ impl<T> PerCpu<T> {
     #[inline(never)]
     fn lock_current_slow(&self, method: &'static str) -> (&Slot<T>, usize) {
         remote::check_not_held(|| self.locks(), method);
+        let counted = remote::Counted::before_taking();
         let (base, slots) = self.base_and_len();
         let index = match self.index {
             Index::Cpu => CpuLock::lock_current(slots, |i| {
@@ -528,7 +528,7 @@ impl<T> PerCpu<T> {
                 i
             }
         };
-        remote::note_held();
+        counted.taken();
         // SAFETY: `index < slots`.
         (unsafe { self.slot(base, index) }, index)
     }
@@ -614,6 +614,7 @@ impl<T> PerCpu<T> {
             return Err(InvalidCpu { cpu, slots });
         }
         remote::check_not_held(|| self.locks(), method);
+        let counted = remote::Counted::before_taking();
         let (base, _) = self.base_and_len();
         // SAFETY: `cpu < slots`.
         let slot = unsafe { self.slot(base, cpu) };
@@ -622,7 +623,7 @@ impl<T> PerCpu<T> {
             Index::Cpu => slot.lock.lock_remote(cpu as u32),
             Index::MmCid => slot.lock.lock_mm_cid_slot(),
         };
-        remote::note_held();
+        counted.taken();
         Ok(self.guard(slot, cpu))
     }
 

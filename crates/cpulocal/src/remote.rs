@@ -27,8 +27,8 @@ mod lock;
 #[cfg(feature = "__bench")]
 pub(crate) use held::prepare_percpu_fast_path;
 pub(crate) use held::{
-    check_not_held, forget_percpu_fast_path, note_fast_lock_failed, note_held, note_held_fast,
-    note_released, note_released_fast, percpu_fast_area,
+    check_not_held, forget_percpu_fast_path, note_fast_lock_failed, note_held_fast, note_released,
+    note_released_fast, percpu_fast_area, Counted,
 };
 pub(crate) use lock::{CpuLock, READY};
 

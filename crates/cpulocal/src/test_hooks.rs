@@ -156,6 +156,23 @@ pub(crate) fn slab_pop_broken() -> bool {
 
 std::thread_local! {
     static AFTER_FAST_LOCK: core::cell::Cell<Option<fn()>> = const { core::cell::Cell::new(None) };
+    static AFTER_SLOW_LOCK: core::cell::Cell<Option<fn()>> = const { core::cell::Cell::new(None) };
+}
+
+/// Makes the calling thread's next `PerCpu` lock taken by a slow path (`lock_cpu`,
+/// `on_cpu`, `for_each`, or `with_cpu`/`lock` when the fast path cannot run) run `f`
+/// right after the lock word took the thread's token, before the lock is returned
+/// (once), as a signal handler arriving there would (a signal during the fence is
+/// delivered as the fence returns).
+pub fn run_after_slow_lock(f: fn()) {
+    AFTER_SLOW_LOCK.set(Some(f));
+}
+
+/// Called by `PerCpu`'s slow paths right after they took a lock.
+pub(crate) fn slow_lock_taken() {
+    if let Some(f) = AFTER_SLOW_LOCK.take() {
+        f();
+    }
 }
 
 /// Makes the calling thread's next `PerCpu` lock taken by the fast path run `f` right

@@ -239,6 +239,63 @@ fn a_handler_right_after_a_fast_lock_is_refused_another_slot() {
     });
 }
 
+/// The `PerCpu`s of [`a_handler_right_after_a_slow_lock_is_refused_another_slot`], and
+/// what the handler there saw (as for the fast path's test above).
+#[cfg(feature = "__test-hooks")]
+static SLOW_WINDOW: PerCpu<u64> = PerCpu::new_lazy(|| 0);
+#[cfg(feature = "__test-hooks")]
+static SLOW_WINDOW_SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The same as [`a_handler_right_after_a_fast_lock_is_refused_another_slot`] for the
+/// slow paths (`lock_cpu`, and `with_cpu` while another `PerCpu`'s slot is held), whose
+/// window is wide: a signal that arrives during the membarrier fence of a remote
+/// acquisition is delivered as the fence returns, with the token already in the word.
+/// Two threads whose handlers nest there on two CPUs deadlocked (a reviewer's
+/// reproducer, in 5 s) before the slow paths counted the slot before taking it.
+#[test]
+#[cfg(feature = "__test-hooks")]
+fn a_handler_right_after_a_slow_lock_is_refused_another_slot() {
+    let _serial = serial();
+    within_10s("a handler right after a slow lock", || {
+        fn handler() {
+            let here = cpulocal::current_cpu() % SLOW_WINDOW.slots();
+            let seen = [here, (here + 1) % SLOW_WINDOW.slots()].map(|cpu| {
+                match catch_unwind(AssertUnwindSafe(|| drop(SLOW_WINDOW.lock_cpu(cpu)))) {
+                    Ok(()) => format!("no panic for slot {cpu}"),
+                    Err(panic) => message(&*panic),
+                }
+            });
+            let fast = catch_unwind(AssertUnwindSafe(|| SLOW_WINDOW.with_cpu(|v| *v += 1)));
+            let mut all = SLOW_WINDOW_SEEN.lock().unwrap();
+            all.extend(seen);
+            all.push(fast.map_or_else(|p| message(&*p), |()| "no panic for with_cpu".into()));
+        }
+        SLOW_WINDOW.with_cpu(|v| *v += 1); // first use
+                                           // `lock_cpu` of each slot: the remote acquisition.
+        for cpu in 0..SLOW_WINDOW.slots().min(2) {
+            cpulocal::test_hooks::run_after_slow_lock(handler);
+            drop(SLOW_WINDOW.lock_cpu(cpu).unwrap());
+        }
+        // `with_cpu` while another PerCpu's slot is held: its slow path.
+        let other = PerCpu::new(|_| 0u64);
+        other.with_cpu(|_| {
+            cpulocal::test_hooks::run_after_slow_lock(handler);
+            SLOW_WINDOW.with_cpu(|v| *v += 1);
+        });
+        let seen = std::mem::take(&mut *SLOW_WINDOW_SEEN.lock().unwrap());
+        assert_eq!(seen.len(), 3 * (SLOW_WINDOW.slots().min(2) + 1), "{seen:?}");
+        for s in &seen {
+            assert!(
+                s.contains("already holds a slot"),
+                "a second slot taken right after a slow lock: {seen:?}"
+            );
+        }
+        let mut total = 0;
+        SLOW_WINDOW.for_each(|_, v| total += *v);
+        assert_eq!(total, 2);
+    });
+}
+
 /// A thread may hold 4,095 `PerCpu` slots at once; asking for one more panics *before*
 /// taking it, so the slot stays free for every other thread.
 #[test]

@@ -175,10 +175,44 @@ fn check_not_held_nested<'a>(
     }
 }
 
-/// Counts a `PerCpu` slot lock the calling thread has just taken by any path but the
-/// fast one.
+/// A `PerCpu` slot lock the calling thread is about to take by a path other than the
+/// fast one, counted before it waits for or takes it, for the reason the fast path
+/// writes `1` first (see "Why `1` goes first"): a signal handler that arrives while
+/// the word holds the thread's token must find the thread counted, or it would take a
+/// second slot of the same `PerCpu` unchecked (the slow paths' window is wide: a signal
+/// that arrives during the fence is delivered as it returns). Until then the count says
+/// one slot more than the thread holds, which only sends a handler to the search, which
+/// finds no token. Dropped without [`taken`](Self::taken) (taking the lock panicked),
+/// it counts the slot back.
+pub(crate) struct Counted(());
+
+impl Counted {
+    /// Counts the slot lock about to be taken.
+    #[inline]
+    pub(crate) fn before_taking() -> Counted {
+        note_held();
+        Counted(())
+    }
+
+    /// The lock was taken: the count stays until the guard's release.
+    #[inline]
+    pub(crate) fn taken(self) {
+        #[cfg(any(test, feature = "__test-hooks"))]
+        crate::test_hooks::slow_lock_taken();
+        core::mem::forget(self);
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        note_released();
+    }
+}
+
+/// Counts a `PerCpu` slot lock the calling thread is about to take by any path but the
+/// fast one (see [`Counted`]).
 #[inline]
-pub(crate) fn note_held() {
+fn note_held() {
     let state = HELD.get();
     let held = if state >= FAST_PATH_READY {
         1
