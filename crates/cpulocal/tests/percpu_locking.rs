@@ -296,19 +296,19 @@ fn a_handler_right_after_a_slow_lock_is_refused_another_slot() {
     });
 }
 
-/// A thread may hold 4,095 `PerCpu` slots at once; asking for one more panics *before*
+/// A thread may hold 2,047 `PerCpu` slots at once; asking for one more panics *before*
 /// taking it, so the slot stays free for every other thread.
 #[test]
 fn one_slot_too_many_panics_before_locking_it() {
     let _serial = serial();
     within_10s("one slot too many", || {
-        let percpus: Vec<PerCpu<u64>> = (0..4096).map(|_| PerCpu::new(|_| 0u64)).collect();
-        let (held, last) = percpus.split_at(4095);
+        let percpus: Vec<PerCpu<u64>> = (0..2048).map(|_| PerCpu::new(|_| 0u64)).collect();
+        let (held, last) = percpus.split_at(2047);
         let guards: Vec<_> = held.iter().map(|p| p.lock()).collect();
         let err = catch_unwind(AssertUnwindSafe(|| drop(last[0].lock())))
             .expect_err("a 4,096th slot must be refused");
         assert!(
-            message(&*err).contains("at most 4095"),
+            message(&*err).contains("at most 2047"),
             "{}",
             message(&*err)
         );

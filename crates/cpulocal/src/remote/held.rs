@@ -10,7 +10,8 @@
 //! | value | meaning |
 //! |---|---|
 //! | `0` | holds no `PerCpu` slot; `with_cpu`'s fast path is not set up (yet) |
-//! | `1 ..= 4095` | holds that many `PerCpu` slots |
+//! | `1 ..= 2047` | holds that many `PerCpu` slots |
+//! | `2048 + n` | holds `n` slots, and its area was unregistered meanwhile: `0` after the last release |
 //! | from `4096` up | holds none, and may take the fast path: the value is its `rseq` area |
 //!
 //! So `with_cpu`'s fast path reads one word for three questions: is anything held (the
@@ -60,6 +61,11 @@ thread_local! {
 /// [`HELD`] values from here up are the thread's area (ready for the fast path); below
 /// it, the number of `PerCpu` slots held. No area is mapped in the first page.
 const FAST_PATH_READY: usize = 4096;
+
+/// Added to the count of a thread whose area was unregistered while it held slots: no
+/// release may then set the area back (see [`forget_percpu_fast_path`]). Also the limit
+/// of slots held at once.
+const FORGOTTEN: usize = 2048;
 
 /// The calling thread's lock token.
 #[inline]
@@ -120,13 +126,18 @@ pub(crate) fn prepare_percpu_fast_path() -> bool {
 }
 
 /// The calling thread's area was unregistered (its thread is exiting): the fast path
-/// must not be set up with it again. (Should the thread hold a slot taken by the fast
-/// path meanwhile, that release sets the area back; a later fast path then finds
-/// `cpu_id` unset, since the kernel resets it at unregistration, aborts and takes the
-/// slow path, which finds the thread unregistered.)
+/// must not be set up with it again. A thread that holds slots meanwhile (a guard kept
+/// across the unregistration by a later thread-local destructor) is marked
+/// [`FORGOTTEN`], so that the fast path's release of the last one does not set the area
+/// back: an mm_cid-indexed fast path would then commit on it, since the kernel leaves
+/// `mm_cid` at 0 there (a CPU-indexed one finds `cpu_id` unset and aborts), and nothing
+/// would restart that sequence.
 pub(crate) fn forget_percpu_fast_path() {
-    if HELD.get() >= FAST_PATH_READY {
+    let state = HELD.get();
+    if state >= FAST_PATH_READY {
         HELD.set(0);
+    } else if state != 0 && state < FORGOTTEN {
+        HELD.set(state + FORGOTTEN);
     }
 }
 
@@ -160,9 +171,9 @@ fn check_not_held_nested<'a>(
 ) {
     // Before the lock is taken: a panic after it would leave the slot locked for ever.
     assert!(
-        held < FAST_PATH_READY - 1,
+        held % FORGOTTEN < FORGOTTEN - 1,
         "PerCpu::{method}: a thread may hold at most {} PerCpu slots at once",
-        FAST_PATH_READY - 1
+        FORGOTTEN - 1
     );
     let me = token();
     if locks.any(|l| l.holds(me)) {
@@ -220,7 +231,7 @@ fn note_held() {
         state + 1
     };
     // `check_not_held`, before the lock was taken, refused a thread with no room left.
-    debug_assert!(held < FAST_PATH_READY);
+    debug_assert!(!held.is_multiple_of(FORGOTTEN) && held < FAST_PATH_READY);
     HELD.set(held);
 }
 
@@ -249,10 +260,7 @@ pub(crate) fn note_fast_lock_failed(area: core::ptr::NonNull<crate::abi::Rseq>) 
 pub(crate) fn note_released() {
     match HELD.get() {
         1 => HELD.set(fast_path_state()),
-        held => {
-            debug_assert!(held != 0 && held < FAST_PATH_READY);
-            HELD.set(held - 1);
-        }
+        held => count_down(held),
     }
 }
 
@@ -271,5 +279,11 @@ pub(crate) fn note_released_fast(area: usize) {
 #[cold]
 #[inline(never)]
 fn note_released_nested() {
-    HELD.set(HELD.get() - 1);
+    count_down(HELD.get());
+}
+
+/// One slot fewer than `held` (a count, above 1 unless [`FORGOTTEN`]).
+fn count_down(held: usize) {
+    debug_assert!(!held.is_multiple_of(FORGOTTEN) && held < FAST_PATH_READY);
+    HELD.set(if held == FORGOTTEN + 1 { 0 } else { held - 1 });
 }

@@ -424,3 +424,91 @@ fn own_area_is_unregistered_at_thread_exit_and_later_destructors_still_count() {
         unsafe { libc::pthread_key_delete(key) };
     });
 }
+
+/// The `PerCpu`s of [`a_guard_kept_across_unregistration_gives_no_fast_path_the_old_area`].
+static KEPT_BY_CPU: crate::PerCpu<u64> = crate::PerCpu::new_lazy(|| 0);
+static KEPT_BY_MM_CID: crate::PerCpu<u64> =
+    crate::PerCpu::with_index_lazy(crate::Index::MmCid, || 0);
+/// What the late destructor there saw: rounds, and whether a fast path committed after
+/// the unregistration.
+static KEPT_SEEN: Mutex<(u32, bool, bool)> = Mutex::new((0, false, false));
+
+/// A later key's destructor: takes a `PerCpu` slot by the fast path while the thread is
+/// registered and keeps its guard (in the key's value) until cpulocal's destructor has
+/// unregistered the area; then drops it and uses an mm_cid-indexed `PerCpu`.
+unsafe extern "C" fn keep_a_guard_across_unregistration(value: *mut libc::c_void) {
+    type Kept = Option<crate::PerCpuGuard<'static, u64>>;
+    // SAFETY: the value is a leaked `Box<(key, Kept)>`, passed on or freed here only.
+    let mut kept = unsafe { Box::from_raw(value.cast::<(libc::pthread_key_t, Kept)>()) };
+    let mut seen = KEPT_SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    seen.0 += 1;
+    if thread::is_registered() && seen.0 < 4 {
+        if kept.1.is_none() {
+            kept.1 = Some(KEPT_BY_CPU.lock());
+        }
+        drop(seen);
+        // SAFETY: the key is live; the value comes back to this destructor.
+        unsafe { libc::pthread_setspecific(kept.0, Box::into_raw(kept).cast()) };
+        return;
+    }
+    seen.1 = kept.1.is_some() && !thread::is_registered();
+    drop(seen);
+    drop(kept); // the guard's release, after the unregistration
+    fn committed() {
+        KEPT_SEEN.lock().unwrap_or_else(|p| p.into_inner()).2 = true;
+    }
+    test_hooks::run_after_fast_lock(committed);
+    KEPT_BY_MM_CID.with_cpu(|v| *v += 1);
+    KEPT_BY_CPU.with_cpu(|v| *v += 1);
+}
+
+/// A fast-path guard kept across the thread's unregistration (by a later key's
+/// destructor) must not give the fast path the unregistered area back when it drops:
+/// an mm_cid-indexed `PerCpu`'s sequence would accept that area (the kernel leaves its
+/// `mm_cid` at 0) and commit with nothing to restart it. Later uses take the slow
+/// paths, and count.
+#[test]
+fn a_guard_kept_across_unregistration_gives_no_fast_path_the_old_area() {
+    let name = test_name!(a_guard_kept_across_unregistration_gives_no_fast_path_the_old_area);
+    in_child(name, glibc_registers_none(), || {
+        assert_eq!(crate::mechanism(), expected_mechanism());
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a live out-parameter; the destructor is an extern fn.
+        let r =
+            unsafe { libc::pthread_key_create(&mut key, Some(keep_a_guard_across_unregistration)) };
+        assert_eq!(r, 0);
+        // A few threads: the unregistered area's `mm_cid` is not always one the sequence
+        // accepts (before the fix, 3 runs of 4 committed with one thread).
+        for round in 0..5 {
+            *KEPT_SEEN.lock().unwrap() = (0, false, false);
+            std::thread::spawn(move || {
+                // Sets the fast path up (and both PerCpus' slots).
+                KEPT_BY_CPU.with_cpu(|v| *v += 1);
+                KEPT_BY_MM_CID.with_cpu(|v| *v += 1);
+                let value: Box<(
+                    libc::pthread_key_t,
+                    Option<crate::PerCpuGuard<'static, u64>>,
+                )> = Box::new((key, None));
+                // SAFETY: `key` is live; the destructor takes the box back.
+                unsafe { libc::pthread_setspecific(key, Box::into_raw(value).cast()) };
+            })
+            .join()
+            .expect("thread");
+            let seen = *KEPT_SEEN.lock().unwrap();
+            assert!(
+                seen.1,
+                "round {round}: the guard was kept past the unregistration: {seen:?}"
+            );
+            assert!(
+                !seen.2,
+                "round {round}: a fast path committed on the unregistered area: {seen:?}"
+            );
+        }
+        let (mut by_cpu, mut by_mm_cid) = (0, 0);
+        KEPT_BY_CPU.for_each(|_, v| by_cpu += *v);
+        KEPT_BY_MM_CID.for_each(|_, v| by_mm_cid += *v);
+        assert_eq!((by_cpu, by_mm_cid), (10, 10));
+        // SAFETY: the key is ours and no thread uses it any more.
+        unsafe { libc::pthread_key_delete(key) };
+    });
+}
