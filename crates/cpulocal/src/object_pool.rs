@@ -33,7 +33,8 @@ const SHIFT: u32 = crate::alloc::slab_shift(&[ClassSpec {
 /// has none takes 32 at once. So objects taken on one CPU and returned on another (an
 /// I/O thread gets buffers, workers put them back) cost one lock per 32 objects, not a
 /// fence per object. Objects beyond what the caches hold are dropped. Without rseq (the
-/// fallback) only the transfer cache is used.
+/// fallback), or without membarrier's rseq fence (the locked scheme: see
+/// [`remote_scheme`](crate::remote_scheme)), only the transfer cache is used.
 ///
 /// The buffer-pool recipe:
 ///

@@ -58,8 +58,8 @@
 //! # Memory bounds
 //!
 //! Per CPU and class at most `cap` blocks (`32 KiB / class size`, between 16 and 2048:
-//! so at most 32 KiB of blocks per class above 16 blocks, and about 1 MiB per CPU over the
-//! 32 classes); per class at most 8 batches in the transfer cache. [`CpuCache::drain_cpu`] (and
+//! so at most 32 KiB of blocks per class above 16 blocks, and about 1.4 MiB per CPU over
+//! the 32 classes); per class at most 8 batches in the transfer cache. [`CpuCache::drain_cpu`] (and
 //! [`CpuCache::drain_all`]) give a CPU's cached blocks back to `A` with the remote
 //! protocol of [`crate::remote`]: lock the slab (lock every header: its bounds, which
 //! the fast paths check, and its guard, which the batch sequences check), fence the
@@ -77,7 +77,9 @@
 //!   thread that cannot use rseq (the fallback, e.g. valgrind; or after its own
 //!   registration was undone at thread exit; or single-stepped by a debugger, whose
 //!   every step aborts the sequence) is served by the transfer caches and `A`, which
-//!   need no sequence.
+//!   need no sequence. So is every thread when the remote scheme is the locked one (a
+//!   kernel without membarrier's rseq fence, before 5.10, or
+//!   `CPULOCAL_DISABLE_MEMBARRIER`): draining a slab needs the fence, so no CPU gets one.
 //! - Locks (the transfer caches', a slab's) are only ever *tried*: a thread that does
 //!   not get one within a few hundred spins uses `A` instead. A `fork` child that
 //!   inherits a lock held by a thread of the parent therefore never waits for it.
@@ -205,6 +207,9 @@ impl<A: GlobalAlloc> CpuCache<A> {
     /// for cpu in 0..cpulocal::possible_cpus() {
     ///     assert!(cache.drain_cpu(cpu));
     /// }
+    /// // The transfer caches keep their blocks (and hold them all where the CPUs have no
+    /// // slabs: see "As a global allocator"); `drain_all` empties them too.
+    /// assert!(cache.drain_all());
     /// assert_eq!(cache.cached_blocks(), 0);
     /// ```
     pub fn drain_cpu(&self, cpu: usize) -> bool {
