@@ -9,10 +9,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Barrier, Mutex, Once};
+use std::sync::{mpsc, Mutex, Once};
 use std::time::Duration;
 
-use cpulocal::{Counter, Index, PerCpu};
+use cpulocal::{Counter, PerCpu};
 
 /// Allocations per size class (log2 of the size), counted by the allocator with
 /// cpulocal: each class's counter makes its first use inside an allocation.
@@ -163,6 +163,8 @@ fn fork_while_another_thread_drops_an_item() {
 #[cfg(feature = "__test-hooks")]
 #[test]
 fn racing_first_uses_allocate_one_item_and_free_none() {
+    use cpulocal::Index;
+    use std::sync::{Arc, Barrier};
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // A slot type of its own, and every item kept until the end: the pool's free list of
     // this size stays empty, so any free shows in its count. (`Counter`'s first use takes
