@@ -216,16 +216,22 @@ impl RingBuffer {
         )
     }
 
-    /// Whether every ring's consumer position has reached `mark`: every record reserved
-    /// before the mark was taken has been read, or dropped unread by an overwriting
-    /// producer (counted in [`overwritten`](super::RingStats::overwritten)).
+    /// How many bytes the consumer positions are short of `mark`, over every ring: 0
+    /// once every record reserved before the mark was taken has been read, or dropped
+    /// unread by an overwriting producer (counted in
+    /// [`overwritten`](super::RingStats::overwritten)). It shrinks only as the records
+    /// below the mark are read, whatever else is.
     #[cfg(feature = "tracing")]
-    pub(crate) fn reached(&self, mark: &ReserveMark) -> bool {
-        self.rings.iter().zip(&mark.0).all(|(ring, &end)| {
-            // Relaxed: the consumer asking moved `consumed` itself, or an overwriting
-            // producer did and counted what it dropped.
-            ring.consumed.load(Ordering::Relaxed) & !CLAIMED >= end
-        })
+    pub(crate) fn short_of(&self, mark: &ReserveMark) -> usize {
+        self.rings
+            .iter()
+            .zip(&mark.0)
+            .map(|(ring, &end)| {
+                // Relaxed: the consumer asking moved `consumed` itself, or an overwriting
+                // producer did and counted what it dropped.
+                end.saturating_sub(ring.consumed.load(Ordering::Relaxed) & !CLAIMED)
+            })
+            .sum()
     }
 
     /// The sub-buffers below `mark` not read yet, over every ring, leaving out those

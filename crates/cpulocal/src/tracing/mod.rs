@@ -250,11 +250,12 @@ const NOTIFY_AGAIN_FIRST: Duration = Duration::from_millis(1);
 /// The longest wait between two wake-ups of the writer by `sync` or the guard's drop.
 const NOTIFY_AGAIN_LAST: Duration = Duration::from_millis(64);
 
-/// How long [`WriterGuard::sync`] and the guard's drop wait, with nothing else to read,
-/// for a record reserved before them whose producer has not committed it yet. Such a
-/// producer was preempted for a moment (milliseconds at most, on a loaded machine) or
-/// is stopped for good (in a debugger, between its reserve and its commit): a wait
-/// without a bound would hang the drop. The bound of `tracing-appender`'s `WorkerGuard`.
+/// How long [`WriterGuard::sync`] and the guard's drop wait, reading none of the records
+/// recorded before them, for a record reserved before them whose producer has not
+/// committed it yet. Such a producer was preempted for a moment (milliseconds at most,
+/// on a loaded machine) or is stopped for good (in a debugger, between its reserve and
+/// its commit): a wait without a bound would hang the drop. The bound of
+/// `tracing-appender`'s `WorkerGuard`.
 const STALLED_RECORD_WAIT: Duration = Duration::from_secs(1);
 
 /// What the layer and the writer share.
@@ -333,8 +334,10 @@ pub struct TracingStats {
     /// flush after it.
     pub write_errors: u64,
     /// Sub-buffers that [`WriterGuard::sync`] or the guard's drop gave up waiting for:
-    /// after 1 s with nothing else to read, one of their records was still reserved and
-    /// not committed (its thread stopped in between, e.g. in a debugger). Their events
+    /// after 1 s in which no record recorded before the call could be read, a record
+    /// was still reserved and not committed (its thread stopped in between, e.g. in a
+    /// debugger) in the first of them, which holds up the ones after it on its CPU
+    /// (each is counted once, however many calls give up on it). Their events
     /// (how many is not known until the sub-buffer is complete) were not written when
     /// the call returned: they come out later if the writer still runs, and are lost
     /// if it stops (the drop). Not part of [`dropped`](TracingStats::dropped), which
@@ -400,7 +403,8 @@ impl WriterGuard {
     /// is synchronised with) is written and the output flushed, or counted as dropped.
     ///
     /// An event whose thread is between its reserve and its commit (preempted) is waited
-    /// for, at most 1 s with nothing else to read: a thread stopped there for longer
+    /// for, at most 1 s in which none of the events recorded before the call could be
+    /// read (what other threads log meanwhile does not extend it): a thread stopped there for longer
     /// (in a debugger) must not hang the call. When that bound expires, `sync` returns
     /// without the events of the sub-buffers it could not read, and counts those in
     /// [`TracingStats::stalled_sub_buffers`] (with a `WARN` line); they come out once
@@ -427,8 +431,9 @@ impl WriterGuard {
 
 impl Drop for WriterGuard {
     /// Writes every event recorded before the drop, flushes the output and stops the
-    /// writer. As [`sync`](WriterGuard::sync), it waits at most 1 s (with nothing else
-    /// to read) for an event whose thread is stopped between reserve and commit; the
+    /// writer. As [`sync`](WriterGuard::sync), it waits at most 1 s (without progress on
+    /// the events recorded before it) for an event whose thread is stopped between
+    /// reserve and commit; the
     /// events of the sub-buffers it then gives up on are lost, counted in
     /// [`TracingStats::stalled_sub_buffers`] and reported in a `WARN` line.
     fn drop(&mut self) {

@@ -711,7 +711,48 @@ fn sync_and_the_guards_drop_give_up_on_a_record_never_committed_and_count_it() {
     let text = out.text();
     assert!(!text.contains(AFTER_THE_OPEN_ONE), "{text}");
     assert!(
-        text.contains("WARN cpulocal::tracing: 1 sub-buffers still held a record reserved"),
+        text.contains("WARN cpulocal::tracing: 1 sub-buffers not read: a record reserved"),
         "{text}"
+    );
+}
+
+/// The bound holds while other threads keep logging: records read from other CPUs (or
+/// recorded after the call) do not restart it, only progress on the records recorded
+/// before the call does. (Before, any record read restarted it: with two threads
+/// logging every 50 us, `sync` and the drop did not return within 10 s.)
+#[test]
+fn sync_and_the_guards_drop_give_up_while_others_keep_logging() {
+    let out = SharedBuffer::default();
+    let (guard, shared, dispatch) = unflushed_layer(&out);
+    let open = OpenReservation::new(&shared, &dispatch);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loggers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, dispatch) = (Arc::clone(&stop), dispatch.clone());
+            std::thread::spawn(move || {
+                tracing_core::dispatcher::with_default(&dispatch, || {
+                    // Relaxed: a stop flag.
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!(pad = "a record of some size to fill sub-buffers", "busy");
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                });
+            })
+        })
+        .collect();
+    let guard = Arc::new(guard);
+    let syncing = Arc::clone(&guard);
+    let synced = crate::tests::within(Duration::from_secs(30), move || syncing.sync());
+    let guard = Arc::into_inner(guard).expect("the sync's handle is gone");
+    let dropped = crate::tests::within(Duration::from_secs(30), move || drop(guard));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    loggers.into_iter().for_each(|l| l.join().unwrap());
+    drop(open);
+    assert!(synced.is_some(), "sync hung: {:?}", shared.stats());
+    assert!(dropped.is_some(), "the drop hung: {:?}", shared.stats());
+    assert!(
+        shared.stats().stalled_sub_buffers >= 1,
+        "{:?}",
+        shared.stats()
     );
 }

@@ -138,7 +138,8 @@ impl<W: Write> Writer<W> {
     /// between reserve and commit) keeps its sub-buffer incomplete, so the pass waits
     /// for it, looking again every [`PENDING_POLL`]. A producer that never commits (a
     /// thread stopped in a debugger there) would hold the pass forever, and the guard's
-    /// drop with it: after [`STALLED_RECORD_WAIT`] with nothing to read, the pass gives
+    /// drop with it: after [`STALLED_RECORD_WAIT`] without progress towards the mark
+    /// (records read elsewhere do not count), the pass gives
     /// up and counts the sub-buffers it did not reach as stalled (their records come
     /// out later, if the writer still runs, or never).
     fn full_pass(&mut self) {
@@ -147,12 +148,18 @@ impl<W: Write> Writer<W> {
         let mark = shared.ring.reserve_mark();
         shared.ring.flush_all();
         let mut give_up = Instant::now() + STALLED_RECORD_WAIT;
+        let mut short = usize::MAX;
         loop {
-            if self.pass() > 0 {
-                give_up = Instant::now() + STALLED_RECORD_WAIT;
-            }
-            if shared.ring.reached(&mark) {
+            self.pass();
+            // The bound restarts only when records below the mark were read: reading
+            // what other CPUs log meanwhile must not keep the pass waiting for ever.
+            let now_short = shared.ring.short_of(&mark);
+            if now_short == 0 {
                 return;
+            }
+            if now_short < short {
+                short = now_short;
+                give_up = Instant::now() + STALLED_RECORD_WAIT;
             }
             if Instant::now() >= give_up {
                 let stalled = shared.ring.unread_below(&mark, &mut self.stalled_counted);
@@ -210,7 +217,11 @@ impl<W: Write> Writer<W> {
     /// only when both succeed: an output that accepts bytes into a buffer of its own
     /// and then fails to pass them on has not written them.
     fn flush_out(&mut self) {
-        if !self.out_batch.is_empty() {
+        if self.out_batch.is_empty() {
+            // Bytes an earlier flush failed to push out may still sit in the output's
+            // own buffer (their records were counted as write errors then).
+            let _ = self.out.flush();
+        } else {
             let written = self.out.write_all(&self.out_batch).is_ok() && self.out.flush().is_ok();
             let records = std::mem::take(&mut self.out_batch_records);
             if written {
@@ -237,9 +248,10 @@ impl<W: Write> Writer<W> {
             let new = s.stalled_sub_buffers - self.reported_stalled;
             self.reported_stalled = s.stalled_sub_buffers;
             let message = format!(
-                "{new} sub-buffers still held a record reserved but not committed after \
-                 {STALLED_RECORD_WAIT:?}: their events come out late, or not at all if the \
-                 writer stops (in total: {} stalled)",
+                "{new} sub-buffers not read: a record reserved before them (or in them) was \
+                 still not committed after {STALLED_RECORD_WAIT:?} without progress: their \
+                 events come out late, or not at all if the writer stops (in total: {} \
+                 stalled)",
                 s.stalled_sub_buffers
             );
             self.warn(
