@@ -34,7 +34,7 @@
 //! that are not zero already are written, so freeing populates nothing), which keeps the
 //! promise that a new item reads as zero on every CPU. The free lists live on the heap,
 //! not in the ranges, so they populate no range either; their storage is allocated
-//! *before* the lock is taken (see [`Pool::free`]), never while it is held.
+//! *before* the lock is taken (see `Pool::free`), never while it is held.
 //!
 //! # Growth
 //!
@@ -393,7 +393,9 @@ impl Pool {
     pub(crate) fn alloc(&self, layout: Layout) -> Item {
         Self::check_align(layout);
         let mut state = self.lock();
-        Self::alloc_locked(&mut state, layout)
+        let item = Self::alloc_locked(&mut state, layout);
+        drop(state);
+        item.unwrap_or_else(|refused| address_space_exhausted(refused))
     }
 
     /// The item `dest` points to, allocating one of `layout` and storing its CPU-0
@@ -416,10 +418,14 @@ impl Pool {
         if let Some(found) = NonNull::new(dest.load(Ordering::Acquire)) {
             return found;
         }
-        let base = Self::alloc_locked(&mut state, layout).base().cast::<P>();
-        // Release: the item's zeroing before its address.
-        dest.store(base.as_ptr(), Ordering::Release);
-        base
+        let item = Self::alloc_locked(&mut state, layout);
+        let base = item.map(|item| item.base().cast::<P>());
+        if let Ok(base) = base {
+            // Release: the item's zeroing before its address.
+            dest.store(base.as_ptr(), Ordering::Release);
+        }
+        drop(state);
+        base.unwrap_or_else(|refused| address_space_exhausted(refused))
     }
 
     fn check_align(layout: Layout) {
@@ -430,24 +436,20 @@ impl Pool {
         );
     }
 
-    /// [`alloc`](Pool::alloc) under the lock.
-    fn alloc_locked(state: &mut Locked<'_>, layout: Layout) -> Item {
+    /// [`alloc`](Pool::alloc) under the lock, or the bytes that `mmap` refused and why:
+    /// the caller panics once it gave the lock back (formatting the message allocates).
+    fn alloc_locked(state: &mut Locked<'_>, layout: Layout) -> Result<Item, (usize, sys::Errno)> {
         let size = layout.size().max(1);
         let shift = shift_for(layout);
         let ranges = state.ranges;
         if shift != STRIDE_SHIFT {
             let stride = 1usize << shift;
-            let base = sys::map_lazy(stride * ranges).unwrap_or_else(|e| {
-                panic!(
-                    "cpulocal pool: cannot reserve {} bytes: {e}",
-                    stride * ranges
-                )
-            });
+            let base = sys::map_lazy(stride * ranges).map_err(|e| (stride * ranges, e))?;
             state.large_chunks += 1;
             state.large_bytes += stride * ranges;
             state.live_items += 1;
             state.live_bytes += size;
-            return Item { base, shift };
+            return Ok(Item { base, shift });
         }
         let key = (size, layout.align());
         let reused = state
@@ -466,12 +468,7 @@ impl Pool {
                     offset = offset.next_multiple_of(LINE);
                 }
                 if state.newest_chunk == 0 || offset + size > STRIDE {
-                    let chunk = sys::map_lazy(STRIDE * ranges).unwrap_or_else(|e| {
-                        panic!(
-                            "cpulocal pool: cannot reserve {} bytes: {e}",
-                            STRIDE * ranges
-                        )
-                    });
+                    let chunk = sys::map_lazy(STRIDE * ranges).map_err(|e| (STRIDE * ranges, e))?;
                     state.newest_chunk = chunk.as_ptr() as usize;
                     state.chunks += 1;
                     offset = 0;
@@ -482,12 +479,12 @@ impl Pool {
         };
         state.live_items += 1;
         state.live_bytes += size;
-        Item {
+        Ok(Item {
             // SAFETY: chunk bases come from `mmap`, which never returns null, and
             // offsets stay inside the chunk.
             base: unsafe { NonNull::new_unchecked(base as *mut u8) },
             shift,
-        }
+        })
     }
 
     /// Gives `item` back: zeroes it in every range and makes its offset available again.
@@ -604,6 +601,12 @@ impl core::fmt::Debug for Pool {
             .field("stats", &self.stats())
             .finish()
     }
+}
+
+/// The panic of an allocation whose `mmap` of `bytes` failed, raised with the lock free.
+#[cold]
+fn address_space_exhausted((bytes, error): (usize, sys::Errno)) -> ! {
+    panic!("cpulocal pool: cannot reserve {bytes} bytes: {error}")
 }
 
 /// Zeroes `size` bytes at `p`, writing only if some byte is not zero already, so a page

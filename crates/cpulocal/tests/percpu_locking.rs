@@ -306,7 +306,7 @@ fn one_slot_too_many_panics_before_locking_it() {
         let (held, last) = percpus.split_at(2047);
         let guards: Vec<_> = held.iter().map(|p| p.lock()).collect();
         let err = catch_unwind(AssertUnwindSafe(|| drop(last[0].lock())))
-            .expect_err("a 4,096th slot must be refused");
+            .expect_err("a 2,048th slot must be refused");
         assert!(
             message(&*err).contains("at most 2047"),
             "{}",

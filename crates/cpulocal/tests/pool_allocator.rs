@@ -134,30 +134,32 @@ fn dropping_items_never_calls_the_allocator_under_the_pool_lock() {
 fn fork_while_another_thread_drops_an_item() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     finishes("a fork while another thread frees a pool item", || {
-        for _ in 0..3 {
-            // Fresh sizes, so that the drop below needs a new free list (an allocation,
-            // which sleeps 100 ms before it takes the allocator's lock).
-            let counter = Counter::new();
-            counter.inc();
-            let slots = PerCpu::new(|_| [0u8; 40]);
-            slots.with_cpu(|s| s[0] = 1);
-            let dropper = std::thread::spawn(move || {
-                NEXT_SLOW_NS.store(100_000_000, Ordering::Relaxed);
-                drop(counter);
-                drop(slots);
-            });
-            std::thread::sleep(Duration::from_millis(30));
-            // `uid` makes std fork() instead of posix_spawn(): the fork handlers run.
-            // SAFETY: getuid cannot fail.
-            let uid = unsafe { libc::getuid() };
-            let status = std::process::Command::new("true")
-                .uid(uid)
-                .status()
-                .expect("run true");
-            assert!(status.success());
-            dropper.join().unwrap();
-        }
+        // Each round a slot size nothing freed before, so that the drop needs a new free
+        // list: an allocation, which sleeps 100 ms before it takes the allocator's lock.
+        fork_while_dropping::<40>();
+        fork_while_dropping::<48>();
+        fork_while_dropping::<56>();
     });
+}
+
+/// A fork while another thread drops a `PerCpu<[u8; N]>` (the first of its size).
+fn fork_while_dropping<const N: usize>() {
+    let slots = PerCpu::new(|_| [0u8; N]);
+    slots.with_cpu(|s| s[0] = 1);
+    let dropper = std::thread::spawn(move || {
+        NEXT_SLOW_NS.store(100_000_000, Ordering::Relaxed);
+        drop(slots);
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    // `uid` makes std fork() instead of posix_spawn(): the fork handlers run.
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let status = std::process::Command::new("true")
+        .uid(uid)
+        .status()
+        .expect("run true");
+    assert!(status.success());
+    dropper.join().unwrap();
 }
 
 #[cfg(feature = "__test-hooks")]
