@@ -14,7 +14,7 @@
 //! exclude the plain stores of the sequences on other threads.
 
 use core::cell::Cell;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, AtomicUsize, Ordering};
 
 use crate::arch::Outcome;
 use crate::cache_padded::CachePadded;
@@ -51,6 +51,13 @@ impl StripeGuard {
             return None;
         }
         let lock = &LOCKS[stripe];
+        // Noted before the lock is taken, and restored after it is given back: a handler
+        // arriving anywhere in between finds the stripe noted and gets `Aborted`. (Noted
+        // after the exchange, a handler between the two spun for ever on a lock its own
+        // thread held.) A handler arriving while the stripe is only waited for gets
+        // `Aborted` too: it cannot tell, and waiting could be for ever.
+        HELD.set(stripe);
+        compiler_fence(Ordering::SeqCst);
         let mut spins = 0u32;
         // Acquire: pairs with the Release store in `drop`, so the previous holder's
         // writes to the word are visible here.
@@ -66,7 +73,8 @@ impl StripeGuard {
                 std::thread::yield_now();
             }
         }
-        HELD.set(stripe);
+        #[cfg(any(test, feature = "__test-hooks"))]
+        crate::test_hooks::stripe_window();
         Some(StripeGuard {
             stripe,
             previously_held,
@@ -76,9 +84,13 @@ impl StripeGuard {
 
 impl Drop for StripeGuard {
     fn drop(&mut self) {
-        HELD.set(self.previously_held);
+        #[cfg(any(test, feature = "__test-hooks"))]
+        crate::test_hooks::stripe_window();
         // Release: pairs with the Acquire in `lock`.
         LOCKS[self.stripe].store(false, Ordering::Release);
+        // After the release: see `lock`.
+        compiler_fence(Ordering::SeqCst);
+        HELD.set(self.previously_held);
     }
 }
 

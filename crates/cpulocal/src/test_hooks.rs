@@ -159,6 +159,24 @@ std::thread_local! {
     static AFTER_SLOW_LOCK: core::cell::Cell<Option<fn()>> = const { core::cell::Cell::new(None) };
 }
 
+std::thread_local! {
+    static IN_STRIPE_WINDOW: core::cell::Cell<Option<fn()>> = const { core::cell::Cell::new(None) };
+}
+
+/// Makes the calling thread run `f` at the next two points of a fallback primitive where
+/// it holds its stripe's lock: right after taking it, and right before giving it back
+/// (each once, `f` being taken before it runs), as a signal handler arriving there would.
+pub fn run_in_stripe_windows(f: fn()) {
+    IN_STRIPE_WINDOW.set(Some(f));
+}
+
+/// Called by the fallback's stripe lock at those two points.
+pub(crate) fn stripe_window() {
+    if let Some(f) = IN_STRIPE_WINDOW.take() {
+        f();
+    }
+}
+
 /// Makes the calling thread's next `PerCpu` lock taken by a slow path (`lock_cpu`,
 /// `on_cpu`, `for_each`, or `with_cpu`/`lock` when the fast path cannot run) run `f`
 /// right after the lock word took the thread's token, before the lock is returned

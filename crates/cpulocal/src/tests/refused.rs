@@ -106,3 +106,46 @@ fn every_operation_keeps_its_meaning_when_rseq_is_disabled() {
         fallback_keeps_every_promise();
     });
 }
+
+/// The word of [`a_handler_inside_a_fallback_primitive_gets_aborted_not_a_deadlock`], and
+/// what its "handler" got.
+static STRIPE_WORD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static IN_WINDOW: std::sync::Mutex<Vec<crate::ops::Outcome>> = std::sync::Mutex::new(Vec::new());
+
+/// A signal handler that interrupts a fallback primitive while it holds its stripe, and
+/// needs the same stripe, gets `Aborted`, at both ends of the primitive's hold: right
+/// after the lock is taken and right before it is given back. (The stripe was noted
+/// after the first and forgotten before the second: a reviewer's signal storm hung in 3
+/// of 3 runs, the handler spinning on its own thread's lock.) A test hook runs the
+/// "handler" at exactly those two points; a watchdog turns a hang into a failure.
+#[test]
+fn a_handler_inside_a_fallback_primitive_gets_aborted_not_a_deadlock() {
+    let name = test_name!(a_handler_inside_a_fallback_primitive_gets_aborted_not_a_deadlock);
+    let setup = Setup {
+        env: vec![("CPULOCAL_DISABLE_RSEQ", "1")],
+        ..Setup::default()
+    };
+    in_child(name, setup, || {
+        use crate::ops::{self, Outcome};
+        fn handler() {
+            // SAFETY: every writer of the word goes through the fallback's stripes.
+            let got = unsafe { ops::add(STRIPE_WORD.as_ptr(), 1, 0) };
+            let mut seen = IN_WINDOW.lock().unwrap();
+            seen.push(got);
+            if seen.len() == 1 {
+                crate::test_hooks::run_in_stripe_windows(handler); // the release's end too
+            }
+        }
+        let outer = super::within(Duration::from_secs(10), || {
+            crate::test_hooks::run_in_stripe_windows(handler);
+            // SAFETY: as in `handler`.
+            unsafe { ops::add(STRIPE_WORD.as_ptr(), 1, 0) }
+        });
+        assert_eq!(outer, Some(Outcome::Committed(())), "the primitive hung");
+        assert_eq!(
+            *IN_WINDOW.lock().unwrap(),
+            [Outcome::Aborted, Outcome::Aborted]
+        );
+        assert_eq!(STRIPE_WORD.load(std::sync::atomic::Ordering::Relaxed), 1);
+    });
+}
