@@ -378,7 +378,7 @@ impl Counter {
     }
 
     /// Sets the counter back to zero: [`take`](Counter::take) without the value, and as
-    /// exact.
+    /// exact (and, like it, not for signal handlers).
     ///
     /// ```
     /// let c = cpulocal::Counter::new();

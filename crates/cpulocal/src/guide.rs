@@ -16,7 +16,7 @@
 //! | `add` | 0.66 / 0.66 ns | 1.25 / 1.33 ns (a `const thread_local!` cell: 0.56 / 0.57 ns) |
 //! | memory | 16 bytes per CPU that ever adds, bounded by the CPUs | one shard per thread that ever added (reused after it exits), grows with the thread count |
 //! | exact `take` (read and reset while others add) | yes: nothing lost or counted twice | no: a shard is a plain `Cell` of another thread; reading it while it adds is a race, resetting it loses adds |
-//! | from a signal handler | `add` is async-signal-safe (after the thread's first use) | the first access allocates: not signal-safe |
+//! | from a signal handler | `add` is async-signal-safe (on a thread that has used cpulocal, even as the counter's first use) | the first access allocates: not signal-safe |
 //! | `sum` | one pass over the CPUs | one pass over every thread that ever added |
 //!
 //! A plain `thread_local!` cell is faster per `add` (no restartable sequence, nothing to

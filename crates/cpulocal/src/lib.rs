@@ -106,16 +106,27 @@
 //! the interrupted thread is registered (its first use of cpulocal, or
 //! [`register_current_thread`] on it, came first). Then:
 //!
-//! - [`current_cpu`] and [`Counter::add`] are async-signal-safe: wait-free on every path,
-//!   once the counter has been used: its first use takes its slots from the [`pool`]
-//!   (a lock and maybe `mmap`), so use a counter once (`add(0)`) before a handler can.
+//! - [`current_cpu`] and [`Counter::add`] (and `inc`) are async-signal-safe: wait-free
+//!   on every path once the counter has its slots. A counter's first use takes them from
+//!   the [`pool`] under a lock held with every signal blocked, calling `mmap` at most and
+//!   never the system allocator: safe in a handler too (tested with a handler that
+//!   interrupted the pool's lock, and one that interrupted `malloc`).
 //! - The other structures' operations may wait for a per-CPU lock (their slow paths,
 //!   `with_cpu`, `steal`, `flush`). A handler that uses the *same* structure as the code
-//!   it interrupted can meet a lock its own thread holds: [`PerCpu`] detects that and
-//!   panics (which aborts the process: a panic cannot unwind out of a handler); the
-//!   others would wait forever. Different structures are independent: a handler may use
-//!   any structure the interrupted code is not inside.
-//!
+//!   it interrupted can meet a lock its own thread holds, or is taking: cpulocal detects
+//!   that and panics rather than wait for itself. A panic cannot unwind out of a
+//!   handler, so the process aborts, but the panic allocates its message first: if the
+//!   interrupted code was inside `malloc` (a `with_cpu` closure that allocates, say),
+//!   the handler blocks there for ever instead. So a handler must not use a structure
+//!   whose operations it can interrupt. Different structures are independent as far as
+//!   the handler's own thread goes: a handler may use any structure the interrupted code
+//!   is not inside (it may still wait for another thread's lock, as any lock user does).
+//! - Not async-signal-safe, because they allocate or take a `Mutex`: `Stack`'s `*_value`
+//!   methods (they box and free nodes), [`ObjectPool::get_or_else`], a lazy `PerCpu`
+//!   slot's first use (it runs `init`), [`Counter::take`] and [`Counter::reset`] (a
+//!   mutex serialises takers), and dropping any structure (its pool memory is given
+//!   back, which may allocate).
+
 //! # Debuggers
 //!
 //! A debugger single-stepping through a sequence aborts it at every step. Every
