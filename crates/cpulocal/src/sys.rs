@@ -203,6 +203,21 @@ pub fn pin_own_object() -> bool {
     if unsafe { libc::dladdr(this, &mut info) } == 0 || info.dli_fname.is_null() {
         return false;
     }
+    // The main program needs no pin, and its name from `dladdr` is `argv[0]`, which the
+    // exec's caller chose: `dlopen` would open that path (a FIFO there blocked the
+    // process before `main`) or search the library path for a bare name. Its program
+    // headers, from the auxiliary vector, lie in its first mapped page.
+    // SAFETY: getauxval has no preconditions; 0 means the entry is absent.
+    let main_headers = unsafe { libc::getauxval(libc::AT_PHDR) } as *const libc::c_void;
+    if !main_headers.is_null() {
+        // SAFETY: as above.
+        let mut main: libc::Dl_info = unsafe { core::mem::zeroed() };
+        // SAFETY: a live out-parameter; `dladdr` only looks the address up.
+        let found = unsafe { libc::dladdr(main_headers, &mut main) } != 0;
+        if found && main.dli_fbase == info.dli_fbase {
+            return false;
+        }
+    }
     // RTLD_NOLOAD loads nothing new; RTLD_NODELETE marks the object as never to be
     // unloaded. The handle is deliberately never closed.
     // SAFETY: `dli_fname` is the NUL-terminated name the loader keeps for the object,

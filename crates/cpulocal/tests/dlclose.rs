@@ -119,3 +119,44 @@ fn a_host_survives_dlclose_of_a_plugin_using_its_own_registration() {
         &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
     );
 }
+
+/// A program that links cpulocal does not open its own `argv[0]`: pinning the object
+/// that contains cpulocal (the load-time constructor's `dlopen(.., RTLD_NODELETE)`) is
+/// for shared objects, and in the main program `dladdr`'s name is `argv[0]`, which the
+/// exec's caller chose. A FIFO there made the process block before `main` (in `open`),
+/// for ever.
+#[test]
+fn a_program_whose_argv0_names_a_fifo_starts() {
+    use std::os::unix::process::CommandExt;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("argv0-fifo");
+    std::fs::create_dir_all(&dir).expect("a directory for the FIFO");
+    let fifo = dir.join(format!("fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let path = CString::new(fifo.to_str().expect("a UTF-8 path")).unwrap();
+    // SAFETY: `path` is NUL-terminated.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");
+    // This test binary again, named by the FIFO, only listing its tests.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg0(&fifo)
+        .arg("--list")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the test binary");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = std::fs::remove_file(&fifo);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a program named by a FIFO did not start: {status:?}"
+    );
+}
