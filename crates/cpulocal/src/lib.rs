@@ -127,6 +127,19 @@
 //!   mutex serialises takers), and dropping any structure (its pool memory is given
 //!   back, which may allocate).
 
+//! # Fork
+//!
+//! A child of `fork` keeps its own copy of everything: the thread's registration, the
+//! process's membarrier registration, every structure's per-CPU memory (counts included,
+//! which then go their own way in each process). The pool's lock is taken around `fork`
+//! (`pthread_atfork`), so the child can always create and drop structures, and the
+//! allocator's locks are only ever tried. Like a `Mutex`, any other lock that another
+//! thread of the parent held at the fork stays held in the child, which has no such
+//! thread to release it: a `PerCpu` slot, a `Stack`'s or a ring's CPU lock, a ring
+//! reservation in flight (its sub-buffer never completes), `Counter::take`'s mutex. A
+//! multithreaded parent's child should use only structures no other thread was inside,
+//! or exec (std's `Command` runs no cpulocal code in the child).
+//!
 //! # Debuggers
 //!
 //! A debugger single-stepping through a sequence aborts it at every step. Every
