@@ -57,10 +57,20 @@ impl<T> Drop for PerCpuGuard<'_, T> {
             self.slot.lock.unlock_ready_asymmetric();
             remote::note_released_fast(self.fast_area);
         } else {
-            self.slot.lock.unlock();
-            remote::note_released();
+            release_slow(&self.slot.lock);
         }
     }
+}
+
+/// The release of a slot taken by any path but the fast one. Out of line, so that the
+/// drop stays small enough to be inlined where `with_cpu` is: with this inlined too, a
+/// small change to the held-slot count made the compiler call the drop out of line, and
+/// `with_cpu` took 2.23 ns instead of 1.69. (The lock, not the guard, is passed: a
+/// guard passed by reference would have to live in memory.)
+#[inline(never)]
+fn release_slow(lock: &remote::CpuLock) {
+    lock.unlock();
+    remote::note_released();
 }
 
 impl<T: fmt::Debug> fmt::Debug for PerCpuGuard<'_, T> {
