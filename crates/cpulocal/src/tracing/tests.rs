@@ -177,13 +177,15 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SharedBuffer {
     }
 }
 
-#[test]
-fn fields_format_as_the_fmt_layer_formats_them() {
+/// The lines our layer (Full format) and `tracing_subscriber::fmt`'s layer (without
+/// colours) write for the events of `emit`, recorded through both at once, each line
+/// without its timestamp (checked to be RFC 3339).
+fn ours_and_fmts_lines(emit: impl Fn()) -> (Vec<String>, Vec<String>) {
     let ours = SharedBuffer::default();
     let theirs = SharedBuffer::default();
-    // No periodic flush: both events reach the writer in one batch (the guard's drop),
-    // ordered by time. With one, a thread that migrated between them could see the
-    // second flushed first from its new CPU's ring, and written first, as the module
+    // No periodic flush: the events reach the writer in one batch (the guard's drop),
+    // ordered by time. With one, a thread that migrated between two events could see
+    // the second flushed first from its new CPU's ring, and written first, as the module
     // docs allow (seen in the VM lane's arm64 guest).
     let (layer, guard) = Builder::new()
         .flush_interval(Duration::from_secs(3600))
@@ -192,7 +194,27 @@ fn fields_format_as_the_fmt_layer_formats_them() {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(theirs.clone())
         .with_ansi(false);
-    let emit = || {
+    let subscriber = tracing_subscriber::registry().with(layer).with(fmt);
+    tracing::subscriber::with_default(subscriber, emit);
+    drop(guard);
+    let without_timestamps = |text: String| -> Vec<String> {
+        text.lines()
+            .map(|line| {
+                let (timestamp, rest) = line.split_once(' ').unwrap();
+                assert!(humantime::parse_rfc3339(timestamp).is_ok(), "{line}");
+                rest.to_owned()
+            })
+            .collect()
+    };
+    (
+        without_timestamps(ours.text()),
+        without_timestamps(theirs.text()),
+    )
+}
+
+#[test]
+fn fields_format_as_the_fmt_layer_formats_them() {
+    let (ours, theirs) = ours_and_fmts_lines(|| {
         let shown = vec![1, 2];
         let _outer = tracing::info_span!("outer", a = 1_u64, s = "x y", d = ?shown).entered();
         let _plain = tracing::info_span!("plain").entered();
@@ -213,21 +235,8 @@ fn fields_format_as_the_fmt_layer_formats_them() {
             7
         );
         tracing::error!("no fields");
-    };
-    let subscriber = tracing_subscriber::registry().with(layer).with(fmt);
-    tracing::subscriber::with_default(subscriber, emit);
-    drop(guard);
-    let without_timestamps = |text: String| -> Vec<String> {
-        text.lines()
-            .map(|line| {
-                let (timestamp, rest) = line.split_once(' ').unwrap();
-                assert!(humantime::parse_rfc3339(timestamp).is_ok(), "{line}");
-                rest.to_owned()
-            })
-            .collect()
-    };
-    let ours = without_timestamps(ours.text());
-    assert_eq!(ours, without_timestamps(theirs.text()));
+    });
+    assert_eq!(ours, theirs);
     assert_eq!(
         ours[0],
         " WARN outer{a=1 s=\"x y\" d=[1, 2]}:plain:inner{b=-2 later=true}: app::db: message 7 \
@@ -260,17 +269,7 @@ impl std::error::Error for ChainedError {
 /// control characters raw).
 #[test]
 fn errors_and_control_characters_format_as_the_fmt_layer_formats_them() {
-    let ours = SharedBuffer::default();
-    let theirs = SharedBuffer::default();
-    // One batch, ordered by time (see `fields_format_as_the_fmt_layer_formats_them`).
-    let (layer, guard) = Builder::new()
-        .flush_interval(Duration::from_secs(3600))
-        .build(ours.clone())
-        .unwrap();
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(theirs.clone())
-        .with_ansi(false);
-    let emit = || {
+    let (ours, theirs) = ours_and_fmts_lines(|| {
         let inner = ChainedError("no space \x07left", None);
         let middle = ChainedError("write failed", Some(Box::new(inner)));
         let outer = ChainedError("\x1b[31msave\x1b[0m failed", Some(Box::new(middle)));
@@ -293,17 +292,8 @@ fn errors_and_control_characters_format_as_the_fmt_layer_formats_them() {
         );
         let _span = tracing::info_span!("span", message = "in \x1b span").entered();
         tracing::info!("inside");
-    };
-    let subscriber = tracing_subscriber::registry().with(layer).with(fmt);
-    tracing::subscriber::with_default(subscriber, emit);
-    drop(guard);
-    let without_timestamps = |text: String| -> Vec<String> {
-        text.lines()
-            .map(|line| line.split_once(' ').unwrap().1.to_owned())
-            .collect()
-    };
-    let ours = without_timestamps(ours.text());
-    assert_eq!(ours, without_timestamps(theirs.text()));
+    });
+    assert_eq!(ours, theirs);
     assert_eq!(
         ours[0],
         "ERROR cpulocal::tracing::tests: with sources error=\\x1b[31msave\\x1b[0m failed \
