@@ -41,8 +41,11 @@ macro_rules! rseq_descriptor {
             ".long 0x0, 0x0\n",
             ".quad 4f, (5f - 4f), 6f\n",
             ".popsection\n",
-            // For debuggers and tools that enumerate sequences (as librseq does).
-            ".pushsection __rseq_cs_ptr_array, \"aw\"\n",
+            // For debuggers and tools that enumerate sequences (as librseq does); `R`
+            // (retain) keeps the linker's `--gc-sections` from dropping it: nothing refers
+            // to it.
+            ".pushsection __rseq_cs_ptr_array, \"awR\"\n",
+            ".balign 8\n",
             ".quad 3b\n",
             ".popsection\n",
         )
