@@ -526,44 +526,25 @@ impl Pool {
             let mut state = self.lock();
             let lists = &mut state.free;
             let found = lists.iter().position(|list| list.key == key);
-            if found.is_none() && lists.len() == lists.capacity() {
-                if spare_lists.capacity() <= lists.len() {
-                    let want = (lists.len() * 2).max(4);
+            if found.is_none() {
+                if let Err(want) = room_for_one_more(lists, &mut spare_lists, 4) {
                     drop(state);
                     spare_lists = Vec::with_capacity(want);
                     continue;
                 }
-                // Into storage with room for one more list: no allocation. The old
-                // storage is freed with `spare_lists`.
-                spare_lists.append(lists);
-                core::mem::swap(lists, &mut spare_lists);
             }
-            let index = match found {
-                Some(index) => index,
-                None if spare_offsets.capacity() == 0 => {
-                    drop(state);
-                    spare_offsets = Vec::with_capacity(8);
-                    continue;
-                }
-                None => {
-                    lists.push(FreeList {
-                        key,
-                        offsets: core::mem::take(&mut spare_offsets),
-                    });
-                    lists.len() - 1
-                }
-            };
+            let index = found.unwrap_or_else(|| {
+                lists.push(FreeList {
+                    key,
+                    offsets: core::mem::take(&mut spare_offsets),
+                });
+                lists.len() - 1
+            });
             let offsets = &mut lists[index].offsets;
-            if offsets.len() == offsets.capacity() {
-                if spare_offsets.capacity() <= offsets.len() {
-                    let want = (offsets.len() * 2).max(8);
-                    drop(state);
-                    spare_offsets = Vec::with_capacity(want);
-                    continue;
-                }
-                // As above: the spare storage has room for one more.
-                spare_offsets.append(offsets);
-                core::mem::swap(offsets, &mut spare_offsets);
+            if let Err(want) = room_for_one_more(offsets, &mut spare_offsets, 8) {
+                drop(state);
+                spare_offsets = Vec::with_capacity(want);
+                continue;
             }
             offsets.push(item.base.as_ptr() as usize);
             state.free_items += 1;
@@ -601,6 +582,23 @@ impl core::fmt::Debug for Pool {
             .field("stats", &self.stats())
             .finish()
     }
+}
+
+/// Makes room in `v` for one more element without allocating: if `v` is full, its
+/// elements move into `spare` (empty, allocated beforehand) when that has room for them
+/// and one more, and the two swap (`spare` then holds the old storage, to be freed
+/// after the lock is given back). `Err(capacity)`: `spare` is too small; allocate one
+/// of that capacity with the lock free and try again.
+fn room_for_one_more<T>(v: &mut Vec<T>, spare: &mut Vec<T>, least: usize) -> Result<(), usize> {
+    if v.len() < v.capacity() {
+        return Ok(());
+    }
+    if spare.capacity() <= v.len() {
+        return Err((v.len() * 2).max(least));
+    }
+    spare.append(v);
+    core::mem::swap(v, spare);
+    Ok(())
 }
 
 /// The panic of an allocation whose `mmap` of `bytes` failed, raised with the lock free.

@@ -157,9 +157,6 @@ pub(crate) fn slab_pop_broken() -> bool {
 std::thread_local! {
     static AFTER_FAST_LOCK: core::cell::Cell<Option<fn()>> = const { core::cell::Cell::new(None) };
     static AFTER_SLOW_LOCK: core::cell::Cell<Option<fn()>> = const { core::cell::Cell::new(None) };
-}
-
-std::thread_local! {
     static IN_STRIPE_WINDOW: core::cell::Cell<Option<fn()>> = const { core::cell::Cell::new(None) };
 }
 
