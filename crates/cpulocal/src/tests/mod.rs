@@ -3,6 +3,7 @@
 //! | file | promise |
 //! |---|---|
 //! | `registration.rs` | every kind of thread gets a registered area; fork keeps it |
+//! | `fork_tokens.rs` | a fork child's thread never gets a slot a parent thread held, even with that thread's token |
 //! | `own_registration.rs` | cpulocal's own registration: chosen, survives thread churn, unregistered at exit |
 //! | `refused.rs` | rseq refused (seccomp) or disabled: every operation keeps its meaning |
 //! | `model.rs` | every `ops` primitive against a naive single-threaded model |
@@ -34,6 +35,7 @@ mod child;
 mod counter_basics;
 mod early_init;
 mod fence_refused;
+mod fork_tokens;
 mod model;
 mod own_registration;
 mod pool;
