@@ -3,6 +3,7 @@
 //! | file | promise |
 //! |---|---|
 //! | `registration.rs` | every kind of thread gets a registered area; fork keeps it |
+//! | `exit_destructors.rs` | a thread's last destructors (thread-locals, late pthread keys) keep every structure's updates |
 //! | `fork_tokens.rs` | a fork child's thread never gets a slot a parent thread held, even with that thread's token |
 //! | `own_registration.rs` | cpulocal's own registration: chosen, survives thread churn, unregistered at exit |
 //! | `refused.rs` | rseq refused (seccomp) or disabled: every operation keeps its meaning |
@@ -34,6 +35,7 @@ mod abort_path;
 mod child;
 mod counter_basics;
 mod early_init;
+mod exit_destructors;
 mod fence_refused;
 mod fork_tokens;
 mod model;
