@@ -5,6 +5,11 @@
 //! descriptor in the unmapped library (and with cpulocal's own registration, the
 //! registered areas live in the library's freed TLS).
 //!
+//! A host with its own copy of cpulocal and a plugin with another, used on the same
+//! threads in both orders, both stay exact: with glibc's registration both copies use
+//! its area; with their own, the copy that comes second on a thread is refused by the
+//! kernel and serves that thread through its slow paths.
+//!
 //! The plugin is `tests/dlclose_fixture`, built here with cargo; each host runs in a
 //! child process, so that its death is a failed test rather than a dead test binary.
 
@@ -158,5 +163,147 @@ fn a_program_whose_argv0_names_a_fifo_starts() {
     assert!(
         status.is_some_and(|s| s.success()),
         "a program named by a FIFO did not start: {status:?}"
+    );
+}
+
+/// A symbol of the plugin.
+fn plugin_fn(handle: *mut libc::c_void, name: &std::ffi::CStr) -> *mut libc::c_void {
+    // SAFETY: `handle` is live; the name is NUL-terminated.
+    let sym = unsafe { libc::dlsym(handle, name.as_ptr()) };
+    assert!(!sym.is_null(), "the plugin exports {name:?}");
+    sym
+}
+
+/// The CPU `cpu()` reports, read when the thread stays on one CPU around it.
+fn agrees_with_sched_getcpu(cpu: impl Fn() -> u32) -> bool {
+    (0..100).any(|_| {
+        // SAFETY: sched_getcpu has no preconditions.
+        let before = unsafe { libc::sched_getcpu() };
+        let ours = cpu() as i32;
+        // SAFETY: as above.
+        let after = unsafe { libc::sched_getcpu() };
+        before == ours && ours == after
+    })
+}
+
+/// The host: its own copy of cpulocal and the plugin's used on the same threads, in both
+/// orders, the plugin loaded by a thread the host's copy never registered.
+fn split_host() {
+    let path = std::env::var(FIXTURE_ENV).expect("the plugin's path");
+    let c_path = CString::new(path).expect("no NUL in the path");
+    // Loaded on a fresh thread, so that the plugin's copy decides (and registers) there.
+    let handle = std::thread::spawn(move || {
+        // SAFETY: `c_path` is NUL-terminated; the plugin's constructors are cpulocal's.
+        let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        assert!(!handle.is_null(), "dlopen failed");
+        handle as usize
+    })
+    .join()
+    .expect("the loading thread") as *mut libc::c_void;
+    // SAFETY: the plugin defines these with these signatures, and is never closed.
+    let (run, registered, cpu) = unsafe {
+        (
+            core::mem::transmute::<*mut libc::c_void, extern "C" fn(u64) -> u64>(plugin_fn(
+                handle,
+                c"cpulocal_fixture_run",
+            )),
+            core::mem::transmute::<*mut libc::c_void, extern "C" fn() -> u32>(plugin_fn(
+                handle,
+                c"cpulocal_fixture_registered",
+            )),
+            core::mem::transmute::<*mut libc::c_void, extern "C" fn() -> u32>(plugin_fn(
+                handle,
+                c"cpulocal_fixture_cpu",
+            )),
+        )
+    };
+    let counter = std::sync::Arc::new(cpulocal::Counter::new());
+    let slots = std::sync::Arc::new(cpulocal::PerCpu::new(|_| 0u64));
+    const THREADS: u64 = 8;
+    const ROUNDS: u64 = 2000;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (counter, slots) = (counter.clone(), slots.clone());
+            std::thread::spawn(move || {
+                let host = || {
+                    for _ in 0..ROUNDS {
+                        counter.add(1);
+                        slots.with_cpu(|v| *v += 1);
+                    }
+                };
+                // Half the threads meet the plugin's copy first.
+                if t % 2 == 0 {
+                    run(ROUNDS);
+                    host();
+                } else {
+                    host();
+                    run(ROUNDS);
+                }
+                let copies = (cpulocal::thread::is_registered(), registered() == 1);
+                let cpus = (
+                    agrees_with_sched_getcpu(|| cpulocal::current_cpu() as u32),
+                    agrees_with_sched_getcpu(|| cpu()),
+                );
+                (copies, cpus)
+            })
+        })
+        .collect();
+    let own_registrations = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("rseq=0"));
+    for (t, w) in workers.into_iter().enumerate() {
+        let ((host_registered, plugin_registered), (host_cpu, plugin_cpu)) =
+            w.join().expect("a worker using both copies");
+        println!(
+            "thread {t}: host copy registered {host_registered}, plugin copy registered \
+             {plugin_registered}; current_cpu agrees: host {host_cpu}, plugin {plugin_cpu}"
+        );
+        assert!(host_cpu && plugin_cpu, "a copy reports a wrong CPU");
+        if own_registrations {
+            // The kernel takes one area per thread: the copy that came second is refused
+            // (EINVAL, another area) and serves the thread through its slow paths.
+            assert!(
+                host_registered != plugin_registered,
+                "exactly one copy holds the thread's registration"
+            );
+        } else {
+            assert!(
+                host_registered && plugin_registered,
+                "both use glibc's area"
+            );
+        }
+    }
+    assert_eq!(counter.sum(), THREADS * ROUNDS, "the host's Counter");
+    let mut total = 0;
+    slots.for_each(|_, v| total += *v);
+    assert_eq!(total, THREADS * ROUNDS, "the host's PerCpu");
+    assert_eq!(run(0), THREADS * ROUNDS, "the plugin's Counter");
+    println!("host: {}", cpulocal::mechanism());
+}
+
+fn split_host_is_exact(name: &str, env: &[(&str, &str)]) {
+    let _serial = serial();
+    if is_child(name) {
+        in_child(name, &[], split_host);
+        return;
+    }
+    let fixture = build_fixture();
+    let fixture = fixture.to_str().expect("a UTF-8 path");
+    let mut env = env.to_vec();
+    env.push((FIXTURE_ENV, fixture));
+    in_child(name, &env, split_host);
+}
+
+#[test]
+fn a_host_and_a_plugin_with_their_own_copies_are_both_exact_with_glibc_registration() {
+    split_host_is_exact(
+        "a_host_and_a_plugin_with_their_own_copies_are_both_exact_with_glibc_registration",
+        &[],
+    );
+}
+
+#[test]
+fn a_host_and_a_plugin_with_their_own_copies_are_both_exact_with_their_own_registrations() {
+    split_host_is_exact(
+        "a_host_and_a_plugin_with_their_own_copies_are_both_exact_with_their_own_registrations",
+        &[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")],
     );
 }

@@ -20,3 +20,17 @@ pub extern "C" fn cpulocal_fixture_run(rounds: u64) -> u64 {
     }
     counter.sum()
 }
+
+/// Whether this library's copy of cpulocal registered the calling thread (1) or serves
+/// it through its slow paths (0): with a host that has its own copy, the copy whose use
+/// came first on a thread holds the thread's one registration.
+#[no_mangle]
+pub extern "C" fn cpulocal_fixture_registered() -> u32 {
+    u32::from(cpulocal::thread::is_registered())
+}
+
+/// The CPU this library's copy of cpulocal says the calling thread runs on.
+#[no_mangle]
+pub extern "C" fn cpulocal_fixture_cpu() -> u32 {
+    cpulocal::current_cpu() as u32
+}
