@@ -535,7 +535,9 @@ fn refuse_own_token_panic() -> ! {
     panic!(
         "a thread asked for a per-CPU lock it already holds (it already holds a slot of the \
          same PerCpu, Stack or RingBuffer: a signal handler interrupting the holder, or nested \
-         use): it would wait for itself forever"
+         use; or, in a fork child, the lock was held at the fork by a parent thread whose \
+         thread-locals, and so its lock token, this thread inherited): it would wait for \
+         itself forever"
     );
 }
 
