@@ -183,6 +183,18 @@ fn ring_reads_every_record_once_under_signals_yields_and_affinity_churn() {
     assert_eq!(g["read"], g["records"], "{r}");
     assert_eq!(g["discarded"], g["refused"], "{r}");
     assert_eq!(u(g, "overwritten"), 0, "{r}");
+    assert_eq!(g["abandoned"], g["dropped"], "{r}");
+    let o = &r["ring_overwrite"];
+    assert!(u(o, "records") > 0, "{r}");
+    assert_eq!(u(o, "read") + u(o, "overwritten"), u(o, "records"), "{r}");
+    for ring in [g, o] {
+        for way in ["truncated", "written_with", "dropped"] {
+            assert!(u(ring, way) > 0, "no record {way}: {r}");
+        }
+        for fault in ["wrong_cpu", "wrong_timestamp", "abandoned_read"] {
+            assert_eq!(u(ring, fault), 0, "{r}");
+        }
+    }
 }
 
 #[test]

@@ -54,8 +54,8 @@ pub struct Report {
     /// Each part's check under its name, null when the run has no such part, in the
     /// order of the registry: `counter` ([`CounterCheck`]), `signal_counter` (a
     /// [`CounterCheck`] of the signal handler's own counter, when the structure has no
-    /// counter part), `stack` ([`StackCheck`]), `lock` ([`LockCheck`]), `ring`
-    /// ([`RingCheck`]).
+    /// counter part), `stack` ([`StackCheck`]), `lock` ([`LockCheck`]), `ring` and
+    /// `ring_overwrite` (a [`RingCheck`] each: the discarding and the overwriting ring).
     ///
     /// [`CounterCheck`]: super::CounterCheck
     /// [`StackCheck`]: super::StackCheck
@@ -201,6 +201,7 @@ mod tests {
             "stack",
             "lock",
             "ring",
+            "ring_overwrite",
             "lost",
         ];
         assert!(keys.windows(2).all(|w| at(w[0]) < at(w[1])), "{text}");

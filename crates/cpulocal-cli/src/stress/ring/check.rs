@@ -1,0 +1,362 @@
+//! The ring part's check: what the consumer saw of one ring ([`RingSeen`]), against
+//! what the writers did to it and what the ring's statistics say ([`RingCheck`]).
+
+use core::fmt;
+
+use cpulocal::ring::{Mode, Record, RingStats};
+use serde::Serialize;
+
+use super::record::{parse_record, Kind, NO_CPU};
+use crate::stress::part::{Check, Faults};
+
+/// The check of one of the ring part's rings.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RingCheck {
+    /// `discard_newest` (every committed record read exactly once) or `overwrite_oldest`
+    /// (every committed record read at most once, and read + `overwritten` = committed).
+    pub mode: &'static str,
+    /// Records the workers committed (truncated and `write_with` ones included).
+    pub records: u64,
+    /// Records the consumer read (intact or not).
+    pub read: u64,
+    /// Of `records`, reserved longer and truncated before the commit.
+    pub truncated: u64,
+    /// Of `records`, written with `write_with` into a longer room.
+    pub written_with: u64,
+    /// Reservations the workers dropped without a commit (must equal `abandoned`).
+    pub dropped: u64,
+    /// `RingStats::abandoned`.
+    pub abandoned: u64,
+    /// `RingStats::remote_commits`: commits that landed from another CPU.
+    pub remote_commits: u64,
+    /// `RingStats::discarded`.
+    pub discarded: u64,
+    /// Reservations the workers saw refused as full (must equal `discarded`).
+    pub refused: u64,
+    /// `RingStats::overwritten` (0 in `discard_newest`).
+    pub overwritten: u64,
+    /// Flushes by the consumer and the remote thread.
+    pub flushes: u64,
+    /// Dropped reservations the consumer was handed (part of `corrupt`).
+    pub abandoned_read: u64,
+    /// Records whose `Record::cpu` is not the ring they were read from, not the CPU the
+    /// reservation reported, or not one the run's threads may run on (part of
+    /// `corrupt`).
+    pub wrong_cpu: u64,
+    /// Records without a timestamp, or whose timestamp was not read during their reserve
+    /// (before the writer's clock read after it returned, after the one before the
+    /// call) (part of `corrupt`).
+    pub wrong_timestamp: u64,
+    /// Records whose timestamp is below the one before it in the same ring. Not a fault:
+    /// the ring promises records in order per CPU, and a timestamp read during the
+    /// reserve, not timestamps in order.
+    pub timestamp_inversions: u64,
+    /// `corrupt`: records whose length, filler or checksum is wrong, that no writer
+    /// wrote or committed, dropped ones, and the wrong CPUs and timestamps; `lost`:
+    /// committed records neither read nor counted as overwritten, refusals missing from
+    /// `discarded`, drops missing from `abandoned`; `duplicated`: records read more than
+    /// once, and the same counts the other way.
+    #[serde(flatten)]
+    pub faults: Faults,
+}
+
+impl fmt::Display for RingCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} records committed ({} truncated, {} write_with), {} read; {} dropped uncommitted \
+             (abandoned {}, {} of them read); remote commits {}; discarded {} ({} refusals seen); \
+             overwritten {}; flushes {}; wrong cpu {}; wrong timestamp {} ({} inversions, not a fault)",
+            self.records,
+            self.truncated,
+            self.written_with,
+            self.read,
+            self.dropped,
+            self.abandoned,
+            self.abandoned_read,
+            self.remote_commits,
+            self.discarded,
+            self.refused,
+            self.overwritten,
+            self.flushes,
+            self.wrong_cpu,
+            self.wrong_timestamp,
+            self.timestamp_inversions,
+        )
+    }
+}
+
+/// A [`RingCheck`] under its label: `ring` or `ring_overwrite`.
+pub(super) struct Labelled(pub(super) &'static str, pub(super) RingCheck);
+
+impl Serialize for Labelled {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.1.serialize(s)
+    }
+}
+
+impl fmt::Display for Labelled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.0, self.1)
+    }
+}
+
+impl Check for Labelled {
+    fn faults(&self) -> Faults {
+        self.1.faults
+    }
+}
+
+/// What the consumer saw of one ring.
+#[derive(Default)]
+pub(super) struct RingSeen {
+    /// Per writer, one bit per sequence number read.
+    bits: Vec<Vec<u64>>,
+    /// Per CPU, the timestamp of the last record read from its ring.
+    last_timestamp: Vec<u64>,
+    pub(super) read: u64,
+    pub(super) duplicated: u64,
+    pub(super) corrupt: u64,
+    pub(super) abandoned_read: u64,
+    pub(super) wrong_cpu: u64,
+    pub(super) wrong_timestamp: u64,
+    pub(super) timestamp_inversions: u64,
+    pub(super) flushes: u64,
+}
+
+impl RingSeen {
+    /// Checks `rec`, read from CPU `ring_cpu`'s ring, when `writers` writer ids have been
+    /// handed out and the run's threads may run on `cpus`.
+    pub(super) fn check(
+        &mut self,
+        ring_cpu: usize,
+        rec: &Record<'_>,
+        writers: u32,
+        cpus: &[usize],
+    ) {
+        self.read += 1;
+        if let Some(ts) = rec.timestamp {
+            if self.last_timestamp.len() <= ring_cpu {
+                self.last_timestamp.resize(ring_cpu + 1, 0);
+            }
+            let last = &mut self.last_timestamp[ring_cpu];
+            self.timestamp_inversions += u64::from(ts < *last);
+            *last = ts;
+        }
+        let Some(stamp) = parse_record(rec.data) else {
+            self.corrupt += 1;
+            return;
+        };
+        if stamp.writer >= writers || stamp.seq >= 1 << 40 {
+            self.corrupt += 1;
+            return;
+        }
+        if stamp.kind == Kind::Abandoned {
+            self.abandoned_read += 1;
+            return;
+        }
+        let cpu_agrees = stamp.cpu == NO_CPU || stamp.cpu as usize == rec.cpu;
+        if rec.cpu != ring_cpu || !cpu_agrees || !cpus.contains(&rec.cpu) {
+            self.wrong_cpu += 1;
+        }
+        if !rec
+            .timestamp
+            .is_some_and(|ts| (stamp.before..=stamp.after).contains(&ts))
+        {
+            self.wrong_timestamp += 1;
+        }
+        let (w, s) = (stamp.writer as usize, stamp.seq as usize);
+        if self.bits.len() <= w {
+            self.bits.resize_with(w + 1, Vec::new);
+        }
+        let bits = &mut self.bits[w];
+        if bits.len() <= s / 64 {
+            bits.resize((s / 64 + 1).next_power_of_two(), 0);
+        }
+        let mask = 1u64 << (s % 64);
+        if bits[s / 64] & mask != 0 {
+            self.duplicated += 1;
+        } else {
+            bits[s / 64] |= mask;
+        }
+    }
+
+    /// (records of `0..committed` never read, records read beyond `committed`) for
+    /// `writer`.
+    pub(super) fn missing_and_phantom(&self, writer: usize, committed: u64) -> (u64, u64) {
+        let bits = self.bits.get(writer).map_or(&[][..], |b| &b[..]);
+        let (mut found, mut phantom) = (0u64, 0u64);
+        for (i, &word) in bits.iter().enumerate() {
+            let base = i as u64 * 64;
+            let inside = committed.saturating_sub(base).min(64);
+            let mask = if inside == 64 {
+                u64::MAX
+            } else {
+                (1u64 << inside) - 1
+            };
+            found += u64::from((word & mask).count_ones());
+            phantom += u64::from((word & !mask).count_ones());
+        }
+        (committed - found, phantom)
+    }
+}
+
+/// What the writers did to one ring, summed over them except `committed`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Written {
+    pub(super) committed: u64,
+    pub(super) truncated: u64,
+    pub(super) written_with: u64,
+    pub(super) dropped: u64,
+    pub(super) refused: u64,
+    pub(super) flushes: u64,
+}
+
+/// The check of a ring in `mode`: `seen` by the consumer, against `committed` (per
+/// writer id), `written` (summed) and the ring's `stats`.
+pub(super) fn ring_check(
+    mode: Mode,
+    seen: &RingSeen,
+    committed: &[u64],
+    written: Written,
+    stats: RingStats,
+) -> RingCheck {
+    let overwrites = mode == Mode::OverwriteOldest;
+    let (mut missing, mut phantom) = (0, 0);
+    for (w, &c) in committed.iter().enumerate() {
+        let (m, p) = seen.missing_and_phantom(w, c);
+        missing += m;
+        phantom += p;
+    }
+    // A writer id with records read but none committed: all phantoms.
+    for w in committed.len()..seen.bits.len() {
+        phantom += seen.missing_and_phantom(w, 0).1;
+    }
+    // Overwriting drops committed records unread, and counts them: the two must match.
+    let dropped_unread = if overwrites { stats.overwritten } else { 0 };
+    let mut faults = Faults {
+        corrupt: seen.corrupt
+            + phantom
+            + seen.abandoned_read
+            + seen.wrong_cpu
+            + seen.wrong_timestamp
+            // Never overwrites: any count is wrong.
+            + if overwrites { 0 } else { stats.overwritten },
+        lost: missing.saturating_sub(dropped_unread),
+        duplicated: seen.duplicated + dropped_unread.saturating_sub(missing),
+    };
+    // `discarded` and `abandoned` are Counters too: exact once the writers are joined.
+    faults.lost += written.refused.saturating_sub(stats.discarded);
+    faults.duplicated += stats.discarded.saturating_sub(written.refused);
+    faults.lost += written.dropped.saturating_sub(stats.abandoned);
+    faults.duplicated += stats.abandoned.saturating_sub(written.dropped);
+    RingCheck {
+        mode: if overwrites {
+            "overwrite_oldest"
+        } else {
+            "discard_newest"
+        },
+        records: written.committed,
+        read: seen.read,
+        truncated: written.truncated,
+        written_with: written.written_with,
+        dropped: written.dropped,
+        abandoned: stats.abandoned,
+        remote_commits: stats.remote_commits,
+        discarded: stats.discarded,
+        refused: written.refused,
+        overwritten: stats.overwritten,
+        flushes: seen.flushes + written.flushes,
+        abandoned_read: seen.abandoned_read,
+        wrong_cpu: seen.wrong_cpu,
+        wrong_timestamp: seen.wrong_timestamp,
+        timestamp_inversions: seen.timestamp_inversions,
+        faults,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::record::{fill_record, record_len, stamp, Stamp};
+    use super::*;
+
+    fn record_of(s: &Stamp) -> Vec<u8> {
+        let mut buf = vec![0u8; record_len(s.seq)];
+        fill_record(&mut buf, s);
+        buf
+    }
+
+    fn read(seen: &mut RingSeen, s: &Stamp, cpu: usize, timestamp: Option<u64>) {
+        let data = record_of(s);
+        let rec = Record {
+            cpu,
+            timestamp,
+            data: &data,
+        };
+        seen.check(cpu, &rec, 2, &[0, 1]);
+    }
+
+    #[test]
+    fn ring_bookkeeping_counts_missing_duplicate_and_phantom_records() {
+        let mut seen = RingSeen::default();
+        for seq in [0u64, 1, 3, 3, 70] {
+            read(&mut seen, &stamp(0, seq, Kind::Plain), 1, Some(150));
+        }
+        assert_eq!(seen.duplicated, 1);
+        // Committed 0..5: 2 and 4 missing; 70 was never committed.
+        assert_eq!(seen.missing_and_phantom(0, 5), (2, 1));
+        assert_eq!(seen.missing_and_phantom(1, 3), (3, 0));
+        read(&mut seen, &stamp(5, 0, Kind::Plain), 1, Some(150));
+        assert_eq!(seen.corrupt, 1, "an unknown writer is corrupt");
+        assert_eq!((seen.wrong_cpu, seen.wrong_timestamp), (0, 0));
+    }
+
+    #[test]
+    fn dropped_records_wrong_cpus_and_timestamps_are_caught() {
+        let mut seen = RingSeen::default();
+        read(&mut seen, &stamp(0, 0, Kind::Abandoned), 1, Some(150));
+        assert_eq!(seen.abandoned_read, 1);
+        // The reservation said CPU 1; read from ring 0.
+        read(&mut seen, &stamp(0, 1, Kind::Plain), 0, Some(150));
+        // `write_with` knows no CPU, but ring 5 is not one the run may use.
+        let with = Stamp {
+            cpu: NO_CPU,
+            ..stamp(0, 2, Kind::WriteWith)
+        };
+        read(&mut seen, &with, 5, Some(150));
+        assert_eq!(seen.wrong_cpu, 2);
+        read(&mut seen, &stamp(0, 3, Kind::Plain), 1, Some(99));
+        read(&mut seen, &stamp(0, 4, Kind::Plain), 1, Some(201));
+        read(&mut seen, &stamp(0, 5, Kind::Plain), 1, None);
+        read(&mut seen, &stamp(0, 6, Kind::Truncated), 1, Some(100));
+        assert_eq!(seen.wrong_timestamp, 3);
+        assert_eq!(
+            seen.timestamp_inversions, 2,
+            "99 after 150, 100 after 201 on ring 1"
+        );
+    }
+
+    #[test]
+    fn overwrite_mode_balances_reads_and_overwritten_against_commits() {
+        let mut seen = RingSeen::default();
+        for seq in [0u64, 1, 4] {
+            read(&mut seen, &stamp(0, seq, Kind::Plain), 1, Some(150));
+        }
+        let written = Written {
+            committed: 5,
+            ..Written::default()
+        };
+        let stats = |overwritten| RingStats {
+            overwritten,
+            ..RingStats::default()
+        };
+        let check = |mode, overwritten| ring_check(mode, &seen, &[5], written, stats(overwritten));
+        let f = check(Mode::OverwriteOldest, 2).faults;
+        assert_eq!((f.lost, f.duplicated, f.corrupt), (0, 0, 0));
+        assert_eq!(check(Mode::OverwriteOldest, 1).faults.lost, 1);
+        assert_eq!(check(Mode::OverwriteOldest, 3).faults.duplicated, 1);
+        let f = check(Mode::DiscardNewest, 0).faults;
+        assert_eq!((f.lost, f.corrupt), (2, 0), "nothing may go missing");
+        assert_eq!(check(Mode::DiscardNewest, 2).faults.corrupt, 2);
+    }
+}
