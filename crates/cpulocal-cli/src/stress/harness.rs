@@ -522,8 +522,40 @@ pub(super) fn spawn<T: Send + 'static>(
         .unwrap_or_else(|e| panic!("cannot start a {name} thread: {e}"))
 }
 
-pub(super) fn join<T>(handle: JoinHandle<T>) -> T {
+/// Joins `handle`: its result, or what its panic said (with the thread's name), for
+/// the report. A panicking thread fails the run with a report rather than taking the
+/// process down without one.
+pub(super) fn join<T>(handle: JoinHandle<T>) -> Result<T, String> {
+    let name = handle
+        .thread()
+        .name()
+        .unwrap_or("a stress thread")
+        .to_owned();
     handle
         .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        .map_err(|panic| format!("{name} panicked: {}", panic_message(&*panic)))
+}
+
+/// The message of a panic's payload (`panic!` makes a `&str` or a `String`).
+pub(super) fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a payload that is not a string)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_thread_is_joined_as_its_name_and_message() {
+        let handle = spawn("stress-worker", || -> u64 { panic!("record {} torn", 7) });
+        assert_eq!(
+            join(handle),
+            Err("stress-worker panicked: record 7 torn".to_owned())
+        );
+        assert_eq!(join(spawn("stress-worker", || 5)), Ok(5));
+    }
 }

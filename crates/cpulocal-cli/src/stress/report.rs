@@ -69,8 +69,11 @@ pub struct Report {
     pub duplicated: u64,
     /// Values that are not what any thread wrote.
     pub corrupt: u64,
-    /// Nothing lost, duplicated or corrupt.
+    /// Nothing lost, duplicated or corrupt, and no thread panicked.
     pub passed: bool,
+    /// What each thread of the run that panicked said (its tally, if a worker's, is
+    /// missing from the checks).
+    pub panics: Vec<String>,
 }
 
 impl Report {
@@ -123,11 +126,16 @@ impl fmt::Display for Report {
         writeln!(f, "lost: {}", self.lost)?;
         writeln!(f, "duplicated: {}", self.duplicated)?;
         writeln!(f, "corrupt: {}", self.corrupt)?;
+        for panic in &self.panics {
+            writeln!(f, "panic: {panic}")?;
+        }
         write!(
             f,
             "verdict: {}",
             if self.passed {
                 "PASS"
+            } else if !self.panics.is_empty() {
+                "FAIL (a thread panicked)"
             } else {
                 "FAIL (lost, duplicated or corrupt)"
             }

@@ -35,9 +35,12 @@ pub struct Progress {
 /// An invalid `config` ([`Config::validate`]), or a signal handler that cannot be
 /// installed.
 ///
+/// A thread of the run that panics fails the run: the report says so, with the panic's
+/// message ([`Report::panics`]), and its other checks go on.
+///
 /// # Panics
 ///
-/// When a thread cannot be started, or panicked.
+/// When a thread cannot be started.
 pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Report, String> {
     config.validate()?;
     let _one_at_a_time = RUN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -62,8 +65,9 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
         })
         .collect();
     let mut started = threads as u64;
-    // Acquire: pairs with the workers' Release: the parts are seeded.
-    while shared.ready.load(Ordering::Acquire) < threads {
+    // Acquire: pairs with the workers' Release: the parts are seeded. A worker that
+    // panicked before it was ready never will be: go without it.
+    while shared.ready.load(Ordering::Acquire) + finished(&workers) < threads {
         std::thread::sleep(Duration::from_micros(100));
     }
 
@@ -98,11 +102,16 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
     // Supervise: join workers that exit, replace them under thread churn, stop at the
     // deadline, report progress.
     let mut tallies = Vec::new();
+    let mut panics = Vec::new();
+    let mut joined = |result: Result<Tally, String>| match result {
+        Ok(t) => tallies.push(t),
+        Err(panic) => panics.push(panic),
+    };
     let mut last_progress = Instant::now();
     loop {
         for slot in workers.iter_mut() {
             if slot.as_ref().is_some_and(JoinHandle::is_finished) {
-                tallies.push(join(slot.take().expect("checked")));
+                joined(join(slot.take().expect("checked")));
                 if config.thread_churn.is_some() && shared.has_work() {
                     let s = Arc::clone(&shared);
                     *slot = Some(spawn("stress-worker", move || worker(s, None, lifetime)));
@@ -132,12 +141,13 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
     // Release: the remote thread stops once every worker is out.
     shared.workers_finished.store(true, Ordering::Release);
     if let Some(handle) = remote_thread {
-        tallies.push(join(handle));
+        joined(join(handle));
     }
     let elapsed = start.elapsed();
     shared.aux_stop.store(true, Ordering::Relaxed);
-    let signals_sent = signaller_thread.map_or(0, join);
-    let (affinity_moves, affinity_failures) = churner_thread.map_or((0, 0), join);
+    let signals_sent = signaller_thread.map_or(0, |h| or_default(join(h), &mut panics));
+    let (affinity_moves, affinity_failures) =
+        churner_thread.map_or((0, 0), |h| or_default(join(h), &mut panics));
     let kernel_aborts = hooks::kernel_aborts()
         .zip(aborts_before)
         .map(|(after, before)| after - before);
@@ -145,7 +155,11 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
     set_mutations(&shared, false);
     // Release: every writer is joined; the consumer's last pass sees all commits.
     shared.background_stop.store(true, Ordering::Release);
-    background_threads.into_iter().for_each(join);
+    for handle in background_threads {
+        if let Err(panic) = join(handle) {
+            panics.push(panic);
+        }
+    }
     if config.signal_interval.is_some() {
         ignore_signal(STORM);
         SINK.store(core::ptr::null_mut(), Ordering::Release);
@@ -168,8 +182,26 @@ pub fn run(config: &Config, mut progress: impl FnMut(&Progress)) -> Result<Repor
             signals_sent,
             affinity_moves,
             affinity_failures,
+            panics,
         },
     ))
+}
+
+/// A helper thread's result, or its default (zero counts) when it panicked, noted in
+/// `panics`.
+fn or_default<T: Default>(result: Result<T, String>, panics: &mut Vec<String>) -> T {
+    result.unwrap_or_else(|panic| {
+        panics.push(panic);
+        T::default()
+    })
+}
+
+/// The workers that have exited (or panicked) and are not joined yet.
+fn finished(workers: &[Option<JoinHandle<Tally>>]) -> usize {
+    workers
+        .iter()
+        .filter(|w| w.as_ref().is_some_and(JoinHandle::is_finished))
+        .count()
 }
 
 /// Switches the broken variant of every registered part on (`broken`: those of the run)
@@ -192,6 +224,7 @@ struct Facts {
     signals_sent: u64,
     affinity_moves: u64,
     affinity_failures: u64,
+    panics: Vec<String>,
 }
 
 /// The exact checks, once every thread is joined.
@@ -239,7 +272,8 @@ fn check(config: &Config, shared: &Shared, tallies: &[Tally], facts: Facts) -> R
         lost,
         duplicated,
         corrupt,
-        passed: lost == 0 && duplicated == 0 && corrupt == 0,
+        passed: lost == 0 && duplicated == 0 && corrupt == 0 && facts.panics.is_empty(),
+        panics: facts.panics,
     }
 }
 
