@@ -191,7 +191,12 @@ fn ring_reads_every_record_once_under_signals_yields_and_affinity_churn() {
         for way in ["truncated", "written_with", "dropped"] {
             assert!(u(ring, way) > 0, "no record {way}: {r}");
         }
-        for fault in ["wrong_cpu", "wrong_timestamp", "abandoned_read"] {
+        for fault in [
+            "wrong_cpu",
+            "wrong_timestamp",
+            "timestamp_inversions",
+            "abandoned_read",
+        ] {
             assert_eq!(u(ring, fault), 0, "{r}");
         }
     }

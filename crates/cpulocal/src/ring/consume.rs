@@ -30,8 +30,10 @@ pub(crate) struct ReserveMark(Vec<usize>);
 pub struct Record<'a> {
     /// The CPU whose ring held it (where it was reserved).
     pub cpu: usize,
-    /// `CLOCK_MONOTONIC` nanoseconds read just before the reserve, when the ring keeps
-    /// timestamps.
+    /// `CLOCK_MONOTONIC` nanoseconds read during the reserve, when the ring keeps
+    /// timestamps. Within one CPU's ring they never decrease (a reserve that another
+    /// one overtakes reads the clock again), so a merge of the CPUs' records by
+    /// timestamp keeps each CPU's order.
     pub timestamp: Option<u64>,
     /// The payload.
     pub data: &'a [u8],

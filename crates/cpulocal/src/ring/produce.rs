@@ -201,9 +201,11 @@ impl RingBuffer {
                 }
                 return Attempt::Done(Err(ReserveError::Full));
             }
-            // Read just before the sequence (as LTTng reads its clock inside its reserve
-            // loop), so a ring's timestamps follow its reservation order unless the
-            // thread is preempted in the few instructions between.
+            // Read after `old` and before the sequence (as LTTng reads its clock inside
+            // its reserve loop): a reserve that lands on this ring in between, on this
+            // CPU while the thread is preempted or signalled, or by a lock holder, moves
+            // `write`, the compare fails and the clock is read again. So one ring's
+            // timestamps never decrease (`Record::timestamp`).
             let timestamp = self.config.timestamps.then(monotonic_ns);
             // SAFETY: (1) `rseq` is this thread's area; (2) `write` is written only by
             // sequences expecting this ring's CPU, which check `lock`, and by holders of

@@ -47,9 +47,9 @@ pub struct RingCheck {
     /// (before the writer's clock read after it returned, after the one before the
     /// call) (part of `corrupt`).
     pub wrong_timestamp: u64,
-    /// Records whose timestamp is below the one before it in the same ring. Not a fault:
-    /// the ring promises records in order per CPU, and a timestamp read during the
-    /// reserve, not timestamps in order.
+    /// Records whose timestamp is below the one before it in the same ring (part of
+    /// `corrupt`): a reserve retries when another one lands on its ring after it read the
+    /// write position, so one ring's timestamps never decrease (`Record::timestamp`).
     pub timestamp_inversions: u64,
     /// `corrupt`: records whose length, filler or checksum is wrong, that no writer
     /// wrote or committed, dropped ones, and the wrong CPUs and timestamps; `lost`:
@@ -66,7 +66,7 @@ impl fmt::Display for RingCheck {
             f,
             "{} records committed ({} truncated, {} write_with), {} read; {} dropped uncommitted \
              (abandoned {}, {} of them read); remote commits {}; discarded {} ({} refusals seen); \
-             overwritten {}; flushes {}; wrong cpu {}; wrong timestamp {} ({} inversions, not a fault)",
+             overwritten {}; flushes {}; wrong cpu {}; wrong timestamp {}; timestamps below the one before {}",
             self.records,
             self.truncated,
             self.written_with,
@@ -240,6 +240,7 @@ pub(super) fn ring_check(
             + seen.abandoned_read
             + seen.wrong_cpu
             + seen.wrong_timestamp
+            + seen.timestamp_inversions
             // Never overwrites: any count is wrong.
             + if overwrites { 0 } else { stats.overwritten },
         lost: missing.saturating_sub(dropped_unread),
