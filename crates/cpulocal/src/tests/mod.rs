@@ -11,6 +11,7 @@
 //! | `abort_path.rs` | a signal inside a sequence restarts it, and the retry lands once |
 //! | `stress.rs` | exact `Counter` totals under preemption, yields and a signal storm; the harness catches a broken sequence |
 //! | `counter_basics.rs` | `Counter`'s small promises |
+//! | `stack_basics.rs` | `Stack`'s order (LIFO through every way out) and that every node left is freed once |
 //! | `pool.rs` | the per-CPU pool: placement, reuse, growth, fork, statics, lazy and mm_cid slots |
 //! | `child.rs` | re-running one test in a child process with another environment |
 //!
@@ -43,6 +44,7 @@ mod own_registration;
 mod pool;
 mod refused;
 mod registration;
+mod stack_basics;
 mod stress;
 
 /// Serialises the tests that change the sequences' delay against every other test.
@@ -136,6 +138,17 @@ pub(crate) fn current_cpu_agrees_with_sched_getcpu() -> Result<usize, (usize, us
         std::thread::yield_now();
     }
     Err(last)
+}
+
+/// Pins the calling thread to `cpu`; false when the kernel refuses (a cpuset without
+/// it).
+pub(crate) fn pin_to(cpu: usize) -> bool {
+    // SAFETY: cpu_set_t is an array of integers: all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (the callers pass possible CPU numbers).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a live cpu_set_t; pid 0 is the calling thread.
+    unsafe { libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
 }
 
 /// Installs `handler` for `signal` (with `SA_RESTART`).

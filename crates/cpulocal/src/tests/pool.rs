@@ -8,7 +8,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use super::child::{in_child, test_name, Setup};
-use super::delay_shared;
+use super::{delay_shared, pin_to};
 use crate::pool::{self, Item, Pool, STRIDE};
 use crate::{Counter, Index, PerCpu};
 
@@ -612,16 +612,6 @@ fn written_here(p: usize) -> bool {
     let entry = u64::from_le_bytes(entry);
     let (present, exclusive) = (entry >> 63 & 1 == 1, entry >> 56 & 1 == 1);
     present && exclusive
-}
-
-/// Pins the calling thread to `cpu`; false when the kernel refuses.
-fn pin_to(cpu: usize) -> bool {
-    // SAFETY: cpu_set_t is an array of integers: all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
-    // SAFETY: `cpu` is below CPU_SETSIZE (checked by the caller's small numbers).
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a live cpu_set_t; pid 0 is the calling thread.
-    unsafe { libc::sched_setaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
 }
 
 /// A page of its own per CPU, so residency tells which CPUs wrote.
