@@ -1,8 +1,10 @@
 //! `RingBuffer` under real use: configurations too large for the machine are refused
 //! with their reason (never an abort), a panic in any user code the ring runs leaves it
 //! claimed by nobody and loses no record, a consumer can sleep until there is data and
-//! is woken by the producers (or `notify`), flush padding is counted, and records can be
-//! written in place (`io::Write`, `write_with`, `truncate`).
+//! is woken by the producers (or `notify`), flush padding is counted, records can be
+//! written in place (`io::Write`, `write_with`, `truncate`), a configuration is checked
+//! at each bound, a full ring refuses the newest record, and a second consumer of a
+//! ring being read returns at once.
 
 mod common;
 
@@ -553,4 +555,109 @@ fn records_that_do_not_divide_the_sub_buffer_move_to_the_next_one_and_none_is_lo
     assert_eq!(ring.stats().discarded, 0);
     assert_eq!(got.len(), sent.len(), "records lost or duplicated");
     assert!(got == sent, "records out of order or corrupted");
+}
+
+/// The bounds of a configuration, at each edge: a sub-buffer of 64 bytes to 2^30, a
+/// power of two; at least 2 sub-buffers, a power of two. Each refusal names its field.
+#[test]
+fn a_configuration_is_accepted_up_to_each_bound_and_refused_one_step_beyond() {
+    let with = |sub_buffer_size, sub_buffers| RingConfig {
+        sub_buffer_size,
+        sub_buffers,
+        ..RingConfig::default()
+    };
+    for (size, subs) in [(64, 2), (1 << 30, 2)] {
+        let ring = RingBuffer::new(with(size, subs)).expect("at the bounds");
+        assert_eq!(ring.max_payload(), size - 16, "header and timestamp");
+    }
+    for size in [0, 32, 63, 65, 96, 1 << 31] {
+        let err = RingBuffer::new(with(size, 2)).expect_err("sub_buffer_size");
+        assert_eq!(err, ConfigError::SubBufferSize(size));
+        assert!(err.to_string().contains(&size.to_string()), "{err}");
+    }
+    for subs in [0, 1, 3, 6] {
+        let err = RingBuffer::new(with(64, subs)).expect_err("sub_buffers");
+        assert_eq!(err, ConfigError::SubBuffers(subs));
+        assert!(
+            err.to_string().starts_with(&format!("{subs} sub-buffers")),
+            "{err}"
+        );
+    }
+}
+
+/// `DiscardNewest`: a ring holds exactly its capacity, the next record is refused with
+/// `Full` and counted as discarded, and the records already there are kept, in order.
+#[test]
+fn a_full_ring_refuses_the_newest_record_with_full_and_keeps_the_others() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    let pinned = Pinned::new();
+    // 16 records of 16 bytes fill a 256-byte sub-buffer: 64 fill the 4 of the ring.
+    for i in 0..64u8 {
+        ring.write(&[i]).expect("room");
+    }
+    let err = ring.write(&[64]).expect_err("the ring is full");
+    assert_eq!(err, cpulocal::ring::ReserveError::Full);
+    assert!(ring.reserve(1).is_err(), "still full");
+    let stats = ring.stats();
+    assert_eq!((stats.discarded, stats.overwritten), (2, 0), "{stats:?}");
+    // A flush of exactly full sub-buffers pads nothing and is not counted.
+    ring.flush(pinned.cpu()).expect("cpu < cpus");
+    assert_eq!(
+        (ring.stats().flushes, ring.stats().flush_padding_bytes),
+        (0, 0)
+    );
+    let mut seen = Vec::new();
+    ring.consume(pinned.cpu(), |rec| seen.push(rec.data[0]))
+        .expect("cpu < cpus");
+    assert_eq!(seen, (0..64).collect::<Vec<u8>>());
+    // Read, the space is the producers' again.
+    ring.write(&[65]).expect("room after the consumer");
+}
+
+/// `consume` of a ring another consumer is reading returns 0 at once: it neither waits
+/// for that consumer nor reads the records a second time.
+#[test]
+fn consume_returns_0_at_once_while_another_consumer_reads_the_ring() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    let cpu = write_pinned(&ring, 20); // one complete sub-buffer and an open one
+    ring.flush(cpu).expect("cpu < cpus");
+    let mut inner = Vec::new();
+    // The inner `consume` runs while the outer one holds the ring's claim: waiting for
+    // it would never end.
+    let outer = ring
+        .consume(cpu, |rec| {
+            if rec.data[0] == 0 {
+                inner.push(
+                    ring.consume(cpu, |_| panic!("read twice"))
+                        .expect("valid cpu"),
+                );
+                inner.push(ring.consume_all(|_| panic!("read twice")));
+            }
+        })
+        .expect("cpu < cpus");
+    assert_eq!(outer, 20);
+    assert_eq!(inner, [0, 0]);
+}
+
+/// `truncate` to a length not shorter than the payload changes nothing: the whole
+/// payload is published.
+#[test]
+fn truncate_to_the_length_or_beyond_keeps_the_whole_payload() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    let pinned = Pinned::new();
+    for extra in [0, 1, usize::MAX - 4] {
+        let mut r = ring.reserve(4).expect("room");
+        r.payload_mut().copy_from_slice(b"abcd");
+        r.truncate(4 + extra);
+        assert_eq!(r.len(), 4);
+        r.commit();
+    }
+    drop(pinned);
+    assert_eq!(
+        drain(&ring),
+        [b"abcd".to_vec(), b"abcd".to_vec(), b"abcd".to_vec()]
+    );
 }
