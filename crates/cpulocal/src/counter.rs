@@ -229,7 +229,13 @@ impl Counter {
     /// ```
     /// let c = cpulocal::Counter::new();
     /// c.add_const::<5>();
-    /// assert_eq!(c.sum(), 5);
+    /// c.add_const::<{ i32::MAX as u32 }>();
+    /// assert_eq!(c.sum(), 5 + i32::MAX as u64);
+    /// ```
+    ///
+    /// ```compile_fail
+    /// let c = cpulocal::Counter::new();
+    /// c.add_const::<{ i32::MAX as u32 + 1 }>();
     /// ```
     #[inline]
     pub fn add_const<const N: u32>(&self) {
