@@ -10,7 +10,16 @@ use super::Slot;
 use crate::remote;
 
 /// The lock of one [`PerCpu`] slot, held; derefs to the slot's `T`. Unlocks on drop.
-/// Not `Send`: the lock token is the owning thread's.
+/// Not `Send`: the lock token is the owning thread's, so the guard cannot move to
+/// another thread (nor be dropped there):
+///
+/// ```compile_fail
+/// let counts = cpulocal::PerCpu::new(|_| 0u64);
+/// let guard = counts.lock();
+/// std::thread::scope(|s| {
+///     s.spawn(move || drop(guard));
+/// });
+/// ```
 pub struct PerCpuGuard<'a, T> {
     pub(super) slot: &'a Slot<T>,
     pub(super) index: usize,

@@ -5,12 +5,6 @@ use std::sync::Arc;
 use super::delay_shared;
 use crate::Counter;
 
-// `Counter` is `Send` and `Sync`, as its documentation states.
-const _: fn() = || {
-    fn send_sync<T: Send + Sync>() {}
-    send_sync::<Counter>();
-};
-
 #[test]
 fn default_counter_is_zero() {
     let _delay = delay_shared();

@@ -11,6 +11,7 @@
 //! | `abort_path.rs` | a signal inside a sequence restarts it, and the retry lands once |
 //! | `stress.rs` | exact `Counter` totals under preemption, yields and a signal storm; the harness catches a broken sequence |
 //! | `counter_basics.rs` | `Counter`'s small promises |
+//! | `send_sync.rs` | the `Send` and `Sync` the structures' docs promise |
 //! | `stack_basics.rs` | `Stack`'s order (LIFO through every way out) and that every node left is freed once |
 //! | `pool.rs` | the per-CPU pool: placement, reuse, growth, fork, statics, lazy and mm_cid slots |
 //! | `child.rs` | re-running one test in a child process with another environment |
@@ -44,6 +45,7 @@ mod own_registration;
 mod pool;
 mod refused;
 mod registration;
+mod send_sync;
 mod stack_basics;
 mod stress;
 
