@@ -346,4 +346,38 @@ mod tests {
         // The putting thread's CPU cache, or the transfer cache, or both.
         assert!(found >= BATCH.min(1000), "found {found}");
     }
+
+    /// The caches hold at most one CPU's 128 and the transfer cache's 256 objects for a
+    /// thread that puts from one CPU (only the transfer cache's 256 without rseq or with
+    /// the locked scheme); every object beyond is dropped at once, none is lost.
+    #[test]
+    fn objects_beyond_what_the_caches_hold_are_dropped_at_once() {
+        let drops = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let cpu = crate::current_cpu();
+                if !crate::tests::pin_to(cpu) || crate::current_cpu() != cpu {
+                    println!("skipped: cannot pin the thread to CPU {cpu}");
+                    return;
+                }
+                let pool = ObjectPool::new();
+                for _ in 0..1000 {
+                    pool.put(Box::new(Counted(&drops)));
+                }
+                let held = pool.len();
+                // The documented sizes, not `CAP` and `BATCH`: the docs are under test.
+                let per_cpu = if matches!(crate::mechanism(), crate::Mechanism::Rseq { .. })
+                    && crate::remote_scheme() == crate::remote::Scheme::Membarrier
+                {
+                    128
+                } else {
+                    0
+                };
+                assert!(held <= per_cpu + 256, "{held} objects held");
+                assert_eq!(drops.load(Ordering::Relaxed), 1000 - held);
+                drop(pool);
+                assert_eq!(drops.load(Ordering::Relaxed), 1000);
+            });
+        });
+    }
 }
