@@ -13,6 +13,7 @@
 //! | `counter_basics.rs` | `Counter`'s small promises |
 //! | `send_sync.rs` | the `Send` and `Sync` the structures' docs promise |
 //! | `stack_basics.rs` | `Stack`'s order (LIFO through every way out) and that every node left is freed once |
+//! | `percpu_basics.rs` | `PerCpu`'s by-value views: `for_each`, `iter_mut`, `into_vec` (lazy and never used) |
 //! | `pool.rs` | the per-CPU pool: placement, reuse, growth, fork, statics, lazy and mm_cid slots |
 //! | `child.rs` | re-running one test in a child process with another environment |
 //!
@@ -42,6 +43,7 @@ mod fence_refused;
 mod fork_tokens;
 mod model;
 mod own_registration;
+mod percpu_basics;
 mod pool;
 mod refused;
 mod registration;
