@@ -131,10 +131,10 @@ struct Slot<T> {
 ///
 /// # Nesting
 ///
-/// A thread may hold slots of several `PerCpu`s at once, but never two slots of one
-/// `PerCpu`: every locking method panics when asked to (see their "Panics"), rather
-/// than deadlocking. The check is free while the thread holds no `PerCpu` slot; nested
-/// inside another `PerCpu`'s slot, it reads this `PerCpu`'s lock words once.
+/// A thread may hold slots of up to 2047 `PerCpu`s at once, but never two of one
+/// `PerCpu`: every locking method panics when asked to (see their "Panics"), or for a
+/// 2048th slot, rather than deadlock. The check is free while the thread holds no `PerCpu`
+/// slot; nested inside another `PerCpu`'s slot, it reads this `PerCpu`'s lock words once.
 ///
 /// ```
 /// use std::sync::Arc;
