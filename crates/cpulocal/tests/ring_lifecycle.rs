@@ -3,8 +3,9 @@
 //! claimed by nobody and loses no record, a consumer can sleep until there is data and
 //! is woken by the producers (or `notify`), flush padding is counted, records can be
 //! written in place (`io::Write`, `write_with`, `truncate`), a configuration is checked
-//! at each bound, a full ring refuses the newest record, and a second consumer of a
-//! ring being read returns at once.
+//! at each bound, a full ring refuses the newest record (also when overwriting, while
+//! the oldest sub-buffer is being read), a second consumer of a ring being read returns
+//! at once, and a record's timestamp is its reserve's `CLOCK_MONOTONIC` time.
 
 mod common;
 
@@ -660,4 +661,69 @@ fn truncate_to_the_length_or_beyond_keeps_the_whole_payload() {
         drain(&ring),
         [b"abcd".to_vec(), b"abcd".to_vec(), b"abcd".to_vec()]
     );
+}
+
+/// `OverwriteOldest` never overwrites a sub-buffer a consumer is reading: a producer
+/// short of room while the oldest one is claimed refuses the record (`Full`, counted as
+/// discarded, nothing overwritten), and the reader gets every record intact.
+#[test]
+fn an_overwriting_producer_refuses_rather_than_overwrite_a_sub_buffer_being_read() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::OverwriteOldest)).expect("valid config");
+    let pinned = Pinned::new();
+    for i in 0..64u8 {
+        ring.write(&[i]).expect("room"); // 64 records of 16 bytes fill the ring
+    }
+    let mut seen = Vec::new();
+    let mut inside = None;
+    ring.consume(pinned.cpu(), |rec| {
+        if rec.data[0] == 0 {
+            // The oldest sub-buffer is claimed by this very consumer.
+            inside = Some(ring.write(&[200]));
+        }
+        seen.push(rec.data[0]);
+    })
+    .expect("cpu < cpus");
+    assert_eq!(inside, Some(Err(cpulocal::ring::ReserveError::Full)));
+    let stats = ring.stats();
+    assert_eq!((stats.discarded, stats.overwritten), (1, 0), "{stats:?}");
+    assert_eq!(seen, (0..64).collect::<Vec<u8>>());
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds.
+fn monotonic_ns() -> u64 {
+    // SAFETY: timespec is plain old data.
+    let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
+    // SAFETY: `ts` is a live timespec; CLOCK_MONOTONIC always exists.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(r, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A record's timestamp is the `CLOCK_MONOTONIC` time of its reserve when the ring keeps
+/// timestamps, and `None` when it does not.
+#[test]
+fn a_record_carries_the_monotonic_time_of_its_reserve_only_when_timestamps_are_on() {
+    let _serial = serial();
+    for timestamps in [true, false] {
+        let ring = RingBuffer::new(RingConfig {
+            timestamps,
+            ..config(Mode::DiscardNewest)
+        })
+        .expect("valid config");
+        let before = monotonic_ns();
+        ring.write(b"t").expect("room");
+        let after = monotonic_ns();
+        ring.flush_all();
+        let mut stamps = Vec::new();
+        ring.consume_all(|rec| stamps.push(rec.timestamp));
+        assert_eq!(stamps.len(), 1);
+        match stamps[0] {
+            Some(t) => assert!(
+                timestamps && (before..=after).contains(&t),
+                "{t} not in {before}..={after}"
+            ),
+            None => assert!(!timestamps, "no timestamp on a ring that keeps them"),
+        }
+    }
 }
