@@ -284,7 +284,7 @@ impl Counter {
     ) -> bool {
         let (base, len) = self.fast_table();
         #[cfg(any(test, feature = "__test-hooks"))]
-        if crate::test_hooks::counter_sequence_broken() {
+        if crate::test_hooks::counter_sequence_broken(self) {
             let cpu = cpu::cpu_id_start(rseq);
             if cpu as usize >= len {
                 return false;

@@ -106,20 +106,24 @@ pub(crate) fn pool_lock_taken() {
     }
 }
 
-static COUNTER_SEQUENCE_BROKEN: AtomicBool = AtomicBool::new(false);
+/// The address of the one [`Counter`](crate::Counter) whose add is broken; 0: none.
+static BROKEN_COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Breaks (`true`) or restores (`false`) [`Counter`](crate::Counter)'s add: while broken,
-/// it runs a load, the delay, and a store with no critical section armed, so a
+/// Breaks the add of `counter` (`Some`) or restores every counter's (`None`): while
+/// broken, it runs a load, the delay, and a store with no critical section armed, so a
 /// preemption, migration or signal between the load and the store loses updates. The
-/// mutation `cpulocal stress --broken` must catch.
-pub fn break_counter_sequence(broken: bool) {
+/// mutation `cpulocal stress --broken` must catch. One counter, not all: the ring's and
+/// the allocator's statistics are counters too, and must stay exact meanwhile.
+pub fn break_counter_sequence(counter: Option<&crate::Counter>) {
+    let address = counter.map_or(0, |c| c as *const crate::Counter as usize);
     // Relaxed: a test switch, set before the workers start.
-    COUNTER_SEQUENCE_BROKEN.store(broken, Ordering::Relaxed);
+    BROKEN_COUNTER.store(address, Ordering::Relaxed);
 }
 
 #[inline(always)]
-pub(crate) fn counter_sequence_broken() -> bool {
-    COUNTER_SEQUENCE_BROKEN.load(Ordering::Relaxed)
+pub(crate) fn counter_sequence_broken(counter: &crate::Counter) -> bool {
+    // Relaxed: as in `break_counter_sequence`.
+    BROKEN_COUNTER.load(Ordering::Relaxed) == counter as *const crate::Counter as usize
 }
 
 std::thread_local! {

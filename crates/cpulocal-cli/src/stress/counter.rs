@@ -28,7 +28,8 @@ pub(super) const PART: PartDef = PartDef {
             counter: Counter::new(),
         })
     },
-    mutation: Some(hooks::break_counter_sequence),
+    // This part's counter only: the ring part's statistics are counters too.
+    mutation: Some(|part| hooks::break_counter_sequence(part.and_then(|p| p.signal_counter()))),
     absent: Some(|run| vec![Entry::null("counter"), signal_counter_entry(run)]),
 };
 

@@ -31,11 +31,11 @@ pub(super) mod hooks {
     pub(in crate::stress) fn set_delay_loops(_: usize) {}
 
     #[cfg(feature = "test-hooks")]
-    pub(in crate::stress) fn break_counter_sequence(broken: bool) {
-        cpulocal::test_hooks::break_counter_sequence(broken);
+    pub(in crate::stress) fn break_counter_sequence(counter: Option<&cpulocal::Counter>) {
+        cpulocal::test_hooks::break_counter_sequence(counter);
     }
     #[cfg(not(feature = "test-hooks"))]
-    pub(in crate::stress) fn break_counter_sequence(_: bool) {}
+    pub(in crate::stress) fn break_counter_sequence(_: Option<&cpulocal::Counter>) {}
 
     #[cfg(feature = "test-hooks")]
     pub(in crate::stress) fn break_stack_guard(broken: bool) {

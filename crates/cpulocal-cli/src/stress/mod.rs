@@ -31,10 +31,11 @@
 //! `test-hooks` only) the run tortures a deliberately broken variant and must report
 //! losses or duplicates:
 //!
-//! - `counter`: `cpulocal::test_hooks::break_counter_sequence(true)` makes
-//!   `Counter::add` run cpulocal's own sequence with its critical section unarmed
-//!   (load, delay, store): a preemption, migration or signal between its load and its
-//!   store loses updates.
+//! - `counter`: `cpulocal::test_hooks::break_counter_sequence(Some(&counter))` makes
+//!   the part's `Counter::add` run cpulocal's own sequence with its critical section
+//!   unarmed (load, delay, store): a preemption, migration or signal between its load
+//!   and its store loses updates. That counter only: the ring part's statistics, also
+//!   counters, stay exact, so in `mix --broken` only the counter and stack parts fail.
 //! - `stack`: `cpulocal::test_hooks::break_stack_guard(true)` makes steals take a CPU's
 //!   lock without the membarrier fence, so pushes and pops in flight on that CPU commit
 //!   over the thief's token and steals racing them lose or duplicate nodes. Duplicates

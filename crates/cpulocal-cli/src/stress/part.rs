@@ -36,9 +36,10 @@ pub(super) struct PartDef {
     pub(super) name: &'static str,
     /// Its state for a run of `config`.
     pub(super) new: fn(&Config) -> Box<dyn ErasedPart>,
-    /// Switches the deliberately broken variant of `--broken` on or off (a no-op in
-    /// builds without the `test-hooks` feature); `None`: the part has none.
-    pub(super) mutation: Option<fn(bool)>,
+    /// Switches the deliberately broken variant of `--broken` on for the run's part
+    /// (`Some`) or off (`None`); a no-op in builds without the `test-hooks` feature.
+    /// `None`: the part has none.
+    pub(super) mutation: Option<fn(Option<&dyn ErasedPart>)>,
     /// The report's entries when the run has no such part; `None`: its key, null.
     pub(super) absent: Option<fn(&Shared) -> Vec<Entry>>,
 }

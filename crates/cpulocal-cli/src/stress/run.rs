@@ -209,8 +209,8 @@ fn finished(workers: &[Option<JoinHandle<Tally>>]) -> usize {
 fn set_mutations(shared: &Shared, broken: bool) {
     for def in registered_parts() {
         if let Some(mutation) = def.mutation {
-            let in_run = shared.parts.iter().any(|(p, _)| p.name == def.name);
-            mutation(broken && in_run);
+            let in_run = shared.parts.iter().find(|(p, _)| p.name == def.name);
+            mutation(in_run.filter(|_| broken).map(|(_, part)| &**part));
         }
     }
 }

@@ -29,7 +29,7 @@ pub(super) const PART: PartDef = PartDef {
             nodes: (config.threads * 64).clamp(1024, 1 << 20),
         })
     },
-    mutation: Some(hooks::break_stack_guard),
+    mutation: Some(|part| hooks::break_stack_guard(part.is_some())),
     absent: None,
 };
 
