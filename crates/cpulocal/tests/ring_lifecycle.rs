@@ -727,3 +727,62 @@ fn a_record_carries_the_monotonic_time_of_its_reserve_only_when_timestamps_are_o
         }
     }
 }
+
+/// The documented cost of leaking a reservation (`mem::forget`): its sub-buffer never
+/// completes, so the consumer of that CPU's ring stops there for good; nothing hangs,
+/// and the other rings go on.
+#[test]
+fn a_leaked_reservation_stops_its_rings_consumer_there_for_good() {
+    let _serial = serial();
+    // A hang must fail the test, not stall CI: flush and consume must return.
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !done.load(Ordering::Relaxed) {
+                if start.elapsed() > Duration::from_secs(20) {
+                    eprintln!("a leaked reservation made flush or consume hang");
+                    std::process::abort();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    let pinned = Pinned::new();
+    let cpu = pinned.cpu();
+    ring.write(b"before").expect("room");
+    std::mem::forget(ring.reserve(8).expect("room"));
+    // Enough records to fill the leaked one's sub-buffer and start the next.
+    let mut written = 0;
+    while ring.write(b"after").is_ok() {
+        written += 1;
+    }
+    drop(pinned);
+    assert!(written >= 16, "only {written} records fit after the leak");
+    for _ in 0..3 {
+        ring.flush_all();
+        let mut seen = Vec::new();
+        ring.consume(cpu, |rec| seen.push(rec.data.to_vec()))
+            .expect("cpu < cpus");
+        assert!(
+            seen.iter().all(|r| r != b"after"),
+            "a record after the leak was delivered: {seen:?}"
+        );
+    }
+    // The other rings are not held up.
+    let cpus = allowed_cpus();
+    if let Some(&other) = cpus.iter().find(|&&c| c != cpu) {
+        set_affinity(0, &[other]).expect("sched_setaffinity");
+        ring.write(b"elsewhere").expect("room");
+        set_affinity(0, &cpus).expect("sched_setaffinity");
+        ring.flush_all();
+        let mut seen = Vec::new();
+        ring.consume(other, |rec| seen.push(rec.data.to_vec()))
+            .expect("cpu < cpus");
+        assert_eq!(seen, [b"elsewhere".to_vec()]);
+    }
+    done.store(true, Ordering::Relaxed);
+    watchdog.join().expect("the watchdog");
+}
