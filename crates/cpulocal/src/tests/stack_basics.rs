@@ -116,3 +116,52 @@ fn dropping_a_stack_or_a_node_list_frees_every_node_left_once() {
     drop(stack);
     assert_eq!(drops.load(Ordering::Relaxed), 200, "dropped stack");
 }
+
+/// The CPUs the calling thread may run on, lowest first.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is an array of integers: all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is this thread.
+    let r = unsafe { libc::sched_getaffinity(0, core::mem::size_of_val(&set), &mut set) };
+    assert_eq!(r, 0, "sched_getaffinity");
+    // SAFETY: `set` was filled by the kernel; the CPUs tested are below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
+/// `pop_or_steal` on an empty list steals from the other CPUs "in turn (the next CPU
+/// first)": up from the caller's CPU, wrapping around past the last. Needs three CPUs to
+/// tell an order from its reverse: on fewer (this 2-CPU VM) it checks nothing and says
+/// so; CI's VM lane runs it on 8.
+#[test]
+fn pop_or_steal_takes_from_the_next_cpus_in_turn_wrapping_around() {
+    let cpus = allowed_cpus();
+    if cpus.len() < 3 {
+        println!("needs 3 CPUs to see an order, has {cpus:?}: nothing checked");
+        return;
+    }
+    let (low, mid, high) = (cpus[0], cpus[1], cpus[2]);
+    std::thread::spawn(move || {
+        let stack = Stack::new();
+        let push_on = |cpu: usize, value: u32| {
+            assert!(pin_to(cpu), "pin to CPU {cpu}");
+            stack.push_value(value);
+        };
+        // From `low`: `mid` comes before `high`.
+        push_on(high, 3);
+        push_on(mid, 2);
+        assert!(pin_to(low), "pin to CPU {low}");
+        assert_eq!(stack.pop_or_steal_value(), Some(2), "from CPU {low}");
+        assert_eq!(stack.pop_or_steal_value(), Some(3), "from CPU {low}");
+        // From `high`: around past the last CPU, so `low` comes before `mid`.
+        push_on(mid, 2);
+        push_on(low, 1);
+        assert!(pin_to(high), "pin to CPU {high}");
+        assert_eq!(stack.pop_or_steal_value(), Some(1), "from CPU {high}");
+        assert_eq!(stack.pop_or_steal_value(), Some(2), "from CPU {high}");
+        assert_eq!(stack.pop_or_steal_value(), None);
+    })
+    .join()
+    .expect("the pinned thread");
+}
