@@ -112,9 +112,11 @@ struct HistogramSlot {
 
 /// A Prometheus histogram kept per CPU. Clones share the data.
 ///
-/// Buckets as the built-in one's: the upper bounds given, then one without bound
-/// (`+Inf`); an observation counts in the first bucket whose bound is at least the value
-/// (a NaN counts in none, as in the built-in histogram, but in the count and the sum).
+/// Buckets as the built-in one's: the upper bounds given, then a last one encoded as
+/// `+Inf` whose bound is `f64::MAX`; an observation counts in the first bucket whose
+/// bound is at least the value. So a NaN and `f64::INFINITY` count in no bucket (as in
+/// the built-in histogram), but in the count and the sum: the `+Inf` bucket then falls
+/// short of the count.
 ///
 /// ```
 /// let h = cpulocal::prometheus::Histogram::new([1.0, 2.0]);
@@ -240,6 +242,23 @@ mod tests {
             ours.observe(v);
             theirs.observe(v);
         }
+        assert_eq!(encoded("h", ours), encoded("h", theirs));
+    }
+
+    /// The last bucket's bound is `f64::MAX`, not infinity: an infinite observation
+    /// counts in no bucket, as in the built-in histogram (the docs said "one without
+    /// bound", which it is not).
+    #[test]
+    fn an_infinite_observation_counts_in_no_bucket_as_in_the_built_in_histogram() {
+        let ours = Histogram::new([1.0]);
+        let theirs = prometheus_client::metrics::histogram::Histogram::new([1.0]);
+        for v in [f64::INFINITY, f64::NEG_INFINITY, f64::MAX] {
+            ours.observe(v);
+            theirs.observe(v);
+        }
+        let (_, count, buckets) = ours.get();
+        assert_eq!(count, 3);
+        assert_eq!(buckets, [(1.0, 1), (f64::MAX, 1)]);
         assert_eq!(encoded("h", ours), encoded("h", theirs));
     }
 
