@@ -96,6 +96,8 @@ use writer::Writer;
 mod produce;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_promises;
 mod writer;
 
 /// How the writer formats records.
@@ -116,8 +118,9 @@ pub enum Format {
     Full,
     /// One JSON object per line: `timestamp`, `level`, `fields` (with `message`),
     /// `target`, and when the event is inside spans, as `tracing-subscriber`'s JSON
-    /// format writes them, `span` (the innermost one) and `spans` (outermost first),
-    /// each an object of the span's fields and its `name`.
+    /// format writes them, `span` (the innermost one written) and `spans` (outermost
+    /// first), each an object of the span's fields and its `name`. As in `Full`, spans
+    /// deeper than 32 are left out (`span` is then the 32nd from the outermost).
     Json,
 }
 
