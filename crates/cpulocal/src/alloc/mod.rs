@@ -97,6 +97,8 @@ use std::alloc::System;
 mod classes;
 mod global;
 mod slab;
+#[cfg(test)]
+mod tests;
 mod transfer;
 
 pub(crate) use classes::ClassSpec;

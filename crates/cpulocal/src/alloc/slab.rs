@@ -270,7 +270,7 @@ impl Region {
     /// Takes the lock of `cpu`'s slab (try only), locks every header's bounds and guard
     /// ([`Region::set_lock_words`]) and fences the CPU's sequences; `false` if somebody
     /// else holds it.
-    fn lock_slab(&self, cpu: u32) -> bool {
+    pub(super) fn lock_slab(&self, cpu: u32) -> bool {
         let slab = self.slab(cpu);
         // SAFETY: `cpu < ranges`: a slab of this live region.
         let lock = unsafe { Self::word(slab, 0) };
@@ -303,7 +303,7 @@ impl Region {
         true
     }
 
-    fn unlock_slab(&self, cpu: u32) {
+    pub(super) fn unlock_slab(&self, cpu: u32) {
         let slab = self.slab(cpu);
         // A slab that is not ready keeps zero bounds: its `current` is not set up.
         let ready = Self::ready(slab);

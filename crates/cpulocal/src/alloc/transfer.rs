@@ -18,7 +18,7 @@ pub(super) const TRANSFER_SLOTS: usize = MAX_BATCH * TRANSFER_BATCHES;
 /// One class's transfer cache: a bounded stack of blocks behind a try-lock.
 #[repr(C, align(64))]
 pub(super) struct Transfer {
-    locked: AtomicBool,
+    pub(super) locked: AtomicBool,
     /// Entries in use; written under `locked`.
     pub(super) len: AtomicUsize,
     slots: [AtomicUsize; TRANSFER_SLOTS],
