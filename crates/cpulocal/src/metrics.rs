@@ -269,6 +269,16 @@ impl fmt::Debug for Flusher {
 /// # Errors
 ///
 /// When a global recorder is already installed (`inner` is handed back inside).
+///
+/// ```
+/// use std::time::Duration;
+/// let _first = cpulocal::metrics::install(metrics::NoopRecorder, Duration::from_secs(1));
+/// // The process has a global recorder now: a second is refused, and handed back.
+/// let refused = cpulocal::metrics::install(metrics::NoopRecorder, Duration::from_secs(1))
+///     .unwrap_err()
+///     .into_inner();
+/// let _: &metrics::NoopRecorder = refused.inner();
+/// ```
 pub fn install<R: Recorder + Sync + 'static>(
     inner: R,
     interval: Duration,
@@ -424,6 +434,105 @@ mod tests {
         ::metrics::with_local_recorder(&recorder, || ::metrics::counter!("x").increment(5));
         drop(guard);
         assert_eq!(exported.value("x"), 5);
+    }
+
+    /// A recorder that notes its `describe_*` calls and keeps each gauge and histogram.
+    #[derive(Clone, Default)]
+    struct Noting {
+        described: Arc<Mutex<Vec<String>>>,
+        gauges: Arc<Mutex<HashMap<Key, Arc<AtomicU64>>>>,
+        histograms: Arc<Mutex<HashMap<Key, Arc<Samples>>>>,
+    }
+
+    /// A histogram's samples, in order.
+    #[derive(Default)]
+    struct Samples(Mutex<Vec<f64>>);
+
+    impl ::metrics::HistogramFn for Samples {
+        fn record(&self, value: f64) {
+            self.0.lock().unwrap().push(value);
+        }
+    }
+
+    impl Noting {
+        fn note(&self, what: &str, key: KeyName, unit: Option<Unit>, text: SharedString) {
+            let line = format!("{what} {} {unit:?} {text}", key.as_str());
+            self.described.lock().unwrap().push(line);
+        }
+    }
+
+    impl Recorder for Noting {
+        fn describe_counter(&self, key: KeyName, unit: Option<Unit>, text: SharedString) {
+            self.note("counter", key, unit, text);
+        }
+        fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, text: SharedString) {
+            self.note("gauge", key, unit, text);
+        }
+        fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, text: SharedString) {
+            self.note("histogram", key, unit, text);
+        }
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> ::metrics::Counter {
+            ::metrics::Counter::noop()
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            let mut map = self.gauges.lock().unwrap();
+            Gauge::from_arc(Arc::clone(map.entry(key.clone()).or_default()))
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            let mut map = self.histograms.lock().unwrap();
+            Histogram::from_arc(Arc::clone(map.entry(key.clone()).or_default()))
+        }
+    }
+
+    /// "Gauges, histograms and descriptions go straight to the wrapped recorder": each
+    /// update reaches it at once, exactly, with no flush; the descriptions as given.
+    #[test]
+    fn gauges_histograms_and_descriptions_go_straight_to_the_wrapped_recorder() {
+        let inner = Noting::default();
+        let recorder = PerCpuRecorder::new(inner.clone());
+        ::metrics::with_local_recorder(&recorder, || {
+            ::metrics::describe_counter!("c", Unit::Bytes, "counted");
+            ::metrics::describe_gauge!("g", "gauged");
+            ::metrics::describe_histogram!("h", Unit::Seconds, "timed");
+            let gauge = ::metrics::gauge!("g", "k" => "v");
+            gauge.set(2.5);
+            gauge.increment(1.25);
+            gauge.decrement(0.5);
+            ::metrics::histogram!("h").record(0.1);
+            ::metrics::histogram!("h").record(7.0);
+        });
+        assert_eq!(
+            *inner.described.lock().unwrap(),
+            [
+                "counter c Some(Bytes) counted",
+                "gauge g None gauged",
+                "histogram h Some(Seconds) timed"
+            ]
+        );
+        let key = Key::from_parts("g", vec![::metrics::Label::new("k", "v")]);
+        let gauge = Arc::clone(&inner.gauges.lock().unwrap()[&key]);
+        assert_eq!(f64::from_bits(gauge.load(Ordering::Relaxed)), 3.25);
+        let samples = Arc::clone(&inner.histograms.lock().unwrap()[&Key::from_name("h")]);
+        assert_eq!(*samples.0.lock().unwrap(), [0.1, 7.0]);
+    }
+
+    /// A key is its name and its labels: counters of one name with other labels are
+    /// other counters, flushed each to its own wrapped counter.
+    #[test]
+    fn counters_with_other_labels_are_other_counters() {
+        let exported = Atomics::default();
+        let recorder = PerCpuRecorder::new(exported.clone());
+        ::metrics::with_local_recorder(&recorder, || {
+            ::metrics::counter!("req", "code" => "200").increment(3);
+            ::metrics::counter!("req", "code" => "500").increment(1);
+            ::metrics::counter!("req", "code" => "200").increment(2);
+        });
+        recorder.flusher().flush();
+        let value = |code: &'static str| {
+            let key = Key::from_parts("req", vec![::metrics::Label::new("code", code)]);
+            exported.0.lock().unwrap()[&key].load(Ordering::Relaxed)
+        };
+        assert_eq!((value("200"), value("500")), (5, 1));
     }
 
     #[test]
