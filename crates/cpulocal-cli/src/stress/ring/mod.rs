@@ -27,7 +27,7 @@ pub use check::RingCheck;
 use check::{ring_check, Labelled, RingSeen, Written};
 use record::{fill_record, monotonic_ns, record_len, spare_len, Kind, Stamp, NO_CPU};
 
-use super::harness::{Rng, Shared};
+use super::harness::{usable_cpus, Rng, Shared};
 use super::part::{Entry, ErasedPart, Part, PartDef, StructureDef, Turn};
 
 /// `--structure ring`.
@@ -223,6 +223,8 @@ impl Part for RingPart {
     fn background(&self, run: &Shared) {
         let mut seen: [RingSeen; 2] = Default::default();
         let mut last_flush = Instant::now();
+        // The CPUs records may come from: the run's, and any hot-added since.
+        let mut cpus = run.cpus.clone();
         loop {
             // Acquire: pairs with the Release in `run` after every writer is joined, so
             // the last pass sees every commit.
@@ -254,7 +256,16 @@ impl Part for RingPart {
                             // record: a writer started after a load made before the
                             // consume would be taken for one that never was.
                             let writers = self.next_writer.load(Ordering::Relaxed);
-                            seen.check(cpu, &rec, writers, &run.cpus)
+                            if !cpus.contains(&rec.cpu) {
+                                // A CPU hot-added during the run (the VM lane's hotadd
+                                // step) is one the threads may run on from then on.
+                                let added: Vec<usize> = usable_cpus()
+                                    .into_iter()
+                                    .filter(|c| !cpus.contains(c))
+                                    .collect();
+                                cpus.extend(added);
+                            }
+                            seen.check(cpu, &rec, writers, &cpus)
                         })
                         .expect("cpu below the rings");
                 }
