@@ -198,7 +198,9 @@ impl<A: GlobalAlloc> CpuCache<A> {
 
     /// Gives the blocks cached for `cpu` back to the backend, with the remote protocol
     /// (lock, `membarrier` fence, move, unlock); for CPUs the program knows to be idle.
-    /// Returns `false` when the CPU's cache was busy (another drain) and nothing moved.
+    /// Returns `false` when nothing moved: another thread held the CPU's cache (a drain,
+    /// or the setting up of its slab), or the kernel refused this thread the fence that
+    /// excludes the CPU's sequences (a seccomp filter). Nothing is lost: try again later.
     ///
     /// ```
     /// use std::alloc::{GlobalAlloc, Layout};
@@ -223,7 +225,7 @@ impl<A: GlobalAlloc> CpuCache<A> {
 
     /// Gives every cached block back to the backend: every CPU's cache (see
     /// [`drain_cpu`](CpuCache::drain_cpu)) and the transfer caches. Returns `false` if
-    /// some cache was busy.
+    /// some CPU's cache could not be drained (for `drain_cpu`'s reasons).
     pub fn drain_all(&self) -> bool {
         let Some(r) = self.region.get() else {
             return true;
