@@ -46,6 +46,14 @@
 //! - A statically linked glibc ≥ 2.35 registers every thread, but `dlsym` cannot find
 //!   its symbols: cpulocal's own registration then fails with EINVAL and the process runs
 //!   the fallback (correct, not fast). Set `GLIBC_TUNABLES=glibc.pthread.rseq=0` there.
+//! - A thread whose *first* use comes in the last round of pthread-key destructors
+//!   (after three rounds that each set a key again) exits with its own area still
+//!   registered: no round is left to undo it. glibc frees a thread's memory only after
+//!   it has exited, so that is harmless there. musl unmaps a detached thread's stack
+//!   and TLS just before its exit system call: a preemption in between makes the
+//!   kernel's next update of the area fault, and the kernel kills the process. A thread
+//!   that may first use cpulocal that late should call
+//!   [`register_current_thread`](crate::register_current_thread) when it starts.
 //!
 //! # Unloading
 //!
