@@ -155,7 +155,12 @@ impl RingSeen {
             self.abandoned_read += 1;
             return;
         }
-        let cpu_agrees = stamp.cpu == NO_CPU || stamp.cpu as usize == rec.cpu;
+        // Only `write_with` may carry no CPU: a reserved record saying NO_CPU (say, a
+        // reservation whose `cpu()` came out as u32::MAX) would otherwise skip the check.
+        let cpu_agrees = match stamp.kind {
+            Kind::WriteWith => stamp.cpu == NO_CPU,
+            _ => stamp.cpu as usize == rec.cpu,
+        };
         if rec.cpu != ring_cpu || !cpu_agrees || !cpus.contains(&rec.cpu) {
             self.wrong_cpu += 1;
         }
@@ -335,6 +340,23 @@ mod tests {
             seen.timestamp_inversions, 2,
             "99 after 150, 100 after 201 on ring 1"
         );
+    }
+
+    #[test]
+    fn only_write_with_records_may_carry_no_cpu() {
+        let mut seen = RingSeen::default();
+        let no_cpu = |kind| Stamp {
+            cpu: NO_CPU,
+            ..stamp(0, 0, kind)
+        };
+        read(&mut seen, &no_cpu(Kind::Plain), 1, Some(150));
+        read(&mut seen, &no_cpu(Kind::Truncated), 1, Some(150));
+        assert_eq!(seen.wrong_cpu, 2, "a reserved record must name its CPU");
+        read(&mut seen, &no_cpu(Kind::WriteWith), 1, Some(150));
+        assert_eq!(seen.wrong_cpu, 2);
+        // A `write_with` record cannot know its CPU: one that names one is not it.
+        read(&mut seen, &stamp(0, 1, Kind::WriteWith), 1, Some(150));
+        assert_eq!(seen.wrong_cpu, 3);
     }
 
     #[test]
