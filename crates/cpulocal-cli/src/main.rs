@@ -229,7 +229,9 @@ fn run_stress(args: &StressArgs) {
         }
     };
     if !args.json {
-        out!("{}", stress::header(&config));
+        // Not `out!`: a reader gone already must not end the run with status 0 before
+        // it ran; the verdict's status comes at the end (`verdict_written`).
+        verdict_written(writeln!(io::stdout(), "{}", stress::header(&config)), None);
     }
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
         let (len, template) = match config.amount {
@@ -268,12 +270,33 @@ fn run_stress(args: &StressArgs) {
             std::process::exit(2);
         }
     };
-    if args.json {
-        out!("{}", report.to_json());
+    let status = if report.passed { 0 } else { 1 };
+    let shown = if args.json {
+        writeln!(io::stdout(), "{}", report.to_json())
     } else {
-        out!("{report}");
+        writeln!(io::stdout(), "{report}")
+    };
+    verdict_written(shown, Some(status));
+    std::process::exit(status);
+}
+
+/// [`written`] for `stress`, whose exit status is its verdict (scripts and CI read it):
+/// a reader that closed the pipe (`cpulocal stress | head`) must not turn a FAIL into
+/// status 0, as `out!` would. `status`: the verdict's, once known (`None`: the run has
+/// not run yet, so carry on to it). Other write errors still end with status 1.
+fn verdict_written(result: io::Result<()>, status: Option<i32>) {
+    match result {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+            if let Some(status) = status {
+                std::process::exit(status);
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
     }
-    std::process::exit(if report.passed { 0 } else { 1 });
 }
 
 fn run_bench(config: bench::Config, json: bool, plot: Option<&std::path::Path>) {
