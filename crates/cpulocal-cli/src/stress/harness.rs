@@ -292,6 +292,14 @@ impl Shared {
         self.participants().push(tid);
     }
 
+    /// [`enter`](Self::enter), leaving when the guard drops: also when the thread
+    /// panics, so that the signaller and the churner never aim at a thread that has
+    /// exited (whose id the kernel may hand to a new thread not yet registered).
+    pub(super) fn participate(&self, tid: libc::pid_t) -> Participant<'_> {
+        self.enter(tid);
+        Participant(self, tid)
+    }
+
     pub(super) fn leave(&self, tid: libc::pid_t) {
         let mut p = self.participants();
         if let Some(i) = p.iter().position(|&t| t == tid) {
@@ -388,6 +396,15 @@ impl Shared {
     }
 }
 
+/// A participant of [`Shared`], until dropped ([`Shared::participate`]).
+pub(super) struct Participant<'a>(&'a Shared, libc::pid_t);
+
+impl Drop for Participant<'_> {
+    fn drop(&mut self) {
+        self.0.leave(self.1);
+    }
+}
+
 /// A worker: registers, enters the participants, does operations in batches until the
 /// budget, the duration or its lifetime is over, leaves.
 ///
@@ -407,7 +424,7 @@ pub(super) fn worker(
             part.seed(w, workers);
         }
     }
-    shared.enter(tid);
+    let participant = shared.participate(tid);
     // Release: pairs with the Acquire in `run`, which then sees the parts seeded.
     shared.ready.fetch_add(1, Ordering::Release);
     // Acquire: pairs with the Release store of `go`, after the hooks are set.
@@ -429,7 +446,7 @@ pub(super) fn worker(
         // Relaxed: progress only.
         shared.done.fetch_add(n, Ordering::Relaxed);
     }
-    shared.leave(tid);
+    drop(participant);
     t
 }
 
@@ -439,7 +456,7 @@ pub(super) fn remote(shared: Arc<Shared>) -> Tally {
     let tid = gettid();
     let mut rng = Rng::new(seed());
     let mut t = shared.new_tally();
-    shared.enter(tid);
+    let participant = shared.participate(tid);
     let turns = shared.remote_turns.len() as u64;
     let mut i = 0u64;
     // Acquire: pairs with the Release in `run` once every worker is joined.
@@ -452,7 +469,7 @@ pub(super) fn remote(shared: Arc<Shared>) -> Tally {
         t.remote_ops += 1;
         i += 1;
     }
-    shared.leave(tid);
+    drop(participant);
     t
 }
 
@@ -557,5 +574,22 @@ mod tests {
             Err("stress-worker panicked: record 7 torn".to_owned())
         );
         assert_eq!(join(spawn("stress-worker", || 5)), Ok(5));
+    }
+
+    #[test]
+    fn a_participant_that_panics_leaves() {
+        let shared = Arc::new(Shared::new(&Config::new(
+            "ring".parse().expect("a registered structure"),
+            1,
+            Amount::Ops(1),
+        )));
+        let s = Arc::clone(&shared);
+        let handle = spawn("stress-worker", move || {
+            let _participant = s.participate(gettid());
+            assert_eq!(s.participants().len(), 1);
+            panic!("mid-run");
+        });
+        assert!(join(handle).is_err());
+        assert!(shared.participants().is_empty(), "its id is still a target");
     }
 }
