@@ -96,17 +96,23 @@ fn host() {
     );
 }
 
-fn host_survives(name: &str, env: &[(&str, &str)]) {
+/// Runs `body` (a host that loads the fixture) in a child process, with `env` and the
+/// fixture's path: the child is where the test itself runs again, and finds the path.
+fn run_host(name: &str, env: &[(&str, &str)], body: fn()) {
     let _serial = serial();
     if is_child(name) {
-        in_child(name, &[], host);
+        in_child(name, &[], body);
         return;
     }
     let fixture = build_fixture();
     let fixture = fixture.to_str().expect("a UTF-8 path");
     let mut env = env.to_vec();
     env.push((FIXTURE_ENV, fixture));
-    in_child(name, &env, host);
+    in_child(name, &env, body);
+}
+
+fn host_survives(name: &str, env: &[(&str, &str)]) {
+    run_host(name, env, host);
 }
 
 #[test]
@@ -280,16 +286,7 @@ fn split_host() {
 }
 
 fn split_host_is_exact(name: &str, env: &[(&str, &str)]) {
-    let _serial = serial();
-    if is_child(name) {
-        in_child(name, &[], split_host);
-        return;
-    }
-    let fixture = build_fixture();
-    let fixture = fixture.to_str().expect("a UTF-8 path");
-    let mut env = env.to_vec();
-    env.push((FIXTURE_ENV, fixture));
-    in_child(name, &env, split_host);
+    run_host(name, env, split_host);
 }
 
 #[test]

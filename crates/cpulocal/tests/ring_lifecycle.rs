@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cpulocal::ring::{ConfigError, Mode, RingBuffer, RingConfig, MAX_RESERVED_BYTES};
+use cpulocal::ring::{monotonic_ns, ConfigError, Mode, RingBuffer, RingConfig, MAX_RESERVED_BYTES};
 
 use common::{allowed_cpus, in_child, serial, set_affinity};
 
@@ -688,16 +688,6 @@ fn an_overwriting_producer_refuses_rather_than_overwrite_a_sub_buffer_being_read
     let stats = ring.stats();
     assert_eq!((stats.discarded, stats.overwritten), (1, 0), "{stats:?}");
     assert_eq!(seen, (0..64).collect::<Vec<u8>>());
-}
-
-/// `CLOCK_MONOTONIC` now, in nanoseconds.
-fn monotonic_ns() -> u64 {
-    // SAFETY: timespec is plain old data.
-    let mut ts: libc::timespec = unsafe { core::mem::zeroed() };
-    // SAFETY: `ts` is a live timespec; CLOCK_MONOTONIC always exists.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(r, 0);
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A record's timestamp is the `CLOCK_MONOTONIC` time of its reserve when the ring keeps

@@ -423,8 +423,22 @@ impl fmt::Debug for RingBuffer {
     }
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds (the vDSO: no system call).
-pub(crate) fn monotonic_ns() -> u64 {
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of [`Record::timestamp`], for a
+/// consumer that measures how old a record is (read through the vDSO: no system call).
+///
+/// ```
+/// use cpulocal::ring::{monotonic_ns, RingBuffer, RingConfig};
+///
+/// let ring = RingBuffer::new(RingConfig::default()).unwrap();
+/// let before = monotonic_ns();
+/// ring.write(b"event").unwrap();
+/// ring.flush_all();
+/// ring.consume_all(|rec| {
+///     let stamped = rec.timestamp.unwrap();
+///     assert!(before <= stamped && stamped <= monotonic_ns());
+/// });
+/// ```
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

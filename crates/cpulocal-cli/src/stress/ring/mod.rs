@@ -21,11 +21,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cpulocal::ring::{Mode, ReserveError, RingBuffer, RingConfig};
+use cpulocal::ring::{monotonic_ns, Mode, ReserveError, RingBuffer, RingConfig};
 
 pub use check::RingCheck;
 use check::{ring_check, Labelled, RingSeen, Written};
-use record::{fill_record, monotonic_ns, record_len, spare_len, Kind, Stamp, NO_CPU};
+use record::{fill_record, record_len, spare_len, Kind, Stamp, NO_CPU};
 
 use super::harness::{usable_cpus, Rng, Shared};
 use super::part::{Entry, ErasedPart, Part, PartDef, StructureDef, Turn};

@@ -124,17 +124,6 @@ pub(super) fn parse_record(data: &[u8]) -> Option<Stamp> {
     intact.then_some(stamp)
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock the ring's timestamps are read from.
-pub(super) fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a live out-parameter; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// A stamp for the tests: on CPU 1, the clock read at 100 and 200.
 #[cfg(test)]
 pub(super) fn stamp(writer: u32, seq: u64, kind: Kind) -> Stamp {
