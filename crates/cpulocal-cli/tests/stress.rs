@@ -187,6 +187,13 @@ fn ring_reads_every_record_once_under_signals_yields_and_affinity_churn() {
     let o = &r["ring_overwrite"];
     assert!(u(o, "records") > 0, "{r}");
     assert_eq!(u(o, "read") + u(o, "overwritten"), u(o, "records"), "{r}");
+    // With test hooks the ring names each record it overwrites, and the check is per
+    // record (read or overwritten, exactly once), not only the totals above.
+    assert_eq!(
+        o["overwrites_identified"],
+        cpulocal_cli::stress::HAS_TEST_HOOKS,
+        "{r}"
+    );
     for ring in [g, o] {
         for way in ["truncated", "written_with", "dropped"] {
             assert!(u(ring, way) > 0, "no record {way}: {r}");

@@ -106,6 +106,26 @@ pub(crate) fn pool_lock_taken() {
     }
 }
 
+/// The hook [`on_overwritten_record`] set.
+static OVERWRITTEN_RECORD: std::sync::OnceLock<fn(&crate::ring::RingBuffer, &[u8])> =
+    std::sync::OnceLock::new();
+
+/// Calls `hook(ring, payload)` for every record an overwriting ring drops unread, as it
+/// drops it; set once per process (later calls change nothing). For the stress checker,
+/// which then knows *which* records were overwritten, not only how many
+/// ([`RingStats::overwritten`](crate::ring::RingStats::overwritten)), so that a lost
+/// record and a delivered-and-counted one cannot balance each other.
+pub fn on_overwritten_record(hook: fn(&crate::ring::RingBuffer, &[u8])) {
+    let _ = OVERWRITTEN_RECORD.set(hook);
+}
+
+/// Tells the hook of [`on_overwritten_record`], if any, that `ring` drops `payload`.
+pub(crate) fn overwritten_record(ring: &crate::ring::RingBuffer, payload: &[u8]) {
+    if let Some(hook) = OVERWRITTEN_RECORD.get() {
+        hook(ring, payload);
+    }
+}
+
 /// The address of the one [`Counter`](crate::Counter) whose add is broken; 0: none.
 static BROKEN_COUNTER: AtomicUsize = AtomicUsize::new(0);
 

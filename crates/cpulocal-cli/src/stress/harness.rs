@@ -45,6 +45,13 @@ pub(super) mod hooks {
     pub(in crate::stress) fn break_stack_guard(_: bool) {}
 
     #[cfg(feature = "test-hooks")]
+    pub(in crate::stress) fn on_overwritten_record(hook: fn(&cpulocal::ring::RingBuffer, &[u8])) {
+        cpulocal::test_hooks::on_overwritten_record(hook);
+    }
+    #[cfg(not(feature = "test-hooks"))]
+    pub(in crate::stress) fn on_overwritten_record(_: fn(&cpulocal::ring::RingBuffer, &[u8])) {}
+
+    #[cfg(feature = "test-hooks")]
     pub(in crate::stress) fn kernel_aborts() -> Option<u64> {
         Some(cpulocal::test_hooks::kernel_aborts())
     }

@@ -311,7 +311,11 @@ impl RingBuffer {
         }
         let mut records = 0;
         let from = resume_point(ring, consumed, self.config.sub_buffer_size);
-        self.parse(ring, consumed, from, |_, _, _| records += 1);
+        self.parse(ring, consumed, from, |_, _, _payload| {
+            records += 1;
+            #[cfg(any(test, feature = "__test-hooks"))]
+            crate::test_hooks::overwritten_record(self, _payload);
+        });
         // Release: our reads of the sub-buffer are over before producers reuse it.
         ring.consumed
             .store(consumed + self.config.sub_buffer_size, Ordering::Release);

@@ -6,15 +6,20 @@ use core::fmt;
 use cpulocal::ring::{Mode, Record, RingStats};
 use serde::Serialize;
 
-use super::record::{parse_record, Kind, NO_CPU};
+use super::record::{parse_record, Kind, Stamp, NO_CPU};
 use crate::stress::part::{Check, Faults};
 
 /// The check of one of the ring part's rings.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RingCheck {
     /// `discard_newest` (every committed record read exactly once) or `overwrite_oldest`
-    /// (every committed record read at most once, and read + `overwritten` = committed).
+    /// (every committed record read or overwritten, exactly once: see
+    /// `overwrites_identified`).
     pub mode: &'static str,
+    /// Whether the ring named each record it overwrote (builds with test hooks): then
+    /// each committed record must be read or overwritten, never both nor neither;
+    /// otherwise only the totals are checked (read + `overwritten` = committed).
+    pub overwrites_identified: bool,
     /// Records the workers committed (truncated and `write_with` ones included).
     pub records: u64,
     /// Records the consumer read (intact or not).
@@ -66,7 +71,7 @@ impl fmt::Display for RingCheck {
             f,
             "{} records committed ({} truncated, {} write_with), {} read; {} dropped uncommitted \
              (abandoned {}, {} of them read); remote commits {}; discarded {} ({} refusals seen); \
-             overwritten {}; flushes {}; wrong cpu {}; wrong timestamp {}; timestamps below the one before {}",
+             overwritten {}{}; flushes {}; wrong cpu {}; wrong timestamp {}; timestamps below the one before {}",
             self.records,
             self.truncated,
             self.written_with,
@@ -78,6 +83,11 @@ impl fmt::Display for RingCheck {
             self.discarded,
             self.refused,
             self.overwritten,
+            if self.overwrites_identified && self.overwritten > 0 {
+                " (each one named)"
+            } else {
+                ""
+            },
             self.flushes,
             self.wrong_cpu,
             self.wrong_timestamp,
@@ -170,7 +180,11 @@ impl RingSeen {
         {
             self.wrong_timestamp += 1;
         }
-        let (w, s) = (stamp.writer as usize, stamp.seq as usize);
+        self.mark(stamp.writer as usize, stamp.seq as usize);
+    }
+
+    /// Sets the bit of `writer`'s record `seq`; a second time, counts a duplicate.
+    fn mark(&mut self, w: usize, s: usize) {
         if self.bits.len() <= w {
             self.bits.resize_with(w + 1, Vec::new);
         }
@@ -186,23 +200,67 @@ impl RingSeen {
         }
     }
 
+    /// Notes a record the ring overwrote (`stamp`: its parsed payload, `None` if it did
+    /// not parse), in a `RingSeen` that holds only overwritten records, when `writers`
+    /// writer ids have been handed out.
+    pub(super) fn note_overwritten(&mut self, stamp: Option<Stamp>, writers: u32) {
+        self.read += 1;
+        match stamp {
+            Some(s) if s.writer < writers && s.seq < 1 << 40 => {
+                if s.kind == Kind::Abandoned {
+                    self.abandoned_read += 1;
+                } else {
+                    self.mark(s.writer as usize, s.seq as usize);
+                }
+            }
+            _ => self.corrupt += 1,
+        }
+    }
+
+    /// For `writer`'s records `0..committed`: how many neither `self` (read) nor
+    /// `over` (overwritten) holds, how many both hold, and how many `over` holds
+    /// beyond `committed`.
+    pub(super) fn missing_in_both(
+        &self,
+        over: &RingSeen,
+        writer: usize,
+        committed: u64,
+    ) -> (u64, u64, u64) {
+        let read = self.bits.get(writer).map_or(&[][..], |b| &b[..]);
+        let dropped = over.bits.get(writer).map_or(&[][..], |b| &b[..]);
+        let (mut found, mut both, mut phantom) = (0u64, 0u64, 0u64);
+        for i in 0..read.len().max(dropped.len()) {
+            let r = read.get(i).copied().unwrap_or(0);
+            let d = dropped.get(i).copied().unwrap_or(0);
+            let mask = committed_mask(committed, i);
+            found += u64::from(((r | d) & mask).count_ones());
+            both += u64::from((r & d).count_ones());
+            phantom += u64::from((d & !mask).count_ones());
+        }
+        (committed - found, both, phantom)
+    }
+
     /// (records of `0..committed` never read, records read beyond `committed`) for
     /// `writer`.
     pub(super) fn missing_and_phantom(&self, writer: usize, committed: u64) -> (u64, u64) {
         let bits = self.bits.get(writer).map_or(&[][..], |b| &b[..]);
         let (mut found, mut phantom) = (0u64, 0u64);
         for (i, &word) in bits.iter().enumerate() {
-            let base = i as u64 * 64;
-            let inside = committed.saturating_sub(base).min(64);
-            let mask = if inside == 64 {
-                u64::MAX
-            } else {
-                (1u64 << inside) - 1
-            };
+            let mask = committed_mask(committed, i);
             found += u64::from((word & mask).count_ones());
             phantom += u64::from((word & !mask).count_ones());
         }
         (committed - found, phantom)
+    }
+}
+
+/// The bits of word `i` of a bitmap that stand for sequence numbers below `committed`.
+fn committed_mask(committed: u64, i: usize) -> u64 {
+    let inside = committed.saturating_sub(i as u64 * 64).min(64);
+    if inside == 64 {
+        u64::MAX
+    } else {
+        (1u64 << inside) - 1
     }
 }
 
@@ -218,13 +276,15 @@ pub(super) struct Written {
 }
 
 /// The check of a ring in `mode`: `seen` by the consumer, against `committed` (per
-/// writer id), `written` (summed) and the ring's `stats`.
+/// writer id), `written` (summed) and the ring's `stats`; `overwritten`: the records
+/// the ring named as it overwrote them, when the build can tell (test hooks).
 pub(super) fn ring_check(
     mode: Mode,
     seen: &RingSeen,
     committed: &[u64],
     written: Written,
     stats: RingStats,
+    overwritten: Option<&RingSeen>,
 ) -> RingCheck {
     let overwrites = mode == Mode::OverwriteOldest;
     let (mut missing, mut phantom) = (0, 0);
@@ -237,8 +297,6 @@ pub(super) fn ring_check(
     for w in committed.len()..seen.bits.len() {
         phantom += seen.missing_and_phantom(w, 0).1;
     }
-    // Overwriting drops committed records unread, and counts them: the two must match.
-    let dropped_unread = if overwrites { stats.overwritten } else { 0 };
     let mut faults = Faults {
         corrupt: seen.corrupt
             + phantom
@@ -248,9 +306,36 @@ pub(super) fn ring_check(
             + seen.timestamp_inversions
             // Never overwrites: any count is wrong.
             + if overwrites { 0 } else { stats.overwritten },
-        lost: missing.saturating_sub(dropped_unread),
-        duplicated: seen.duplicated + dropped_unread.saturating_sub(missing),
+        lost: 0,
+        duplicated: seen.duplicated,
     };
+    match overwritten.filter(|_| overwrites) {
+        // Each committed record read or overwritten, exactly once; and the count of
+        // overwritten records is the number the ring named.
+        Some(over) => {
+            for (w, &c) in committed.iter().enumerate() {
+                let (m, both, p) = seen.missing_in_both(over, w, c);
+                faults.lost += m;
+                faults.duplicated += both;
+                faults.corrupt += p;
+            }
+            for w in committed.len()..over.bits.len() {
+                faults.corrupt += over.missing_and_phantom(w, 0).1;
+            }
+            faults.corrupt += over.corrupt + over.abandoned_read;
+            faults.duplicated += over.duplicated;
+            faults.lost += over.read.saturating_sub(stats.overwritten);
+            faults.duplicated += stats.overwritten.saturating_sub(over.read);
+        }
+        // Overwriting drops committed records unread, and counts them: the two must
+        // match (a lost record and one both read and counted can balance: only the
+        // named records above tell them apart).
+        None => {
+            let dropped_unread = if overwrites { stats.overwritten } else { 0 };
+            faults.lost += missing.saturating_sub(dropped_unread);
+            faults.duplicated += dropped_unread.saturating_sub(missing);
+        }
+    }
     // `discarded` and `abandoned` are Counters too: exact once the writers are joined.
     faults.lost += written.refused.saturating_sub(stats.discarded);
     faults.duplicated += stats.discarded.saturating_sub(written.refused);
@@ -271,6 +356,7 @@ pub(super) fn ring_check(
         remote_commits: stats.remote_commits,
         discarded: stats.discarded,
         refused: written.refused,
+        overwrites_identified: overwrites && overwritten.is_some(),
         overwritten: stats.overwritten,
         flushes: seen.flushes + written.flushes,
         abandoned_read: seen.abandoned_read,
@@ -373,7 +459,8 @@ mod tests {
             overwritten,
             ..RingStats::default()
         };
-        let check = |mode, overwritten| ring_check(mode, &seen, &[5], written, stats(overwritten));
+        let check =
+            |mode, overwritten| ring_check(mode, &seen, &[5], written, stats(overwritten), None);
         let f = check(Mode::OverwriteOldest, 2).faults;
         assert_eq!((f.lost, f.duplicated, f.corrupt), (0, 0, 0));
         assert_eq!(check(Mode::OverwriteOldest, 1).faults.lost, 1);
@@ -381,5 +468,51 @@ mod tests {
         let f = check(Mode::DiscardNewest, 0).faults;
         assert_eq!((f.lost, f.corrupt), (2, 0), "nothing may go missing");
         assert_eq!(check(Mode::DiscardNewest, 2).faults.corrupt, 2);
+    }
+
+    /// With the overwritten records named, a record lost uncounted and another both read
+    /// and counted as overwritten no longer balance (the totals alone cannot tell).
+    #[test]
+    fn named_overwrites_catch_a_lost_record_balanced_by_a_read_one() {
+        let mut seen = RingSeen::default();
+        for seq in 0..4 {
+            read(&mut seen, &stamp(0, seq, Kind::Plain), 1, Some(150));
+        }
+        let written = Written {
+            committed: 5,
+            ..Written::default()
+        };
+        let stats = RingStats {
+            overwritten: 1,
+            ..RingStats::default()
+        };
+        // Totals: 4 read + 1 overwritten = 5 committed, nothing seen wrong.
+        let f = ring_check(Mode::OverwriteOldest, &seen, &[5], written, stats, None).faults;
+        assert_eq!((f.lost, f.duplicated, f.corrupt), (0, 0, 0));
+        // Named: record 3 was read and overwritten, record 4 is nowhere.
+        let mut over = RingSeen::default();
+        over.note_overwritten(Some(stamp(0, 3, Kind::Plain)), 2);
+        let check = |over: &RingSeen| {
+            ring_check(
+                Mode::OverwriteOldest,
+                &seen,
+                &[5],
+                written,
+                stats,
+                Some(over),
+            )
+            .faults
+        };
+        let f = check(&over);
+        assert_eq!((f.lost, f.duplicated, f.corrupt), (1, 1, 0));
+        // The honest case: record 4 overwritten, 0..=3 read.
+        let mut over = RingSeen::default();
+        over.note_overwritten(Some(stamp(0, 4, Kind::Plain)), 2);
+        let f = check(&over);
+        assert_eq!((f.lost, f.duplicated, f.corrupt), (0, 0, 0));
+        // A payload that does not parse, and a writer never handed out, are corrupt.
+        over.note_overwritten(None, 2);
+        over.note_overwritten(Some(stamp(7, 0, Kind::Plain)), 2);
+        assert_eq!(check(&over).corrupt, 2);
     }
 }

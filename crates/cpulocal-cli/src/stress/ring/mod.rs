@@ -25,9 +25,10 @@ use cpulocal::ring::{monotonic_ns, Mode, ReserveError, RingBuffer, RingConfig};
 
 pub use check::RingCheck;
 use check::{ring_check, Labelled, RingSeen, Written};
-use record::{fill_record, record_len, spare_len, Kind, Stamp, NO_CPU};
+use record::{fill_record, parse_record, record_len, spare_len, Kind, Stamp, NO_CPU};
 
-use super::harness::{usable_cpus, Rng, Shared};
+use super::config::HAS_TEST_HOOKS;
+use super::harness::{hooks, usable_cpus, Rng, Shared};
 use super::part::{Entry, ErasedPart, Part, PartDef, StructureDef, Turn};
 
 /// `--structure ring`.
@@ -42,6 +43,7 @@ pub(super) const STRUCTURE: StructureDef = StructureDef {
 pub(super) const PART: PartDef = PartDef {
     name: "ring",
     new: |_| -> Box<dyn ErasedPart> {
+        hooks::on_overwritten_record(log_overwritten);
         Box::new(RingPart {
             rings: MODES.map(new_ring),
             next_writer: AtomicU32::new(0),
@@ -51,6 +53,38 @@ pub(super) const PART: PartDef = PartDef {
     mutation: None,
     absent: Some(|_| LABELS.map(Entry::null).into()),
 };
+
+/// The records overwriting rings dropped, each with its ring's address (builds with
+/// test hooks): the check takes its own ring's out. Several runs may share the process
+/// (the tests), so the address says whose a record is.
+static OVERWRITTEN: Mutex<Vec<(usize, Option<Stamp>)>> = Mutex::new(Vec::new());
+
+/// The hook an overwriting ring calls for each record it drops.
+fn log_overwritten(ring: &RingBuffer, payload: &[u8]) {
+    let stamp = parse_record(payload);
+    let mut log = OVERWRITTEN.lock().unwrap_or_else(|p| p.into_inner());
+    log.push((ring as *const RingBuffer as usize, stamp));
+}
+
+/// The records `ring` dropped, taken out of the log (`None` in builds without test
+/// hooks, which cannot tell).
+fn overwritten_by(ring: &RingBuffer, writers: u32) -> Option<RingSeen> {
+    if !HAS_TEST_HOOKS {
+        return None;
+    }
+    let me = ring as *const RingBuffer as usize;
+    let mut over = RingSeen::default();
+    OVERWRITTEN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|&(address, stamp)| {
+            if address == me {
+                over.note_overwritten(stamp, writers);
+            }
+            address != me
+        });
+    Some(over)
+}
 
 /// The modes of the part's rings, and their keys in the report.
 const MODES: [Mode; 2] = [Mode::DiscardNewest, Mode::OverwriteOldest];
@@ -305,12 +339,16 @@ impl Part for RingPart {
                     written.refused += mine.refused;
                     written.flushes += mine.flushes;
                 }
+                // Every writer has been joined: the log holds all this ring dropped.
+                let writers = self.next_writer.load(Ordering::Relaxed);
+                let over = overwritten_by(&self.rings[k], writers);
                 let r = ring_check(
                     MODES[k],
                     &seen[k],
                     &committed,
                     written,
                     self.rings[k].stats(),
+                    over.as_ref(),
                 );
                 Entry::new(LABELS[k], Some(&Labelled(LABELS[k], r)))
             })
