@@ -415,6 +415,37 @@ fn bench_into_a_closed_pipe_ends_quietly() {
     ]);
 }
 
+/// `stress`'s exit status is its verdict also when nobody reads its report (`cpulocal
+/// stress … | head -1` in a script): a FAIL into a closed pipe exits 1, not 0 (it did
+/// before 6fc8fcf), and a PASS 0.
+#[test]
+fn stress_into_a_closed_pipe_exits_with_its_verdict() {
+    // A second of the broken counter loses thousands of updates (13,000 to 66,000 in
+    // three runs here); 20,000 operations lost 243 to 3,685 in twenty.
+    let broken = [
+        "--broken",
+        "--delay",
+        "50",
+        "--threads",
+        "4",
+        "--signals",
+        "--yield",
+    ];
+    for json in [&[][..], &["--json"][..]] {
+        let mut args = vec!["stress", "--structure", "counter", "--ops", "20000"];
+        args.extend(json);
+        let (status, err) = with_closed_stdout(&args);
+        assert_eq!(status.code(), Some(0), "{args:?}: {err}");
+        if cpulocal_cli::stress::HAS_TEST_HOOKS {
+            let mut args = vec!["stress", "--structure", "counter", "--duration", "1"];
+            args.extend(json);
+            args.extend(broken);
+            let (status, err) = with_closed_stdout(&args);
+            assert_eq!(status.code(), Some(1), "{args:?}: {err}");
+        }
+    }
+}
+
 #[test]
 fn info_into_a_closed_pipe_ends_quietly() {
     assert_quiet_end(&["info"]);

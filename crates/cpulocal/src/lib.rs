@@ -138,20 +138,22 @@
 //! thread to release it: a `PerCpu` slot, a `Stack`'s or a ring's CPU lock, a ring
 //! reservation in flight (its sub-buffer never completes), `Counter::take`'s mutex. A
 //! thread of the child that asks for such a lock waits for ever, or panics: glibc may
-//! give a thread the child starts the stack and thread-locals of a parent thread that
-//! held one, and with them its lock token, so that the lock looks held by the asker
-//! itself. Either way it never gets the slot (or the list, or the ring). A
+//! give a thread the child starts the stack and thread-local block of a parent thread
+//! that held one (at the same addresses, freshly initialised), and with them its lock
+//! token, so that the lock looks held by the asker itself. Either way it never gets the slot (or the list, or the ring). A
 //! multithreaded parent's child should use only structures no other thread was inside,
 //! or exec (std's `Command` runs no cpulocal code in the child).
 //!
 //! The process-wide decisions are one-time initialisers too: one that another thread
 //! was making at the fork stays in progress in the child, whose first use then waits
 //! for it for ever. The load-time constructor makes them all before `main` ([early
-//! initialisation](crate#early-initialisation)), so no fork can meet one in progress.
-//! With the constructor turned off, call [`register_current_thread`] before the process
-//! starts threads: otherwise a fork while another thread makes the process's first use
-//! (tens of milliseconds, for the membarrier registration, once there are threads) can
-//! leave the child waiting.
+//! initialisation](crate#early-initialisation)), so a program's fork cannot meet one
+//! in progress. A plugin's constructor runs during its `dlopen` instead: a host that
+//! already has threads must not fork from another thread meanwhile. With the
+//! constructor turned off, call [`register_current_thread`] before the process starts
+//! threads: otherwise a fork while another thread makes the process's first use (about
+//! 12 ms, for the membarrier registration, once there are threads) can leave the child
+//! waiting.
 //!
 //! # Debuggers
 //!

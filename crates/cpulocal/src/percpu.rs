@@ -132,8 +132,8 @@ struct Slot<T> {
 /// # Nesting
 ///
 /// A thread may hold slots of up to 2047 `PerCpu`s at once, but never two of one
-/// `PerCpu`: every locking method panics when asked to (see their "Panics"), or for a
-/// 2048th slot, rather than deadlock. The check is free while the thread holds no `PerCpu`
+/// `PerCpu`: every locking method panics when asked to (see their "Panics") rather
+/// than deadlock, and when asked for a 2048th slot, before it locks anything. The check is free while the thread holds no `PerCpu`
 /// slot; nested inside another `PerCpu`'s slot, it reads this `PerCpu`'s lock words once.
 ///
 /// ```

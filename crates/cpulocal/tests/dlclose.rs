@@ -254,7 +254,7 @@ fn split_host() {
             })
         })
         .collect();
-    let own_registrations = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("rseq=0"));
+    let mechanism = cpulocal::mechanism();
     for (t, w) in workers.into_iter().enumerate() {
         let ((host_registered, plugin_registered), (host_cpu, plugin_cpu)) =
             w.join().expect("a worker using both copies");
@@ -263,7 +263,19 @@ fn split_host() {
              {plugin_registered}; current_cpu agrees: host {host_cpu}, plugin {plugin_cpu}"
         );
         assert!(host_cpu && plugin_cpu, "a copy reports a wrong CPU");
-        if own_registrations {
+        // What the registrations must be follows from the host's mechanism, not from the
+        // environment: musl and old glibc have no area of glibc's, the fallback none.
+        let registrar = match mechanism {
+            cpulocal::Mechanism::Rseq { registrar, .. } => registrar,
+            cpulocal::Mechanism::Fallback(_) => {
+                assert!(
+                    !host_registered && !plugin_registered,
+                    "the fallback registers"
+                );
+                continue;
+            }
+        };
+        if registrar == cpulocal::Registrar::Own {
             // The kernel takes one area per thread: the copy that came second is refused
             // (EINVAL, another area) and serves the thread through its slow paths.
             assert!(

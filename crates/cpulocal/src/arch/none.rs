@@ -70,6 +70,14 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
     _base: *mut u8,
     _len: usize,
 ) -> Outcome {
+    // The same limit as the architectures with sequences, so that a count that compiles
+    // on one compiles on all.
+    const {
+        assert!(
+            COUNT <= i32::MAX as u32,
+            "the count must fit in an i32 immediate"
+        )
+    };
     Outcome::Aborted
 }
 

@@ -536,8 +536,8 @@ fn refuse_own_token_panic() -> ! {
         "a thread asked for a per-CPU lock it already holds (it already holds a slot of the \
          same PerCpu, Stack or RingBuffer: a signal handler interrupting the holder, or nested \
          use; or, in a fork child, the lock was held at the fork by a parent thread whose \
-         thread-locals, and so its lock token, this thread inherited): it would wait for \
-         itself forever"
+         thread-local addresses, and so its lock token, this thread inherited): it would \
+         wait for itself forever"
     );
 }
 

@@ -32,8 +32,8 @@ pub struct Record<'a> {
     pub cpu: usize,
     /// `CLOCK_MONOTONIC` nanoseconds read during the reserve, when the ring keeps
     /// timestamps. Within one CPU's ring they never decrease (a reserve that another
-    /// one overtakes reads the clock again), so a merge of the CPUs' records by
-    /// timestamp keeps each CPU's order.
+    /// one overtakes reads the clock again), so a stable merge of the CPUs' records by
+    /// timestamp keeps each CPU's order (two records may carry the same timestamp).
     pub timestamp: Option<u64>,
     /// The payload.
     pub data: &'a [u8],

@@ -205,7 +205,10 @@ impl RingBuffer {
             // its reserve loop): a reserve that lands on this ring in between, on this
             // CPU while the thread is preempted or signalled, or by a lock holder, moves
             // `write`, the compare fails and the clock is read again. So one ring's
-            // timestamps never decrease (`Record::timestamp`).
+            // timestamps never decrease (`Record::timestamp`). Across CPUs (a lock holder,
+            // a thread that migrated) this also rests on the vDSO ordering its counter
+            // read after earlier loads (`lfence; rdtsc` or `rdtscp` on x86, `isb` before
+            // the counter on aarch64) and on CLOCK_MONOTONIC agreeing between CPUs.
             let timestamp = self.config.timestamps.then(monotonic_ns);
             // SAFETY: (1) `rseq` is this thread's area; (2) `write` is written only by
             // sequences expecting this ring's CPU, which check `lock`, and by holders of

@@ -4,9 +4,10 @@
 //! every round glibc gives (so that its last rounds run after cpulocal's own
 //! registration was undone). `Counter::add`, `PerCpu::with_cpu`/`lock_cpu` and
 //! `Stack::push`/`pop` keep their meaning there (through the slow paths once the area
-//! is gone), and an area registered by a late destructor never outlives the thread's
-//! use of it. Checked with glibc's registration in process, and with cpulocal's own in
-//! a child.
+//! is gone), and an area registered by a late destructor is undone in a later round
+//! (one registered in the very last round stays registered until the thread exits: see
+//! `thread`'s Limits). Checked with glibc's registration in process, and with
+//! cpulocal's own in a child.
 
 use core::cell::RefCell;
 use core::sync::atomic::{AtomicU64, Ordering};
