@@ -510,8 +510,7 @@ impl<T> PerCpu<T> {
     #[cold]
     #[inline(never)]
     fn lock_current_slow(&self, method: &'static str) -> (&Slot<T>, usize) {
-        remote::check_not_held(|| self.locks(), method);
-        let counted = remote::Counted::before_taking();
+        let counted = remote::Counted::before_taking(|| self.locks(), method);
         let (base, slots) = self.base_and_len();
         let index = match self.index {
             Index::Cpu => CpuLock::lock_current(slots, |i| {
@@ -613,8 +612,7 @@ impl<T> PerCpu<T> {
         if cpu >= slots {
             return Err(InvalidCpu { cpu, slots });
         }
-        remote::check_not_held(|| self.locks(), method);
-        let counted = remote::Counted::before_taking();
+        let counted = remote::Counted::before_taking(|| self.locks(), method);
         let (base, _) = self.base_and_len();
         // SAFETY: `cpu < slots`.
         let slot = unsafe { self.slot(base, cpu) };

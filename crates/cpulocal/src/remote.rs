@@ -27,7 +27,7 @@ mod lock;
 #[cfg(feature = "__bench")]
 pub(crate) use held::prepare_percpu_fast_path;
 pub(crate) use held::{
-    check_not_held, forget_percpu_fast_path, note_fast_lock_failed, note_held_fast, note_released,
+    forget_percpu_fast_path, note_fast_lock_failed, note_held_fast, note_released,
     note_released_fast, percpu_fast_area, Counted,
 };
 pub(crate) use lock::{CpuLock, READY};

@@ -14,26 +14,14 @@
 mod common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{mpsc, Arc, Barrier};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use cpulocal::{Index, PerCpu};
 
-use common::{allowed_cpus, in_fallback_child, in_locked_scheme_child, serial, set_affinity};
-
-/// Runs `f` on a new thread and returns its result, or panics if it takes longer than
-/// 10 s (a hang: the thread is left behind).
-fn within_10s<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(catch_unwind(AssertUnwindSafe(f)));
-    });
-    match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(Ok(r)) => r,
-        Ok(Err(panic)) => std::panic::resume_unwind(panic),
-        Err(_) => panic!("{what}: still waiting after 10 s (a hang)"),
-    }
-}
+use common::{
+    allowed_cpus, in_fallback_child, in_locked_scheme_child, serial, set_affinity, within_10s,
+};
 
 /// The message of a caught panic.
 fn message(payload: &(dyn std::any::Any + Send)) -> String {

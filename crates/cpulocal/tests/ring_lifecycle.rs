@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use cpulocal::ring::{monotonic_ns, ConfigError, Mode, RingBuffer, RingConfig, MAX_RESERVED_BYTES};
 
-use common::{allowed_cpus, in_child, serial, set_affinity};
+use common::{allowed_cpus, in_child, serial, set_affinity, within_10s};
 
 /// Pins the calling thread to its first allowed CPU while alive, so every record lands
 /// in one ring, in order.
@@ -725,20 +725,13 @@ fn a_record_carries_the_monotonic_time_of_its_reserve_only_when_timestamps_are_o
 fn a_leaked_reservation_stops_its_rings_consumer_there_for_good() {
     let _serial = serial();
     // A hang must fail the test, not stall CI: flush and consume must return.
-    let done = std::sync::Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            while !done.load(Ordering::Relaxed) {
-                if start.elapsed() > Duration::from_secs(20) {
-                    eprintln!("a leaked reservation made flush or consume hang");
-                    std::process::abort();
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        })
-    };
+    within_10s(
+        "a leaked reservation's ring",
+        leaked_reservation_stops_its_consumer,
+    );
+}
+
+fn leaked_reservation_stops_its_consumer() {
     let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
     let pinned = Pinned::new();
     let cpu = pinned.cpu();
@@ -773,6 +766,4 @@ fn a_leaked_reservation_stops_its_rings_consumer_there_for_good() {
             .expect("cpu < cpus");
         assert_eq!(seen, [b"elsewhere".to_vec()]);
     }
-    done.store(true, Ordering::Relaxed);
-    watchdog.join().expect("the watchdog");
 }

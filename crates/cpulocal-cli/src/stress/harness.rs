@@ -295,19 +295,16 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(super) fn enter(&self, tid: libc::pid_t) {
-        self.participants().push(tid);
-    }
-
-    /// [`enter`](Self::enter), leaving when the guard drops: also when the thread
-    /// panics, so that the signaller and the churner never aim at a thread that has
+    /// Makes thread `tid` a target of the signaller and the churner until the guard
+    /// drops: also when the thread panics, so that they never aim at a thread that has
     /// exited (whose id the kernel may hand to a new thread not yet registered).
     pub(super) fn participate(&self, tid: libc::pid_t) -> Participant<'_> {
-        self.enter(tid);
+        self.participants().push(tid);
         Participant(self, tid)
     }
 
-    pub(super) fn leave(&self, tid: libc::pid_t) {
+    /// What [`Participant`]'s drop does.
+    fn leave(&self, tid: libc::pid_t) {
         let mut p = self.participants();
         if let Some(i) = p.iter().position(|&t| t == tid) {
             p.swap_remove(i);
@@ -561,7 +558,7 @@ pub(super) fn join<T>(handle: JoinHandle<T>) -> Result<T, String> {
 }
 
 /// The message of a panic's payload (`panic!` makes a `&str` or a `String`).
-pub(super) fn panic_message(payload: &(dyn Any + Send)) -> &str {
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()

@@ -144,16 +144,14 @@ pub(crate) fn forget_percpu_fast_path() {
 /// Panics if the calling thread holds one of `locks` (the slot locks of one
 /// `PerCpu`): asking for another would wait forever for itself (on the same slot), or
 /// deadlock with another thread doing the same on a second CPU. `method` is the public
-/// method asked, for the message.
+/// method asked, for the message. (Called by [`Counted::before_taking`], so that no
+/// path counts a slot it has not checked.)
 ///
 /// A thread that holds no `PerCpu` lock at all (the usual case) pays one thread-local
 /// load and a predicted branch; one that holds some reads the lock words of `locks`,
 /// looking for its token.
 #[inline(always)]
-pub(crate) fn check_not_held<'a, I: Iterator<Item = &'a CpuLock>>(
-    locks: impl FnOnce() -> I,
-    method: &str,
-) {
+fn check_not_held<'a, I: Iterator<Item = &'a CpuLock>>(locks: impl FnOnce() -> I, method: &str) {
     let state = HELD.get();
     if state != 0 && state < FAST_PATH_READY {
         // `locks` is only called here: finding the lock words takes loads (atomic ones,
@@ -198,9 +196,15 @@ fn check_not_held_nested<'a>(
 pub(crate) struct Counted(());
 
 impl Counted {
-    /// Counts the slot lock about to be taken.
+    /// Counts the slot lock about to be taken, after the re-entry check
+    /// ([`check_not_held`] with `locks` and `method`): the check first, so that its panic
+    /// leaves the count as it was.
     #[inline]
-    pub(crate) fn before_taking() -> Counted {
+    pub(crate) fn before_taking<'a, I: Iterator<Item = &'a CpuLock>>(
+        locks: impl FnOnce() -> I,
+        method: &str,
+    ) -> Counted {
+        check_not_held(locks, method);
         note_held();
         Counted(())
     }

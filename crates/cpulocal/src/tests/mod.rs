@@ -144,6 +144,19 @@ pub(crate) fn current_cpu_agrees_with_sched_getcpu() -> Result<usize, (usize, us
     Err(last)
 }
 
+/// The CPUs the calling thread may run on, lowest first.
+pub(crate) fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is an array of integers: all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, core::mem::size_of_val(&set), &mut set) };
+    assert_eq!(r, 0, "sched_getaffinity");
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, the bits `set` holds.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
 /// Pins the calling thread to `cpu`; false when the kernel refuses (a cpuset without
 /// it).
 pub(crate) fn pin_to(cpu: usize) -> bool {

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{delay_shared, pin_to};
+use super::{allowed_cpus, delay_shared, pin_to};
 use crate::{Node, NodeList, Stack};
 
 /// The values of a detached list, in the order it hands its nodes back.
@@ -115,19 +115,6 @@ fn dropping_a_stack_or_a_node_list_frees_every_node_left_once() {
     let stack = stack_of_100(&drops);
     drop(stack);
     assert_eq!(drops.load(Ordering::Relaxed), 200, "dropped stack");
-}
-
-/// The CPUs the calling thread may run on, lowest first.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is an array of integers: all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
-    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is this thread.
-    let r = unsafe { libc::sched_getaffinity(0, core::mem::size_of_val(&set), &mut set) };
-    assert_eq!(r, 0, "sched_getaffinity");
-    // SAFETY: `set` was filled by the kernel; the CPUs tested are below CPU_SETSIZE.
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect()
 }
 
 /// `pop_or_steal` on an empty list steals from the other CPUs "in turn (the next CPU

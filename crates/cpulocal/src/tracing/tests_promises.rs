@@ -3,23 +3,10 @@
 
 use super::*;
 use crate::ring::Mode;
+use crate::tests::allowed_cpus;
 use std::sync::mpsc;
 use std::time::SystemTime;
 use tracing_subscriber::prelude::*;
-
-/// The CPUs the calling thread may run on.
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is an array of integers: all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { core::mem::zeroed() };
-    // SAFETY: `set` is a live cpu_set_t of the size passed; pid 0 is the calling thread.
-    let r =
-        unsafe { libc::sched_getaffinity(0, core::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    assert_eq!(r, 0, "sched_getaffinity");
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `cpu` is below CPU_SETSIZE.
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect()
-}
 
 /// The time stamp that starts a Full line.
 fn line_time(line: &str) -> SystemTime {

@@ -138,14 +138,7 @@ impl RingPart {
         };
         let mut r = match ring.reserve(room) {
             Ok(r) => r,
-            Err(ReserveError::Full) => {
-                w.refused += 1;
-                run.inject(i);
-                // Let the consumer catch up.
-                std::thread::yield_now();
-                return;
-            }
-            Err(e @ ReserveError::TooLarge { .. }) => unreachable!("{e}"),
+            Err(e) => return refused(e, run, i, w),
         };
         let stamp = Stamp {
             cpu: r.cpu() as u32,
@@ -193,14 +186,18 @@ impl RingPart {
                 w.committed += 1;
                 w.written_with += 1;
             }
-            Err(ReserveError::Full) => {
-                w.refused += 1;
-                run.inject(i);
-                std::thread::yield_now();
-            }
-            Err(e @ ReserveError::TooLarge { .. }) => unreachable!("{e}"),
+            Err(e) => refused(e, run, i, w),
         }
     }
+}
+
+/// A reserve refused: counted (it must match `discarded`), then (window) and a yield,
+/// to let the consumer catch up. Only `Full` can happen: records fit a sub-buffer.
+fn refused(e: ReserveError, run: &Shared, i: u64, w: &mut Written) {
+    assert_eq!(e, ReserveError::Full, "{e}");
+    w.refused += 1;
+    run.inject(i);
+    std::thread::yield_now();
 }
 
 impl Part for RingPart {
