@@ -11,7 +11,7 @@ use core::alloc::Layout;
 
 use crate::abi::Rseq;
 use crate::arch::{self, Outcome};
-use crate::pool::{self, Item, PackedTable, Pool};
+use crate::pool::{self, Item, Pool, SlotTable};
 use crate::remote::{self, Attempt, CpuLock, InvalidCpu};
 use crate::{sys, Index};
 
@@ -138,8 +138,8 @@ pub struct Stack<T> {
     slots: Item,
     /// The possible CPUs: the slots.
     len: usize,
-    /// What the fast paths read: the first slot and the slot count, in one word.
-    table: PackedTable,
+    /// What the fast paths read, in place: the first slot and the slot count.
+    table: SlotTable,
     _owns: PhantomData<Box<Node<T>>>,
 }
 
@@ -156,17 +156,14 @@ impl<T> Stack<T> {
         let slots = Pool::for_index(Index::Cpu).alloc(SLOT);
         let len = sys::possible_cpus();
         Stack {
-            table: PackedTable::new(slots.base().as_ptr(), len),
+            table: SlotTable {
+                base: slots.base().as_ptr(),
+                len,
+            },
             slots,
             len,
             _owns: PhantomData,
         }
-    }
-
-    /// The fast paths' table: the first slot and the slot count, from one load.
-    #[inline(always)]
-    fn fast_table(&self) -> (*mut u8, usize) {
-        self.table.get()
     }
 
     /// The number of lists (the possible CPUs): every CPU number below it is valid.
@@ -249,20 +246,18 @@ impl<T> Stack<T> {
     /// One restartable push onto the current CPU's list.
     #[inline(always)]
     fn try_push(&self, rseq: *mut Rseq, node: *mut Node<T>) -> Outcome {
-        let (base, len) = self.fast_table();
-        // The table has `len` slots (at most `self.len`: see `PackedTable`) laid out as
-        // the constants say (the sequence refuses a CPU beyond them); each head word is
+        // The table (set in `new`, never changed after) has `len` slots, laid out as the
+        // constants say (the sequence refuses a CPU beyond them); each head word is
         // written only by sequences on its CPU, which refuse it while it holds a token
         // (one that read a head before a remote owner's exchange may commit over the
         // token: the owner sees that after its fence and tries again), and by that lock's
         // holders.
-        // SAFETY: `rseq` is ours; heads as above; `node` is ours until the commit, its
-        // link at NEXT_OFFSET (0).
+        // SAFETY: `rseq` is ours; table and heads as above; `node` is ours until the
+        // commit, its link at NEXT_OFFSET (0).
         unsafe {
             arch::push_guarded_on_current_cpu::<SLOT_SHIFT, HEAD_OFFSET>(
                 rseq,
-                base,
-                len,
+                &self.table,
                 node.cast(),
             )
         }
@@ -320,13 +315,13 @@ impl<T> Stack<T> {
     /// when the list is empty.
     #[inline(always)]
     fn try_pop(&self, rseq: *mut Rseq) -> Outcome<*mut Node<T>> {
-        let (base, len) = self.fast_table();
         // SAFETY: (1) and (2) as in `try_push`; (3) every non-zero even head is a node
         // on this list whose link is at NEXT_OFFSET and which nobody can free before this
         // sequence commits or restarts (an odd head is a token: the sequence refuses it).
         let outcome = unsafe {
             arch::pop_guarded_on_current_cpu::<SLOT_SHIFT, HEAD_OFFSET, { NEXT_OFFSET as i32 }>(
-                rseq, base, len,
+                rseq,
+                &self.table,
             )
         };
         match outcome {
@@ -528,13 +523,12 @@ pub(crate) mod tests_api {
 
     /// The first slot's address and the slot count, as the fast paths read them.
     pub(crate) fn fast_table<T>(stack: &super::Stack<T>) -> (usize, usize) {
-        let (base, len) = stack.fast_table();
-        (base as usize, len)
+        (stack.table.base as usize, stack.table.len)
     }
 
-    /// Makes the fast paths see no slot at all, as a base beyond 48 bits would: every
-    /// operation takes the slow paths.
+    /// Makes the fast paths see no slot at all (a slot count of 0): every operation
+    /// takes the slow paths.
     pub(crate) fn clear_fast_table<T>(stack: &mut super::Stack<T>) {
-        stack.table = crate::pool::PackedTable::EMPTY;
+        stack.table.len = 0;
     }
 }

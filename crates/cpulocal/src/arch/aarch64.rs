@@ -129,6 +129,28 @@ macro_rules! rseq_start_on_current_cpu {
     };
 }
 
+/// [`rseq_start_on_current_cpu!`] with the table in memory: `{table}` points to a
+/// [`SlotTable`](crate::pool::SlotTable) (first slot, then slot count), which one `ldp`
+/// inside the section loads into `{base}` and `{len}` (scratch registers here).
+///
+/// Operands used: `{rseq}`, `{table}`, `{base}`, `{len}`, `{shift}` (a `const`),
+/// `{cpu}`, `{slot}`, `{tmp}`, `{moved}`.
+macro_rules! rseq_start_on_current_cpu_table {
+    () => {
+        concat!(
+            rseq_descriptor!(),
+            rseq_arm!(),
+            "ldp {base}, {len}, [{table}]\n",
+            "ldr {cpu:w}, [{rseq}, #4]\n",
+            "cmp {cpu}, {len}\n",
+            // `{moved}`, not `6f`: see the module documentation (branch range).
+            "b.hs {moved}\n",
+            "add {slot}, {base}, {cpu}, lsl #{shift}\n",
+            rseq_test_delay!(),
+        )
+    };
+}
+
 /// Test builds only: spins `CPULOCAL_TEST_DELAY_LOOPS` times inside the section, right
 /// after the CPU check, so that preemption, migration and signals land inside it and
 /// the abort path really runs (see [`crate::test_hooks`]). Uses `{tmp}`.
@@ -1013,12 +1035,13 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
     unsafe { add_on_current_cpu::<SHIFT>(rseq, base, len, COUNT as usize) }
 }
 
-/// Guarded list push on the CPU the thread runs on: the slot is `base + (cpu << SHIFT)`,
-/// and its word `HEAD` bytes into it is the list head, or, when odd, the token of the
-/// holder of the CPU's lock (a remote owner).
+/// Guarded list push on the CPU the thread runs on: the slot is
+/// `table.base + (cpu << SHIFT)`, and its word `HEAD` bytes into it is the list head, or,
+/// when odd, the token of the holder of the CPU's lock (a remote owner).
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
+/// base, len = table.base, table.len  ldp
 /// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// slot = base + (cpu << SHIFT)
@@ -1034,21 +1057,20 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
 ///
 /// # Safety
 ///
-/// As for [`add_on_current_cpu`] for the head word of every slot, and: `node` is valid
-/// for a `usize` write, even, and nobody reads it as a list link before seeing the
-/// commit.
+/// As for [`add_on_current_cpu`] for the head word of every slot of `table` (valid for
+/// reads, and not written while the sequence runs), and: `node` is valid for a `usize`
+/// write, even, and nobody reads it as a list link before seeing the commit.
 #[inline(always)]
 pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i32>(
     rseq: *mut Rseq,
-    base: *mut u8,
-    len: usize,
+    table: *const crate::pool::SlotTable,
     node: *mut usize,
 ) -> Outcome {
     // SAFETY: as in `add_on_current_cpu`; the store before the commit goes to `node`,
     // which is invisible as a link until the commit publishes it.
     unsafe {
         asm!(
-            rseq_start_on_current_cpu!(),
+            rseq_start_on_current_cpu_table!(),
             "add {tmp}, {slot}, #{head}",
             "ldar {tmp}, [{tmp}]",
             "tst {tmp}, #1",
@@ -1057,8 +1079,9 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i
             "str {node}, [{slot}, #{head}]",
             rseq_end!(),
             rseq = in(reg) rseq,
-            base = in(reg) base,
-            len = in(reg) len,
+            table = in(reg) table,
+            base = out(reg) _,
+            len = out(reg) _,
             shift = const SHIFT,
             head = const HEAD,
             node = in(reg) node,
@@ -1085,6 +1108,7 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
+/// base, len = table.base, table.len  ldp
 /// cpu = rseq->cpu_id
 /// if cpu >= len: abort (moved)
 /// slot = base + (cpu << SHIFT)
@@ -1105,15 +1129,14 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
     const NEXT: i32,
 >(
     rseq: *mut Rseq,
-    base: *mut u8,
-    len: usize,
+    table: *const crate::pool::SlotTable,
 ) -> Outcome<usize> {
     let mut head: usize = 0;
     // SAFETY: as in `add_on_current_cpu`; the store before the commit goes to the local
     // `head` only, which no other thread can see.
     unsafe {
         asm!(
-            rseq_start_on_current_cpu!(),
+            rseq_start_on_current_cpu_table!(),
             "add {tmp}, {slot}, #{head_off}",
             "ldar {tmp}, [{tmp}]",
             "cbz {tmp}, {empty}",
@@ -1124,8 +1147,9 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
             "str {tmp}, [{slot}, #{head_off}]",
             rseq_end!(),
             rseq = in(reg) rseq,
-            base = in(reg) base,
-            len = in(reg) len,
+            table = in(reg) table,
+            base = out(reg) _,
+            len = out(reg) _,
             shift = const SHIFT,
             head_off = const HEAD,
             next = const NEXT,

@@ -85,8 +85,7 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
 #[allow(clippy::missing_safety_doc)]
 pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i32>(
     _rseq: *mut Rseq,
-    _base: *mut u8,
-    _len: usize,
+    _table: *const crate::pool::SlotTable,
     _node: *mut usize,
 ) -> Outcome {
     Outcome::Aborted
@@ -100,8 +99,7 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
     const NEXT: i32,
 >(
     _rseq: *mut Rseq,
-    _base: *mut u8,
-    _len: usize,
+    _table: *const crate::pool::SlotTable,
 ) -> Outcome<usize> {
     Outcome::Aborted
 }

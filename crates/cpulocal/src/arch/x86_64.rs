@@ -133,6 +133,30 @@ macro_rules! rseq_start_on_current_cpu {
     };
 }
 
+/// [`rseq_start_on_current_cpu!`] with the table in memory: `{table}` points to a
+/// [`SlotTable`](crate::pool::SlotTable) (first slot, then slot count), which the bound
+/// check and the address computation take as memory operands, so nothing unpacks it
+/// (see `SlotTable` for the figures). Leaves for the label given (`$beyond`) when the CPU
+/// is not below the count.
+///
+/// Operands used: `{rseq}`, `{table}`, `{shift}` (a `const`), `{slot}`, `{tmp}`.
+macro_rules! rseq_start_on_current_cpu_table {
+    ($beyond:literal) => {
+        concat!(
+            rseq_descriptor!(),
+            rseq_arm!(),
+            "movl 4({rseq}), {slot:e}\n",
+            "cmpq 8({table}), {slot}\n",
+            "jae ",
+            $beyond,
+            "\n",
+            "shlq ${shift}, {slot}\n",
+            "addq ({table}), {slot}\n",
+            rseq_test_delay!(),
+        )
+    };
+}
+
 /// Test builds only: spins `CPULOCAL_TEST_DELAY_LOOPS` times inside the section, right
 /// after the CPU check, so that preemption, migration and signals land inside it and
 /// the abort path really runs (see [`crate::test_hooks`]). Uses `{tmp}`.
@@ -1060,15 +1084,15 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
     Outcome::Committed(())
 }
 
-/// Guarded list push on the CPU the thread runs on: the slot is `base + (cpu << SHIFT)`,
-/// and its word `HEAD` bytes into it is the list head, or, when odd, the token of the
-/// holder of the CPU's lock (a remote owner).
+/// Guarded list push on the CPU the thread runs on: the slot is
+/// `table.base + (cpu << SHIFT)`, and its word `HEAD` bytes into it is the list head, or,
+/// when odd, the token of the holder of the CPU's lock (a remote owner).
 ///
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
 /// cpu = rseq->cpu_id
-/// if cpu >= len: abort (moved)
-/// slot = base + (cpu << SHIFT)
+/// if cpu >= table.len: abort (moved)
+/// slot = table.base + (cpu << SHIFT)
 /// head = slot.head
 /// if head is odd: abort (moved)      the CPU's lock is held
 /// *node = head                       tentative: the node is still the caller's
@@ -1081,21 +1105,20 @@ pub(crate) unsafe fn add_const_on_current_cpu<const SHIFT: u32, const COUNT: u32
 ///
 /// # Safety
 ///
-/// As for [`add_on_current_cpu`] for the head word of every slot, and: `node` is valid
-/// for a `usize` write, even, and nobody reads it as a list link before seeing the
-/// commit.
+/// As for [`add_on_current_cpu`] for the head word of every slot of `table` (valid for
+/// reads, and not written while the sequence runs), and: `node` is valid for a `usize`
+/// write, even, and nobody reads it as a list link before seeing the commit.
 #[inline(always)]
 pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i32>(
     rseq: *mut Rseq,
-    base: *mut u8,
-    len: usize,
+    table: *const crate::pool::SlotTable,
     node: *mut usize,
 ) -> Outcome {
     // SAFETY: as in `add_on_current_cpu`; the store before the commit goes to `node`,
     // which is invisible as a link until the commit publishes it.
     unsafe {
         asm!(
-            rseq_start_on_current_cpu!(),
+            rseq_start_on_current_cpu_table!("{moved}"),
             "movq {head}({slot}), {tmp}",
             "testb $1, {tmp:l}",
             "jnz {moved}",
@@ -1103,8 +1126,7 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i
             "movq {node}, {head}({slot})",
             rseq_end!(),
             rseq = in(reg) rseq,
-            base = in(reg) base,
-            len = in(reg) len,
+            table = in(reg) table,
             shift = const SHIFT,
             head = const HEAD,
             node = in(reg) node,
@@ -1128,8 +1150,8 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i
 /// ```text
 /// rseq->rseq_cs = descriptor         the section opens
 /// cpu = rseq->cpu_id
-/// if cpu >= len: head = MOVED, out
-/// slot = base + (cpu << SHIFT)
+/// if cpu >= table.len: head = MOVED, out
+/// slot = table.base + (cpu << SHIFT)
 /// head = slot.head
 /// if head == 0: out                  the list is empty
 /// if head is odd: head = MOVED, out  the CPU's lock is held
@@ -1156,8 +1178,7 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
     const NEXT: i32,
 >(
     rseq: *mut Rseq,
-    base: *mut u8,
-    len: usize,
+    table: *const crate::pool::SlotTable,
 ) -> Outcome<usize> {
     /// `head` after a CPU mismatch or a held lock.
     const MOVED: usize = 1;
@@ -1168,7 +1189,7 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
     // label 14); the only store is the commit, to the slot head the caller vouches for.
     unsafe {
         asm!(
-            rseq_start_on_current_cpu!("12f"),
+            rseq_start_on_current_cpu_table!("12f"),
             "movq {head_off}({slot}), {head}",
             "testq {head}, {head}",
             "jz 14f",
@@ -1178,8 +1199,7 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
             "movq {tmp}, {head_off}({slot})",
             result_in_register_exits!("{head}"),
             rseq = in(reg) rseq,
-            base = in(reg) base,
-            len = in(reg) len,
+            table = in(reg) table,
             shift = const SHIFT,
             head_off = const HEAD,
             next = const NEXT,
@@ -1192,14 +1212,17 @@ pub(crate) unsafe fn pop_guarded_on_current_cpu<
             options(att_syntax, nostack),
         );
     }
+    // One compare for the usual case.
+    if head > KERNEL_ABORT {
+        return Outcome::Committed(head);
+    }
     match head {
         0 => Outcome::CompareFailed,
         MOVED => Outcome::Aborted,
-        KERNEL_ABORT => {
+        _ => {
             super::note_kernel_abort();
             Outcome::Aborted
         }
-        node => Outcome::Committed(node),
     }
 }
 

@@ -107,9 +107,9 @@ fn a_stacks_lists_are_one_stride_apart_and_one_line_each() {
     assert_eq!(stack.pop_or_steal_value(), Some(1));
 }
 
-/// The fast paths read a `Stack`'s (and a `Counter`'s) first slot and slot count from
-/// one word: both must come back as they are, and what cannot be packed must leave no
-/// fast path rather than a wrong one.
+/// The fast paths read a `Stack`'s first slot and slot count from its table, and a
+/// `Counter`'s from one packed word: both must come back as they are, and what cannot be
+/// packed must leave no fast path rather than a wrong one.
 #[test]
 fn a_stacks_fast_table_is_its_first_slot_and_its_slot_count() {
     use crate::pool::PackedTable;
@@ -134,8 +134,8 @@ fn a_stacks_fast_table_is_its_first_slot_and_its_slot_count() {
     );
 }
 
-/// A `Stack` whose fast paths see no slot (as with a base beyond 48 bits) still keeps
-/// every node: every push and pop takes the slow paths.
+/// A `Stack` whose fast paths see no slot (a table of none) still keeps every node:
+/// every push and pop takes the slow paths.
 #[test]
 fn a_stack_without_a_fast_table_keeps_every_node_on_the_slow_paths() {
     let _delay = delay_shared();

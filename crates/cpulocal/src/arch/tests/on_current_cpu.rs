@@ -1,6 +1,7 @@
 //! The sequences that read the CPU themselves (`*_on_current_cpu`) on a fake area.
 
 use super::*;
+use crate::pool::SlotTable;
 
 /// Slots of 128 bytes (`SHIFT` 7) for CPUs `0..=OTHER_CPU`, each a word no sequence
 /// here may touch, then a word: a counter, or a list head that is a lock holder's token
@@ -63,21 +64,29 @@ fn add_const_current<const N: u32>(a: &mut Rseq, slots: &mut [CpuSlot]) -> Outco
     unsafe { arch::add_const_on_current_cpu::<SHIFT, N>(a, base, slots.len()) }
 }
 
+/// `slots` as the list sequences read them.
+fn table_of(slots: &mut [CpuSlot]) -> SlotTable {
+    SlotTable {
+        base: slots.as_mut_ptr().cast::<u8>(),
+        len: slots.len(),
+    }
+}
+
 fn push_current(a: &mut Rseq, slots: &mut [CpuSlot], node: &mut Linked) -> Outcome {
-    let (base, len) = (slots.as_mut_ptr().cast::<u8>(), slots.len());
+    let table = table_of(slots);
     let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add_current`; `node.next` is exclusively borrowed.
-    unsafe { arch::push_guarded_on_current_cpu::<SHIFT, HEAD_AT>(a, base, len, &raw mut node.next) }
+    unsafe { arch::push_guarded_on_current_cpu::<SHIFT, HEAD_AT>(a, &table, &raw mut node.next) }
 }
 
 /// # Safety
 ///
 /// Every non-zero head in `slots` is a live `Linked`.
 unsafe fn pop_current(a: &mut Rseq, slots: &mut [CpuSlot]) -> Outcome<usize> {
-    let (base, len) = (slots.as_mut_ptr().cast::<u8>(), slots.len());
+    let table = table_of(slots);
     let _delay = crate::tests::delay_shared();
     // SAFETY: as in `add_current`, and the caller's contract for the heads.
-    unsafe { arch::pop_guarded_on_current_cpu::<SHIFT, HEAD_AT, 0>(a, base, len) }
+    unsafe { arch::pop_guarded_on_current_cpu::<SHIFT, HEAD_AT, 0>(a, &table) }
 }
 
 /// Runs add, add-const and push on `slots` from area `a`, each of which must abort;
