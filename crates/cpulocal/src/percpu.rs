@@ -575,7 +575,9 @@ impl<T> PerCpu<T> {
     /// sums.for_each(|_, s| total += *s);
     /// assert_eq!(total, 5);
     /// ```
-    #[inline]
+    // Always: given a function item, not a closure, the compiler stopped inlining it into
+    // a loop (a call per operation: 2.75 ns against 1.63 on the Intel Xeon VM).
+    #[inline(always)]
     pub fn with_cpu<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         let mut guard = self.lock_current("with_cpu");
         f(&mut guard)

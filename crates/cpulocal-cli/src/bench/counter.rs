@@ -12,8 +12,8 @@ use cpulocal::{CachePadded, Counter};
 use thread_local::ThreadLocal;
 
 use super::harness::{
-    per_cpu_slots, run_shaped, sum_check, tls_ptr, GroupDef, OpFn, Row, Shape, Subject, TargetSpec,
-    WorkOnly,
+    floor_increment, per_cpu_slots, run_shaped, sum_check, tls_ptr, GroupDef, OpFn, Row, Shape,
+    Subject, TargetSpec, WorkOnly,
 };
 
 /// The group, as [`super::Group::ALL`] lists it.
@@ -62,7 +62,7 @@ impl Subject for TlsAdd {
             &OpFn(|| {
                 // SAFETY: `cell` is this thread's live `TLS_COUNT`, which nothing else
                 // references while the loop runs.
-                unsafe { cell.write_volatile(cell.read_volatile() + black_box(1)) };
+                floor_increment(unsafe { &mut *cell });
             }),
         );
         self.total.fetch_add(TLS_COUNT.get(), Ordering::Relaxed);
@@ -181,7 +181,7 @@ impl Subject for Locked {
     #[inline(never)]
     fn work(&self, ops: u64) {
         for _ in 0..ops {
-            *self.v.lock().expect("bench mutex poisoned") += black_box(1);
+            floor_increment(&mut self.v.lock().expect("bench mutex poisoned"));
         }
     }
 
@@ -499,7 +499,7 @@ const LEGEND: [(&str, &str); 17] = [
         "shared_fetch_add",
         "one AtomicU64::fetch_add shared by all threads",
     ),
-    ("mutex", "Mutex<u64>"),
+    ("mutex", "Mutex<u64>: lock, add 1 as the floor does"),
     (
         "ThreadLocal<Cell>",
         "thread_local crate: ThreadLocal<Cell<u64>>::get_or, then increment",

@@ -1,12 +1,11 @@
 //! The `lock` group: a short critical section per operation: `PerCpu::with_cpu` against
 //! a global `Mutex` (std's and `parking_lot`'s) and one `Mutex` per CPU.
 //!
-//! One operation is a critical section that adds 1 to a `u64`: under the calling
-//! thread's `PerCpu` slot lock (a restartable compare-and-store to take it, a store to
+//! One operation is a critical section that adds 1 to a `u64`, with the floor's own
+//! increment ([`floor_increment`]): under the calling thread's `PerCpu` slot lock (a restartable compare-and-store to take it, a store to
 //! release it), under one global `Mutex`, or under the `Mutex` of the thread's CPU. The
 //! check adds the slots up.
 
-use std::hint::black_box;
 use std::marker::PhantomData;
 use std::sync::Mutex;
 
@@ -14,7 +13,8 @@ use cpulocal::{CachePadded, Index, PerCpu};
 
 use super::counter::{Locked, TlsAdd};
 use super::harness::{
-    per_cpu_slots, run_shaped, sum_check, GroupDef, OpFn, Row, Shape, Subject, TargetSpec, WorkOnly,
+    floor_increment, per_cpu_slots, run_shaped, sum_check, GroupDef, OpFn, Row, Shape, Subject,
+    TargetSpec, WorkOnly,
 };
 
 /// The group, as [`super::Group::ALL`] lists it.
@@ -99,7 +99,7 @@ impl<L: SlotLock> Subject for WithCpu<L> {
     #[inline(never)]
     fn work(&self, ops: u64) {
         for _ in 0..ops {
-            L::with(&self.slots, |v| *v += black_box(1));
+            L::with(&self.slots, floor_increment);
         }
     }
 
@@ -123,11 +123,7 @@ impl<L: SlotLock> Subject for ShapedWithCpu<L> {
     #[inline(never)]
     fn work(&self, ops: u64) {
         let slots = &self.inner.slots;
-        run_shaped(
-            self.shape,
-            ops,
-            &OpFn(|| L::with(slots, |v| *v += black_box(1))),
-        );
+        run_shaped(self.shape, ops, &OpFn(|| L::with(slots, floor_increment)));
     }
 
     fn reset(&mut self, threads: usize, ops: u64) {
@@ -156,7 +152,7 @@ impl Subject for ParkingLotMutex {
     #[inline(never)]
     fn work(&self, ops: u64) {
         for _ in 0..ops {
-            *self.value.lock() += black_box(1);
+            floor_increment(&mut self.value.lock());
         }
     }
 
@@ -179,7 +175,7 @@ impl Subject for PerCpuMutex {
     fn work(&self, ops: u64) {
         for _ in 0..ops {
             let slot = &self.slots[cpulocal::current_cpu() % self.slots.len()];
-            *slot.lock().expect("bench mutex poisoned") += black_box(1);
+            floor_increment(&mut slot.lock().expect("bench mutex poisoned"));
         }
     }
 
@@ -297,7 +293,7 @@ const LEGEND: [(&str, &str); 17] = [
     ),
     (
         "PerCpu::with_cpu",
-        "cpulocal::PerCpu<u64>::with_cpu(|v| *v += 1)",
+        "cpulocal::PerCpu<u64>::with_cpu, adding 1 as the floor does",
     ),
     (
         "with_cpu (mm_cid)",
@@ -311,14 +307,14 @@ const LEGEND: [(&str, &str); 17] = [
         "with_cpu unchecked",
         "with_cpu's lock sequence without the re-entry check and the parking bookkeeping (bench-only baseline; waiters yield)",
     ),
-    ("global_mutex", "one Mutex<u64>: lock, += 1"),
+    ("global_mutex", "one Mutex<u64>: lock, add 1 as the floor does"),
     (
         "parking_lot_mutex",
-        "one parking_lot::Mutex<u64>: lock, += 1",
+        "one parking_lot::Mutex<u64>: lock, add 1 as the floor does",
     ),
     (
         "percpu_mutex",
-        "Mutex<u64> per CPU at current_cpu(): lock, += 1",
+        "Mutex<u64> per CPU at current_cpu(): lock, add 1 as the floor does",
     ),
 ];
 
