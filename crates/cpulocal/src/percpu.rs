@@ -576,7 +576,7 @@ impl<T> PerCpu<T> {
     /// assert_eq!(total, 5);
     /// ```
     // Always: given a function item, not a closure, the compiler stopped inlining it into
-    // a loop (a call per operation: 2.75 ns against 1.63 on the Intel Xeon VM).
+    // a loop (a call per operation: 2.75 ns against 1.63 on an Intel Xeon, 2026-12-05).
     #[inline(always)]
     pub fn with_cpu<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         let mut guard = self.lock_current("with_cpu");

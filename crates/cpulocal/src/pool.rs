@@ -112,7 +112,8 @@ pub(crate) const fn shift_for(layout: Layout) -> u32 {
 
 /// A per-CPU table's first slot and slot count in one word (the count in the top 16
 /// bits), for fast paths that read both with one load: one load fewer than two fields,
-/// about 3 % of a `Counter::add` and 4-6 % of a `Stack` push+pop on the Zen 4 VM.
+/// about 3 % of a `Counter::add` and 4-6 % of a `Stack` push+pop on the Zen 4 VM. Only
+/// `Counter` uses it since cd1f54a; a `Stack` reads a [`SlotTable`] in place.
 ///
 /// User addresses are below 2^48 unless a mapping asked for more (5-level paging, 52-bit
 /// aarch64 addresses). A first slot that does not fit packs as [`EMPTY`](Self::EMPTY)
@@ -162,7 +163,8 @@ impl PackedTable {
 /// as memory operands of the bound check and of the address computation on x86_64
 /// (no register and no instruction to unpack them), with one pair load on aarch64.
 /// Against a [`PackedTable`] read into a register and unpacked there, a `Stack`
-/// push+pop went from 2.11 to 1.69 ns on an Intel Xeon VM (five interleaved rounds).
+/// push+pop went from 1.97 to 1.69 ns on the Intel Xeon VM of 2026-12-05 (family 6 model
+/// 167; five interleaved rounds; 2.11 before the pop's one-compare decode).
 /// A `Stack`'s table is set once, before the stack is shared; a `Counter` keeps its
 /// packed word, which its first use publishes with one atomic store.
 #[repr(C)]
@@ -173,6 +175,13 @@ pub(crate) struct SlotTable {
     /// The slot count: the sequences refuse a CPU at or beyond it.
     pub(crate) len: usize,
 }
+
+// The sequences read the two words at these byte offsets (8 on the 64-bit architectures
+// that have sequences).
+const _: () = assert!(
+    core::mem::offset_of!(SlotTable, base) == 0
+        && core::mem::offset_of!(SlotTable, len) == core::mem::size_of::<usize>()
+);
 
 /// One item of a pool: its CPU-0 address and its stride.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -246,7 +246,8 @@ impl<T> Stack<T> {
     /// One restartable push onto the current CPU's list.
     #[inline(always)]
     fn try_push(&self, rseq: *mut Rseq, node: *mut Node<T>) -> Outcome {
-        // The table (set in `new`, never changed after) has `len` slots, laid out as the
+        // The table (set in `new`, changed after only through `&mut self`, by the test
+        // hook `clear_fast_table`) has `table.len` slots (`self.len`, or 0), laid out as the
         // constants say (the sequence refuses a CPU beyond them); each head word is
         // written only by sequences on its CPU, which refuse it while it holds a token
         // (one that read a head before a remote owner's exchange may commit over the
@@ -315,7 +316,8 @@ impl<T> Stack<T> {
     /// when the list is empty.
     #[inline(always)]
     fn try_pop(&self, rseq: *mut Rseq) -> Outcome<*mut Node<T>> {
-        // SAFETY: (1) and (2) as in `try_push`; (3) every non-zero even head is a node
+        // SAFETY: `rseq`, the table and the heads as in `try_push`; every non-zero even
+        // head is a node
         // on this list whose link is at NEXT_OFFSET and which nobody can free before this
         // sequence commits or restarts (an odd head is a token: the sequence refuses it).
         let outcome = unsafe {

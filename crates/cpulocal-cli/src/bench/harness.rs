@@ -296,11 +296,12 @@ pub(crate) fn per_cpu_slots<T: Default>() -> Box<[CachePadded<T>]> {
 }
 
 /// The floor's increment, `tls_add`'s: a volatile load, `+ black_box(1)`, a volatile
-/// store. The lock group's critical sections run it too, so that a row's ratio to the
-/// floor is what the row adds around the same increment, not the compiler's choice of
-/// instruction for `*v += black_box(1)`: a memory-destination `add` from a register, which
-/// in a loop on the Intel Xeon VM costs about 0.6 ns more than a load, add and store (a C
-/// replica of `with_cpu`'s loop, only that instruction changed: 1.97 against 1.37 ns).
+/// store. The lock group's critical sections, and the counter group's `mutex` row, run it
+/// too, so that a row's ratio to the floor is what the row adds around the same
+/// increment, not the compiler's choice of instruction for `*v += black_box(1)`: a
+/// memory-destination `add` from a register, which in a loop on the Intel Xeon VM of
+/// 2026-12-05 (family 6 model 167) costs about 0.6 ns more than a load, add and store (a
+/// C replica of `with_cpu`'s loop, only that instruction changed: 1.97 against 1.37 ns).
 #[inline(always)]
 pub(crate) fn floor_increment(v: &mut u64) {
     let v: *mut u64 = v;

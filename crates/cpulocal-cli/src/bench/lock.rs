@@ -1,10 +1,10 @@
 //! The `lock` group: a short critical section per operation: `PerCpu::with_cpu` against
 //! a global `Mutex` (std's and `parking_lot`'s) and one `Mutex` per CPU.
 //!
-//! One operation is a critical section that adds 1 to a `u64`, with the floor's own
-//! increment ([`floor_increment`]): under the calling thread's `PerCpu` slot lock (a restartable compare-and-store to take it, a store to
-//! release it), under one global `Mutex`, or under the `Mutex` of the thread's CPU. The
-//! check adds the slots up.
+//! One operation is a critical section that adds 1 to a `u64` with the floor's own
+//! increment ([`floor_increment`]): under the calling thread's `PerCpu` slot lock (a
+//! restartable compare-and-store to take it, a store to release it), under one global
+//! `Mutex`, or under the `Mutex` of the thread's CPU. The check adds the slots up.
 
 use std::marker::PhantomData;
 use std::sync::Mutex;

@@ -208,7 +208,7 @@ const LEGEND: [(&str, &str); 4] = [
     ),
     (
         "PerCpu::on_cpu",
-        "cpulocal::PerCpu<u64>::on_cpu(another CPU, |v| *v += 1), round-robin",
+        "cpulocal::PerCpu<u64>::on_cpu(another CPU, |v| *v += black_box(1)), round-robin",
     ),
     (
         "on_cpu (mm_cid)",

@@ -1162,7 +1162,7 @@ pub(crate) unsafe fn push_guarded_on_current_cpu<const SHIFT: u32, const HEAD: i
 /// Free of ABA on the CPU: no other sequence there can run between the load of `head`
 /// and the commit without restarting this one.
 ///
-/// Unlike the other sequences, this one returns its result in a register (`asm!` cannot
+/// Like [`slab_pop_on_current_cpu`], this one returns its result in a register (`asm!` cannot
 /// combine outputs with Rust labels): the moved and abort exits set `head` to values no
 /// node can have (nodes are at least 8-byte aligned) and leave through the end of the
 /// block, so the popped node never goes through memory.

@@ -16,7 +16,7 @@ impl<T> PerCpu<T> {
     ///
     /// [`Scheme::Locked`]: crate::remote::Scheme::Locked
     #[doc(hidden)]
-    #[inline]
+    #[inline(always)]
     pub fn with_cpu_bench_baseline<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         self.with_cpu_bench::<false, R>(f)
     }
@@ -28,9 +28,18 @@ impl<T> PerCpu<T> {
     /// splits what parking and the re-entry check each cost. A held slot goes to
     /// `with_cpu`. Not for use: nesting is not detected.
     #[doc(hidden)]
-    #[inline]
+    #[inline(always)]
     pub fn with_cpu_bench_park_only<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
         self.with_cpu_bench::<true, R>(f)
+    }
+
+    /// [`with_cpu`](PerCpu::with_cpu), out of line: the variants' fallbacks, so that they
+    /// stay as small as the `with_cpu` they are compared with, rather than inline a whole
+    /// `with_cpu` at each of them.
+    #[cold]
+    #[inline(never)]
+    fn with_cpu_out_of_line<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        self.with_cpu(f)
     }
 
     /// Both variants: `PARK` releases as `with_cpu`'s fast path does (waking sleepers)
@@ -58,19 +67,21 @@ impl<T> PerCpu<T> {
                 if remote::prepare_percpu_fast_path() {
                     continue;
                 }
-                return self.with_cpu(f);
+                return self.with_cpu_out_of_line(f);
             };
             match self.lock_local(area) {
                 Outcome::Committed(taken) => break taken,
-                Outcome::CompareFailed if PARK => return self.with_cpu(f),
+                Outcome::CompareFailed if PARK => return self.with_cpu_out_of_line(f),
                 // A lazy `PerCpu`'s slot may have no value yet: `with_cpu` makes it.
-                Outcome::CompareFailed if self.init.is_some() => return self.with_cpu(f),
+                Outcome::CompareFailed if self.init.is_some() => {
+                    return self.with_cpu_out_of_line(f)
+                }
                 // Held: yield (never sleep: this variant's releases wake nobody) and retry.
                 Outcome::CompareFailed => std::thread::yield_now(),
                 Outcome::Aborted => {
                     aborts += 1;
                     if aborts == remote::MAX_ABORTS {
-                        return self.with_cpu(f);
+                        return self.with_cpu_out_of_line(f);
                     }
                 }
             }

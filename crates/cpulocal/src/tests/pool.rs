@@ -107,18 +107,24 @@ fn a_stacks_lists_are_one_stride_apart_and_one_line_each() {
     assert_eq!(stack.pop_or_steal_value(), Some(1));
 }
 
-/// The fast paths read a `Stack`'s first slot and slot count from its table, and a
-/// `Counter`'s from one packed word: both must come back as they are, and what cannot be
-/// packed must leave no fast path rather than a wrong one.
+/// The fast paths read a `Stack`'s first slot and slot count from its table: they must
+/// be the first slot's address and the possible CPUs.
 #[test]
 fn a_stacks_fast_table_is_its_first_slot_and_its_slot_count() {
-    use crate::pool::PackedTable;
     let stack = crate::Stack::<u32>::new();
     let base = crate::stack::tests_api::slot_address(&stack, 0);
     assert_eq!(
         crate::stack::tests_api::fast_table(&stack),
         (base, crate::possible_cpus())
     );
+}
+
+/// `Counter`'s fast paths read its first slot and slot count from one packed word: both
+/// must come back as they are, and what cannot be packed must leave no fast path rather
+/// than a wrong one.
+#[test]
+fn a_counters_packed_table_gives_back_what_fits_and_no_wrong_slot() {
+    use crate::pool::PackedTable;
     let at = |a: usize| a as *mut u8;
     // A base beyond 48 bits: no slot for the fast paths.
     assert_eq!(PackedTable::new(at(1 << 48), 4), PackedTable::EMPTY);
@@ -134,8 +140,8 @@ fn a_stacks_fast_table_is_its_first_slot_and_its_slot_count() {
     );
 }
 
-/// A `Stack` whose fast paths see no slot (a table of none) still keeps every node:
-/// every push and pop takes the slow paths.
+/// A `Stack` whose fast paths see no slot (a table with a slot count of 0) still keeps
+/// every node: every push and pop takes the slow paths.
 #[test]
 fn a_stack_without_a_fast_table_keeps_every_node_on_the_slow_paths() {
     let _delay = delay_shared();
