@@ -316,10 +316,9 @@ impl<T> Stack<T> {
     /// when the list is empty.
     #[inline(always)]
     fn try_pop(&self, rseq: *mut Rseq) -> Outcome<*mut Node<T>> {
-        // SAFETY: `rseq`, the table and the heads as in `try_push`; every non-zero even
-        // head is a node
-        // on this list whose link is at NEXT_OFFSET and which nobody can free before this
-        // sequence commits or restarts (an odd head is a token: the sequence refuses it).
+        // SAFETY: `rseq`, table and heads as in `try_push`; a non-zero even head is a node
+        // of this list, its link at NEXT_OFFSET, which nobody can free before this sequence
+        // commits or restarts (an odd head is a token: the sequence refuses it).
         let outcome = unsafe {
             arch::pop_guarded_on_current_cpu::<SLOT_SHIFT, HEAD_OFFSET, { NEXT_OFFSET as i32 }>(
                 rseq,
