@@ -113,12 +113,17 @@ macro_rules! rseq_start {
 /// second read is needed: a migration after the read restarts the section.
 ///
 /// Operands used: `{rseq}`, `{base}`, `{len}`, `{shift}` (a `const`), `{cpu}`, `{slot}`,
-/// `{tmp}`, `{moved}`.
+/// `{tmp}`, `{moved}`. Given an instruction, runs it first, right after the section
+/// opens (the table's load of [`rseq_start_on_current_cpu_table!`]).
 macro_rules! rseq_start_on_current_cpu {
     () => {
+        rseq_start_on_current_cpu!("")
+    };
+    ($load_table:literal) => {
         concat!(
             rseq_descriptor!(),
             rseq_arm!(),
+            $load_table,
             "ldr {cpu:w}, [{rseq}, #4]\n",
             "cmp {cpu}, {len}\n",
             // `{moved}`, not `6f`: see the module documentation (branch range).
@@ -137,17 +142,7 @@ macro_rules! rseq_start_on_current_cpu {
 /// `{cpu}`, `{slot}`, `{tmp}`, `{moved}`.
 macro_rules! rseq_start_on_current_cpu_table {
     () => {
-        concat!(
-            rseq_descriptor!(),
-            rseq_arm!(),
-            "ldp {base}, {len}, [{table}]\n",
-            "ldr {cpu:w}, [{rseq}, #4]\n",
-            "cmp {cpu}, {len}\n",
-            // `{moved}`, not `6f`: see the module documentation (branch range).
-            "b.hs {moved}\n",
-            "add {slot}, {base}, {cpu}, lsl #{shift}\n",
-            rseq_test_delay!(),
-        )
+        rseq_start_on_current_cpu!("ldp {base}, {len}, [{table}]\n")
     };
 }
 

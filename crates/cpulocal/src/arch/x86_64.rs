@@ -112,22 +112,30 @@ macro_rules! rseq_start {
 /// showed no change).
 ///
 /// Operands used: `{rseq}`, `{base}`, `{len}`, `{shift}` (a `const`), `{slot}`, `{tmp}`,
-/// and `{moved}` unless another label is given.
+/// and `{moved}` unless another label is given. The bound and the first slot may also be
+/// given as other operand texts ([`rseq_start_on_current_cpu_table!`]).
 macro_rules! rseq_start_on_current_cpu {
     () => {
         rseq_start_on_current_cpu!("{moved}")
     };
     ($beyond:literal) => {
+        rseq_start_on_current_cpu!($beyond, "{len}", "{base}")
+    };
+    ($beyond:literal, $len:literal, $base:literal) => {
         concat!(
             rseq_descriptor!(),
             rseq_arm!(),
             "movl 4({rseq}), {slot:e}\n",
-            "cmpq {len}, {slot}\n",
+            "cmpq ",
+            $len,
+            ", {slot}\n",
             "jae ",
             $beyond,
             "\n",
             "shlq ${shift}, {slot}\n",
-            "addq {base}, {slot}\n",
+            "addq ",
+            $base,
+            ", {slot}\n",
             rseq_test_delay!(),
         )
     };
@@ -142,18 +150,7 @@ macro_rules! rseq_start_on_current_cpu {
 /// Operands used: `{rseq}`, `{table}`, `{shift}` (a `const`), `{slot}`, `{tmp}`.
 macro_rules! rseq_start_on_current_cpu_table {
     ($beyond:literal) => {
-        concat!(
-            rseq_descriptor!(),
-            rseq_arm!(),
-            "movl 4({rseq}), {slot:e}\n",
-            "cmpq 8({table}), {slot}\n",
-            "jae ",
-            $beyond,
-            "\n",
-            "shlq ${shift}, {slot}\n",
-            "addq ({table}), {slot}\n",
-            rseq_test_delay!(),
-        )
+        rseq_start_on_current_cpu!($beyond, "8({table})", "({table})")
     };
 }
 
