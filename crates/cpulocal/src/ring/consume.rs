@@ -10,7 +10,8 @@ use core::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
-    Held, Ring, RingBuffer, CLAIMED, HEADER, KIND_PADDING, KIND_RECORD, KIND_SHIFT, PENDING_POLL,
+    Held, Ring, RingBuffer, CLAIMED, HEADER, KIND_PADDING, KIND_RECORD, KIND_SHIFT, LEN_MASK,
+    PENDING_POLL,
 };
 use crate::remote::InvalidCpu;
 use crate::sys;
@@ -65,38 +66,41 @@ impl RingBuffer {
         let sub = self.config.sub_buffer_size;
         let header_len = self.header_len();
         debug_assert!((pos..=pos + sub).contains(&from));
-        // A sub-buffer never wraps around the ring: walk it by offset from its first
-        // byte. The loop's critical path is the header load and the three operations
-        // that give the next offset (records and padding end 8-aligned), which bounds
-        // how fast one consumer reads.
+        // A sub-buffer never wraps around the ring: walk it by address from its first
+        // byte. The loop's critical path is the header load and the add of its low word
+        // (the distance to the next header), which bounds how fast one consumer reads;
+        // a plain pointer, not base plus offset, is the load's fastest addressing.
         let first = self.at(ring, pos);
-        let mut at = from - pos;
-        while at < sub {
+        let end = first.wrapping_add(sub);
+        let mut at = first.wrapping_add(from - pos);
+        while at < end {
             // The sub-buffer is complete: every byte in it belongs to a committed record
             // or padding, whose writes the Acquire in `is_complete` made visible, and no
             // reservation can cover it until `consumed` moves past it.
-            // SAFETY: as just said; `at` is 8-aligned and below `sub`.
-            let header = unsafe { first.add(at).cast::<u64>().read() };
-            let len = header as u32 as usize;
-            match header >> KIND_SHIFT {
+            // SAFETY: as just said; `at` is 8-aligned and inside the sub-buffer.
+            let [size, kind_len] = unsafe { at.cast::<[u32; 2]>().read() };
+            let here = at;
+            at = at.wrapping_add(size as usize);
+            match kind_len >> KIND_SHIFT {
                 KIND_RECORD => {
+                    let len = (kind_len & LEN_MASK) as usize;
                     let timestamp = self.config.timestamps.then(|| {
                         // SAFETY: as above; records with timestamps have one after the
                         // header.
-                        unsafe { first.add(at + HEADER).cast::<u64>().read() }
+                        unsafe { here.add(HEADER).cast::<u64>().read() }
                     });
                     // SAFETY: as above; the payload is `len` bytes inside the sub-buffer.
-                    let data =
-                        unsafe { core::slice::from_raw_parts(first.add(at + header_len), len) };
-                    at = (at + header_len + len + 7) & !7;
-                    f(pos + at, timestamp, data);
+                    let data = unsafe { core::slice::from_raw_parts(here.add(header_len), len) };
+                    f(pos + (at as usize - first as usize), timestamp, data);
                 }
-                // Padding lengths are multiples of 8.
-                KIND_PADDING => at += HEADER + len,
-                kind => unreachable!("corrupt ring: kind {kind} at position {}", pos + at),
+                KIND_PADDING => {}
+                kind => unreachable!(
+                    "corrupt ring: kind {kind} at position {}",
+                    pos + (here as usize - first as usize)
+                ),
             }
         }
-        debug_assert_eq!(at, sub, "records overran their sub-buffer");
+        debug_assert_eq!(at, end, "records overran their sub-buffer");
     }
 
     /// Reads every complete sub-buffer of CPU `cpu`'s ring, oldest first, calling `f` on

@@ -100,16 +100,29 @@ pub struct RingStats {
     pub flush_padding_bytes: u64,
 }
 
-/// Header: payload length in the low 32 bits, kind above.
+/// Header: two `u32`s. The first is the bytes from this header to the next one (the
+/// whole record or padding, a multiple of 8); the second holds the payload length (30
+/// bits) and, in its top two bits, the kind. The distance is a word of its own because
+/// it is the consumer's critical path: each header's position is known only once the
+/// one before it is loaded, so the walk takes a 32-bit load and one add per record. (A
+/// payload length there, rounded up to the next header, took three operations more:
+/// `cpulocal bench`'s 64-byte ring row, whose producer also consumes, took 8.25 ns per
+/// record then and 7.80 now, on an Intel Xeon, 2026-12-05.)
 const HEADER: usize = 8;
-const KIND_SHIFT: u32 = 32;
-const KIND_RECORD: u64 = 1;
-const KIND_PADDING: u64 = 2;
-/// A header: `len` (a payload length, or the bytes of padding after the header) and
-/// `kind`.
+const LEN_MASK: u32 = (1 << 30) - 1;
+const KIND_SHIFT: u32 = 30;
+const KIND_RECORD: u32 = 1;
+const KIND_PADDING: u32 = 2;
+/// A header: the `kind`, `len` (a payload length, or the bytes of padding after the
+/// header) and `size` (the bytes to the next header), as one word to store. Both fit: a
+/// sub-buffer is at most 2^30 bytes.
 #[inline(always)]
-const fn header_word(kind: u64, len: usize) -> u64 {
-    (kind << KIND_SHIFT) | len as u64
+const fn header_word(kind: u32, len: usize, size: usize) -> u64 {
+    debug_assert!(len <= LEN_MASK as usize && size <= u32::MAX as usize);
+    let words: [u32; 2] = [size as u32, (kind << KIND_SHIFT) | len as u32];
+    // SAFETY: two `u32`s are a `u64`'s bytes, in memory order (as the consumer reads
+    // them back, whatever the byte order).
+    unsafe { core::mem::transmute::<[u32; 2], u64>(words) }
 }
 /// The low bit of `consumed`: a consumer is reading the sub-buffer at that position.
 const CLAIMED: usize = 1;
@@ -400,12 +413,16 @@ impl RingBuffer {
     /// # Safety
     ///
     /// The caller owns `[pos, pos + header_len)` of `ring` (a reservation's bytes).
-    unsafe fn write_header(&self, ring: &Ring, pos: usize, kind: u64, len: usize, ts: Option<u64>) {
+    unsafe fn write_header(&self, ring: &Ring, pos: usize, kind: u32, len: usize, ts: Option<u64>) {
         let p = self.at(ring, pos).cast::<u64>();
         // SAFETY: `pos` is 8-aligned (positions advance in multiples of 8), inside the
         // ring, and owned by the caller.
         unsafe {
-            p.write(header_word(kind, len));
+            let size = match kind {
+                KIND_PADDING => HEADER + len,
+                _ => self.record_size(len),
+            };
+            p.write(header_word(kind, len, size));
             if let Some(ts) = ts {
                 p.add(1).write(ts);
             }

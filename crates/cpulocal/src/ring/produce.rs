@@ -161,7 +161,11 @@ impl RingBuffer {
             return None;
         }
         // SAFETY: [old, old + size) was reserved by us; `old` is 8-aligned.
-        unsafe { record.cast::<u64>().write(header_word(KIND_RECORD, len)) };
+        unsafe {
+            record
+                .cast::<u64>()
+                .write(header_word(KIND_RECORD, len, size))
+        };
         Some(Reservation {
             buffer: self,
             // Inside the ring (the record fits in its sub-buffer), or one past its end for
