@@ -422,8 +422,13 @@ impl RingBuffer {
     /// As for [`reserve`](RingBuffer::reserve).
     #[inline]
     pub fn write(&self, data: &[u8]) -> Result<(), ReserveError> {
-        let mut r = self.reserve(data.len())?;
-        r.payload_mut().copy_from_slice(data);
+        let r = self.reserve(data.len())?;
+        // A copy that cannot panic: `copy_from_slice`'s length check could, and the
+        // reservation would then have to be kept in memory for its drop.
+        // SAFETY: the reservation owns its `data.len()` payload bytes until it commits, and
+        // no live reference covers them (records handed to consumers are in sub-buffers
+        // that no reservation can cover), so `data` cannot overlap them.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), r.payload, data.len()) };
         r.commit();
         Ok(())
     }
