@@ -767,3 +767,46 @@ fn leaked_reservation_stops_its_consumer() {
         assert_eq!(seen, [b"elsewhere".to_vec()]);
     }
 }
+
+/// A reservation may be committed by any thread (it is `Send`): by one that has never
+/// used cpulocal (its commit cannot take the reserving CPU's restartable add) and by one
+/// on another CPU (it commits through the ring's remote counter). Each record is
+/// delivered once, complete, in the order of the reservations.
+#[test]
+fn a_reservation_committed_by_another_thread_is_delivered_once() {
+    let _serial = serial();
+    let ring = RingBuffer::new(config(Mode::DiscardNewest)).expect("valid config");
+    let cpus = allowed_cpus(); // before the pinning narrows them
+    let pinned = Pinned::new();
+    let mut first = ring.reserve(1).expect("room");
+    let mut second = ring.reserve(1).expect("room");
+    first.payload_mut()[0] = 1;
+    second.payload_mut()[0] = 2;
+    ring.write(&[3]).expect("room");
+    let remote_before = ring.stats().remote_commits;
+    let other = cpus.iter().copied().find(|&c| c != pinned.cpu());
+    let ring = &ring;
+    std::thread::scope(|s| {
+        s.spawn(move || first.commit());
+    });
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            if let Some(other) = other {
+                set_affinity(0, &[other]).expect("sched_setaffinity");
+            }
+            ring.write(&[4]).expect("room"); // this thread now uses cpulocal
+            second.commit();
+        });
+    });
+    drop(pinned);
+    let mut got = drain(ring);
+    got.sort(); // the record written by the second thread may be on another CPU
+    assert_eq!(got, [vec![1], vec![2], vec![3], vec![4]]);
+    if other.is_some() {
+        assert!(
+            ring.stats().remote_commits > remote_before,
+            "{:?}",
+            ring.stats()
+        );
+    }
+}

@@ -230,7 +230,10 @@ pub(crate) fn thread_pointer() -> *mut u8 {
 ///
 /// # Safety
 ///
-/// 1. `rseq` is the calling thread's registered area.
+/// 1. `rseq` is the calling thread's registered area, or a refusing area of the calling
+///    thread or of the process (`thread::area_or_refusing`: writable, 32-byte aligned, its
+///    `cpu_id` `u32::MAX`, which `cpu` is not), on which the sequence stores `rseq_cs`
+///    and leaves (moved) before its commit.
 /// 2. `v` is valid for reads and writes of a `usize`, aligned, and every other write to
 ///    it is made by a sequence that runs on `cpu` (or under a lock that excludes them).
 #[inline(always)]

@@ -137,9 +137,16 @@ impl RingBuffer {
         // Relaxed: the sequence compares it again.
         let old = ring.write.load(Ordering::Relaxed);
         // The record fits in the sub-buffer of `old` (else it moves on: out of line), and
-        // that sub-buffer is free.
-        let end_in_sub = (old & (sub - 1)) + size;
-        if end_in_sub > sub || !self.has_room(ring, old) {
+        // that sub-buffer is free. Only a record that opens a sub-buffer looks at the
+        // consumer's position: one inside it follows a reservation that opened it after
+        // that look (every path that moves `write` into a sub-buffer does it), and the
+        // consumer's position only moves on, so the sub-buffer is still free. (That look's
+        // Acquire was on this CPU's ring, by a sequence or under its lock, before the
+        // reservations that followed on this CPU, so it also orders our writes after the
+        // consumer's last reads.)
+        let used = old & (sub - 1);
+        let end_in_sub = used + size;
+        if end_in_sub > sub || (used == 0 && !self.has_room_cold(ring, old)) {
             return None;
         }
         // Before the sequence, whose memory clobber would make the compiler load the
@@ -294,6 +301,14 @@ impl RingBuffer {
         // sub-buffer aligned, so that is `begin` being below it (one comparison, no
         // rounding).
         begin < consumed + self.capacity
+    }
+
+    /// [`has_room`](Self::has_room), out of the way of the inline reserve, which needs
+    /// it only for a record that opens a sub-buffer.
+    #[cold]
+    #[inline(never)]
+    fn has_room_cold(&self, ring: &Ring, begin: usize) -> bool {
+        self.has_room(ring, begin)
     }
 
     /// In [`Mode::OverwriteOldest`], drops the oldest sub-buffer if it is complete and
@@ -667,20 +682,18 @@ impl fmt::Debug for Reservation<'_> {
 }
 
 /// The common commit: one restartable add to `counts.commit_local` on `cpu`, for a
-/// reservation whose [`INLINE_COMMIT`] flag is set. False
-/// (nothing done) when the thread is not on `cpu` or the add aborted.
+/// reservation whose [`INLINE_COMMIT`] flag is set. False (nothing done) when the
+/// thread is not on `cpu`, the add aborted, or the thread is not registered (another
+/// thread commits it): the sequence's own check of `cpu` settles all three, on the
+/// thread's area or on a refusing one, so there is nothing to test before it.
 #[inline(always)]
 fn try_commit_inline(counts: &SubBuffer, cpu: usize, bytes: usize) -> bool {
-    let Some(rseq) = crate::thread::current_if_registered() else {
-        return false; // another thread, not registered, commits it
-    };
-    if crate::cpu::cpu_id_start(rseq) as usize != cpu {
-        return false; // migrated since the reserve (or about to abort anyway)
-    }
+    let rseq = crate::thread::area_or_refusing();
     // Release: as in `add_commit`.
     fence(Ordering::Release);
-    // SAFETY: as in `add_commit`; `counts` are the record's sub-buffer's, in the ring of
-    // `cpu`.
+    // SAFETY: (1) `rseq` is this thread's area, or a refusing one, whose `cpu_id` no ring's
+    // CPU has; (2) as in `add_commit`: `counts` are the record's sub-buffer's, in the ring
+    // of `cpu`.
     let outcome = unsafe {
         arch::add(
             rseq.as_ptr(),
