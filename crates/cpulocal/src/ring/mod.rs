@@ -119,10 +119,11 @@ const KIND_PADDING: u32 = 2;
 #[inline(always)]
 const fn header_word(kind: u32, len: usize, size: usize) -> u64 {
     debug_assert!(len <= LEN_MASK as usize && size <= u32::MAX as usize);
-    let words: [u32; 2] = [size as u32, (kind << KIND_SHIFT) | len as u32];
-    // SAFETY: two `u32`s are a `u64`'s bytes, in memory order (as the consumer reads
-    // them back, whatever the byte order).
-    unsafe { core::mem::transmute::<[u32; 2], u64>(words) }
+    // The two `u32`s in memory order, as the consumer reads them back, whatever the
+    // byte order.
+    let [a, b, c, d] = (size as u32).to_ne_bytes();
+    let [e, f, g, h] = ((kind << KIND_SHIFT) | len as u32).to_ne_bytes();
+    u64::from_ne_bytes([a, b, c, d, e, f, g, h])
 }
 /// The low bit of `consumed`: a consumer is reading the sub-buffer at that position.
 const CLAIMED: usize = 1;
