@@ -107,7 +107,7 @@ pub struct RingStats {
 /// one before it is loaded, so the walk takes a 32-bit load and one add per record. (A
 /// payload length there, rounded up to the next header, took three operations more:
 /// `cpulocal bench`'s 64-byte ring row, whose producer also consumes, took 8.25 ns per
-/// record then and 7.80 now, on an Intel Xeon, 2026-12-05.)
+/// record before this layout and 7.80 with it, on an Intel Xeon, 2026-12-05.)
 const HEADER: usize = 8;
 const LEN_MASK: u32 = (1 << 30) - 1;
 const KIND_SHIFT: u32 = 30;
