@@ -243,7 +243,7 @@ case "$PLAN" in
         fi
         step hotplug-offline-slots 300 env CPULOCAL_TEST_HOTPLUG=1 /tests/cpulocal-hotplug --nocapture
         if [ "$PLAN" = full ]; then
-            for t in counter_take percpu_locking percpu_remote ring_stress ring_lifecycle \
+            for t in counter_take percpu_locking percpu_remote ring_stress ring_lifecycle ring_wait \
                 ring_memory stack_stress alloc_stress alloc_global single_step; do
                 step "$t" 900 tests cpulocal-$t
             done

@@ -12,6 +12,8 @@
 //!   feature), and [`kernel_aborts`].
 #![allow(dead_code, reason = "each test binary uses a subset of the helpers")]
 
+pub(crate) mod ring;
+
 use std::os::unix::thread::{JoinHandleExt, RawPthread};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
